@@ -1,0 +1,38 @@
+"""ReALLM: LLM compression (low-rank + neural-decoded VQ) and DoRA fine-tuning.
+
+Python API (see README):
+    from reallm import CompressionConfig, compress_, save_compressed, load_compressed, bits_report
+"""
+
+from reallm.bits import bits_report, format_bits_table
+from reallm.checkpoint import (
+    CheckpointError,
+    export_dense,
+    load_compressed,
+    save_adapters,
+    save_compressed,
+)
+from reallm.config import CompressionConfig
+from reallm.container import CompressionError, ReALLMWeight, compress_weight
+from reallm.nn.dora import ReALLMLinear
+from reallm.surgery import UnsupportedModelError, compress_, iter_reallm_layers, mark_only_adapters_trainable
+
+__all__ = [
+    "CheckpointError",
+    "CompressionConfig",
+    "CompressionError",
+    "ReALLMLinear",
+    "ReALLMWeight",
+    "UnsupportedModelError",
+    "bits_report",
+    "compress_",
+    "compress_weight",
+    "export_dense",
+    "format_bits_table",
+    "iter_reallm_layers",
+    "load_compressed",
+    "mark_only_adapters_trainable",
+    "save_adapters",
+    "save_compressed",
+]
+__version__ = "0.1.0"

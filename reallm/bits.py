@@ -1,0 +1,111 @@
+"""Bit accounting of a compressed model (protocol.md, "Bit accounting").
+
+"Bits" = stored bits / number of weights they represent, counting every tensor needed to rebuild
+the weight at the precision it is actually stored. Reported per matrix, over all compressed
+linears ("decoder_linears") and over the whole model (every other parameter at its dtype; a tied
+head counted once).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from reallm.container import relative_error
+from reallm.surgery import iter_reallm_layers, linear_weight
+
+
+def _original_weight(original: nn.Module | dict | None, name: str) -> torch.Tensor | None:
+    if original is None:
+        return None
+    if isinstance(original, dict):
+        w = original.get(f"{name}.weight")
+        return None if w is None else w
+    try:
+        return linear_weight(original.get_submodule(name)).detach()
+    except AttributeError:
+        return None
+
+
+@torch.no_grad()
+def bits_report(model: nn.Module, original: nn.Module | dict | None = None) -> dict[str, Any]:
+    """Accounting of protocol.md for a model after `compress_`.
+
+    Args:
+        model: the compressed model.
+        original: the uncompressed model or its state dict; when given, each matrix's
+            `rel_frobenius_error` is measured against it (otherwise the value recorded at
+            compression time is reported, if any).
+    Returns:
+        {"nominal": b (or a list when layers differ), "decoder_linears": bits/weight,
+         "whole_model": bits/weight, "matrices": [{name, shape, bits, nominal, items,
+         rel_frobenius_error, config}], "totals": {...}}
+    """
+    matrices = []
+    comp_bits = comp_weights = 0.0
+    nominal = set()
+    for name, layer in iter_reallm_layers(model):
+        weight = layer.container()
+        items = weight.bits()
+        p, q = weight.shape
+        W0 = _original_weight(original, name)
+        if W0 is not None:
+            if layer.layout == "conv1d" and tuple(W0.shape) == (q, p):
+                W0 = W0.T
+            err = relative_error(W0, layer.dequantize().to(W0.device))
+        else:
+            err = layer.stats.get("rel_frobenius_error")
+        bias_bits = layer.bias.numel() * layer.bias.element_size() * 8 if layer.bias is not None else 0
+        comp_bits += items["total"]
+        comp_weights += p * q
+        nominal.add(weight.config.nominal_bits)
+        matrices.append({
+            "name": name,
+            "shape": [p, q],
+            "bits": items["per_weight"],
+            "nominal": weight.config.nominal_bits,
+            "items": {k: v for k, v in items.items() if k not in ("total", "per_weight")},
+            "bias_bits": bias_bits,
+            "rel_frobenius_error": err,
+            "config": weight.config.to_dict(),
+        })
+    # everything else, at its stored dtype (named_parameters yields a tied head once)
+    adapters = {id(p) for _, layer in iter_reallm_layers(model) for p in layer.parameters()}
+    other_bits = other_weights = 0
+    for _, t in model.named_parameters():
+        if id(t) not in adapters:  # adapters are already counted in their matrix's bits
+            other_bits += t.numel() * t.element_size() * 8
+            other_weights += t.numel()
+    other_bits += sum(m["bias_bits"] for m in matrices)  # compressed layers keep their bias as is
+    other_weights += sum(m["bias_bits"] and m["shape"][0] for m in matrices)
+    decoder = comp_bits / comp_weights if comp_weights else float("nan")
+    whole = (comp_bits + other_bits) / (comp_weights + other_weights) if comp_weights else float("nan")
+    errs = [m["rel_frobenius_error"] for m in matrices if m["rel_frobenius_error"] is not None]
+    return {
+        "nominal": nominal.pop() if len(nominal) == 1 else sorted(nominal),
+        "decoder_linears": decoder,
+        "whole_model": whole,
+        "mean_rel_frobenius_error": sum(errs) / len(errs) if errs else None,
+        "totals": {
+            "decoder_linear_bits": comp_bits,
+            "decoder_linear_weights": comp_weights,
+            "other_bits": other_bits,
+            "other_weights": other_weights,
+        },
+        "matrices": matrices,
+    }
+
+
+def format_bits_table(report: dict[str, Any]) -> str:
+    """A markdown table of the per-matrix accounting (for the CLI and the demo)."""
+    lines = ["| matrix | shape | bits/weight | rel. Frobenius error |", "| --- | --- | --- | --- |"]
+    for m in report["matrices"]:
+        err = m["rel_frobenius_error"]
+        lines.append(f"| {m['name']} | {m['shape'][0]}×{m['shape'][1]} | {m['bits']:.3f} | "
+                     f"{'-' if err is None else f'{err:.4f}'} |")
+    lines.append(f"| **decoder linears** | | **{report['decoder_linears']:.3f}** | "
+                 f"{report['mean_rel_frobenius_error'] or float('nan'):.4f} (mean) |")
+    lines.append(f"| **whole model** | | **{report['whole_model']:.3f}** | |")
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""The command line: one LightningCLI for every phase, chosen by `class_path` in YAML.
+
+    python train.py fit --config configs/ae.yaml --config configs/methods/nf3.yaml \\
+        --model.init_args.model_name_or_path <hub id or dir> --run_dir runs/nf3
+    python train.py validate --config configs/eval.yaml --model.init_args.checkpoint runs/nf3/reallm \\
+        --data.init_args.path ../shared/data/tinystories_valid.txt --run_dir runs/nf3-eval
+
+Every run writes into its --run_dir (default: a new `runs/<subcommand>-<time>-<pid>`): the resolved
+`config.yaml`, the logs, `results.json` and, for phases that produce one, the ReALLM checkpoint in
+`run_dir/reallm/`. User errors (bad paths, bad keys, impossible configs) print one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from reallm.datamodules.base import BaseDataModule
+from reallm.modules.base import ReALLMModule, UserError
+
+
+def default_run_dir(subcommand: str | None = None) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return str(Path("runs") / f"{subcommand or 'run'}-{stamp}-{os.getpid()}")
+
+
+def data_source(model_name_or_path: str | None, checkpoint: str | None) -> str | None:
+    """The model a datamodule serves: the base model, or a checkpoint (which holds the tokenizer)."""
+    if model_name_or_path:
+        return model_name_or_path
+    if checkpoint:
+        ck = Path(checkpoint)
+        if (ck / "tokenizer_config.json").is_file() or (ck / "tokenizer.json").is_file():
+            return str(ck)
+        meta = ck / "reallm.json"
+        if meta.is_file():
+            import json
+
+            try:
+                return json.loads(meta.read_text()).get("base_model") or str(ck)
+            except ValueError:
+                return str(ck)
+        return str(ck)
+    return None
+
+
+class ReALLMCLI(LightningCLI):
+    """LightningCLI with the project's run directory, links and error handling."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run_dir", type=str | None, default=None,
+                            help="run directory (config.yaml, logs, results.json, reallm/); "
+                                 "default: runs/<subcommand>-<time>-<pid>")
+        parser.link_arguments(
+            ("model.init_args.model_name_or_path", "model.init_args.checkpoint"),
+            "data.init_args.model_name_or_path",
+            compute_fn=data_source,
+        )
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        run_dir = cfg.get("run_dir") or default_run_dir(self.subcommand)
+        cfg["run_dir"] = run_dir
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        cfg["model"]["init_args"]["run_dir"] = run_dir
+        trainer = cfg["trainer"]
+        trainer["default_root_dir"] = run_dir
+        if trainer.get("logger") in (None, True):
+            trainer["logger"] = {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": run_dir, "name": "logs", "version": ""},
+            }
+
+    def before_fit(self) -> None:
+        self._hand_config()
+
+    def before_validate(self) -> None:
+        self._hand_config()
+
+    def _hand_config(self) -> None:
+        cfg = self.config[self.subcommand]
+        self.model.resolved_config = _plain(cfg)
+
+
+def _plain(cfg) -> dict:
+    """The resolved config as plain JSON-able data."""
+    import json
+
+    from jsonargparse import Namespace
+
+    def conv(o):
+        if isinstance(o, Namespace):
+            return {k: conv(v) for k, v in vars(o).items()}
+        if isinstance(o, dict):
+            return {k: conv(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [conv(v) for v in o]
+        if hasattr(o, "to_dict"):
+            return o.to_dict()
+        try:
+            json.dumps(o)
+            return o
+        except TypeError:
+            return str(o)
+
+    return conv(cfg)
+
+
+class _RunDirSaveConfig(SaveConfigCallback):
+    """Writes config.yaml into the run directory (overwriting: a resumed run keeps one file)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.is_global_zero and pl_module.run_dir is not None:
+            self.parser.save(self.config, str(Path(pl_module.run_dir) / "config.yaml"),
+                             skip_none=False, overwrite=True, multifile=False)
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> ReALLMCLI | None:
+    """Entry point of train.py. User errors become one line on stderr and exit code 1."""
+    from reallm.checkpoint import CheckpointError
+    from reallm.container import CompressionError
+    from reallm.surgery import UnsupportedModelError
+
+    try:
+        return ReALLMCLI(
+            ReALLMModule,
+            BaseDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=_RunDirSaveConfig,
+            parser_kwargs={"exit_on_error": False},
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+        )
+    except (UserError, CheckpointError, CompressionError, UnsupportedModelError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Exception as e:  # jsonargparse's ArgumentError with exit_on_error=False
+        if type(e).__name__ in ("ArgumentError", "NSKeyError"):
+            msg = " ".join(str(e).split())
+            print(f"error: {msg}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise

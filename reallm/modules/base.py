@@ -1,0 +1,135 @@
+"""The one base of every phase's LightningModule: model source, run directory, results.json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from reallm.checkpoint import atomic_write_text
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line by the CLI, exit code 1."""
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def load_hf_model(model_name_or_path: str, dtype: str | None = None) -> torch.nn.Module:
+    """A Hugging Face causal LM from a hub id or a local directory, with a clear error."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": getattr(torch, dtype)} if dtype and dtype != "auto" else {"dtype": "auto"}
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load model {model_name_or_path!r}: {first}") from None
+
+
+def atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(payload, indent=1, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if hasattr(o, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.asdict(o)
+    return str(o)
+
+
+class ReALLMModule(L.LightningModule):
+    """Base of all phases (compression, block-wise, end-to-end, evaluation).
+
+    Holds what every phase shares: where the model comes from, the run directory, and the
+    results.json writer (protocol.md schema: phase, model, method, git_sha, seed, time_s, config).
+    """
+
+    phase: str = "base"
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        checkpoint: str | None = None,
+        run_dir: str | None = None,
+        method: str = "custom",
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            model_name_or_path: base model: a Hugging Face hub id or a local directory.
+            checkpoint: a ReALLM checkpoint directory (`<run_dir>/reallm`) to start from.
+            run_dir: the run directory (set by the CLI's --run_dir).
+            method: name of the method preset (written to results.json).
+            seed: seed of the phase's random choices.
+        """
+        super().__init__()
+        self.model_name_or_path = model_name_or_path
+        self.checkpoint = checkpoint
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.method = method
+        self.seed = seed
+        self.resolved_config: dict[str, Any] = {}  # set by the CLI before the run
+        self._t0 = time.time()
+
+    # -- helpers for subclasses -----------------------------------------------------------
+    def model_source(self) -> str:
+        """The base model named by the arguments or by the checkpoint's reallm.json."""
+        if self.model_name_or_path:
+            return self.model_name_or_path
+        if self.checkpoint:
+            from reallm.checkpoint import read_meta
+
+            return read_meta(self.checkpoint).get("base_model") or str(self.checkpoint)
+        raise UserError("give --model.init_args.model_name_or_path or --model.init_args.checkpoint")
+
+    def require_run_dir(self) -> Path:
+        if self.run_dir is None:
+            raise UserError("no run directory: pass --run_dir")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return self.run_dir
+
+    def results_header(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "model": self.model_name_or_path or (self.model_source() if self.checkpoint else None),
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "method": self.method,
+            "git_sha": git_sha(),
+            "seed": self.seed,
+            "time_s": round(time.time() - self._t0, 3),
+            "config": self.resolved_config,
+        }
+
+    def write_results(self, payload: dict[str, Any]) -> Path:
+        """Write run_dir/results.json atomically (merged with the common header)."""
+        path = self.require_run_dir() / "results.json"
+        atomic_write_json(path, {**self.results_header(), **payload})
+        return path
+
+    def on_fit_start(self) -> None:
+        self._t0 = time.time()
+
+    def on_validation_start(self) -> None:
+        if not self.trainer.sanity_checking and self.trainer.state.fn == "validate":
+            self._t0 = time.time()

@@ -1,0 +1,109 @@
+"""Evaluation: perplexity (protocol.md) of a base model or a ReALLM checkpoint, as `validate`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics.text import Perplexity
+
+from reallm.modules.base import ReALLMModule, UserError, load_hf_model
+
+
+def load_model_for_eval(model_name_or_path: str | None, checkpoint: str | None, dtype: str | None) -> nn.Module:
+    """The model a phase works on: a ReALLM checkpoint when given, else the base model."""
+    if checkpoint:
+        from reallm.checkpoint import load_compressed
+
+        return load_compressed(checkpoint)
+    if not model_name_or_path:
+        raise UserError("give --model.init_args.model_name_or_path or --model.init_args.checkpoint")
+    return load_hf_model(model_name_or_path, dtype)
+
+
+class EvaluatePhase(ReALLMModule):
+    """Perplexity on every validation dataset of the datamodule; optional greedy sample."""
+
+    phase = "eval"
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        checkpoint: str | None = None,
+        run_dir: str | None = None,
+        method: str = "custom",
+        dtype: str | None = "float32",
+        prompt: str | None = None,
+        max_new_tokens: int = 48,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            model_name_or_path: a base model to evaluate (hub id or directory).
+            checkpoint: a ReALLM checkpoint directory to evaluate instead.
+            run_dir: the run directory (set by --run_dir).
+            method: a label for results.json (e.g. the preset the checkpoint was made with).
+            dtype: dtype of a base model ("float32", "bfloat16", "auto").
+            prompt: if set, also write a greedy continuation of this prompt to results.json.
+            max_new_tokens: length of that continuation.
+            seed: recorded in results.json.
+        """
+        super().__init__(model_name_or_path, checkpoint, run_dir, method, seed)
+        self.dtype = dtype
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.model: nn.Module | None = None
+        self.metrics = nn.ModuleList()
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = load_model_for_eval(self.model_name_or_path, self.checkpoint, self.dtype)
+            self.model.eval()
+
+    def setup(self, stage: str) -> None:
+        names = self.trainer.datamodule.dataset_names if self.trainer.datamodule else []
+        if len(self.metrics) != len(names):
+            self.metrics = nn.ModuleList(Perplexity() for _ in names)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
+        logits = self.model(batch).logits  # (B, L, V)
+        # window tokens 1..L-1 are predicted from the ones before them
+        self.metrics[dataloader_idx].update(logits[:, :-1].float(), batch[:, 1:])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        dm = self.trainer.datamodule
+        results: dict[str, Any] = {}
+        for name, metric in zip(dm.dataset_names, self.metrics):
+            value = float(metric.compute())
+            tokens = int(metric.count.item()) if hasattr(metric, "count") else None
+            self.log(f"ppl/{name}", value, sync_dist=False)
+            results[name] = {"context": dm.seq_len, "value": value, "tokens": tokens}
+            metric.reset()
+        self._perplexity = results
+
+    def on_validation_end(self) -> None:
+        if self.trainer.sanity_checking or self.global_rank != 0 or self.trainer.state.fn != "validate":
+            return
+        payload: dict[str, Any] = {"perplexity": getattr(self, "_perplexity", {})}
+        if self.checkpoint:
+            from reallm.checkpoint import read_meta
+
+            layers = read_meta(self.checkpoint)["layers"]
+            from reallm.bits import bits_report
+
+            rep = bits_report(self.model)
+            payload["bits"] = {"nominal": rep["nominal"], "decoder_linears": rep["decoder_linears"],
+                               "whole_model": rep["whole_model"]}
+            payload["compressed_matrices"] = len(layers)
+        if self.prompt:
+            from transformers import AutoTokenizer
+
+            from reallm.eval.perplexity import greedy_generate
+
+            tok = AutoTokenizer.from_pretrained(self.trainer.datamodule.model_name_or_path)
+            payload["sample"] = {"prompt": self.prompt,
+                                 "text": greedy_generate(self.model, tok, self.prompt, self.max_new_tokens)}
+        self.write_results(payload)

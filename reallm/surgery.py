@@ -1,0 +1,241 @@
+"""Model surgery: replace the linear layers of a Hugging Face causal LM by ReALLMLinear, in place.
+
+`compress_(model, config, filter_fn)` works like torchao's `quantize_`: a config (or a mapping from
+name patterns to configs) plus a filter choose what is compressed; layers are replaced one at a
+time, so peak memory stays near one copy of the model plus one layer.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from reallm.config import CompressionConfig
+from reallm.container import (
+    CompressionError,
+    codebook_training_vectors,
+    compress_weight,
+    fit_codebook,
+    relative_error,
+)
+from reallm.nn.dora import ReALLMLinear
+
+try:  # GPT-2 style layers: weight stored (in, out), y = x W + b
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()  # type: ignore[assignment]
+
+FilterFn = Callable[[str, nn.Module], bool]
+ConfigSpec = CompressionConfig | Mapping[str, CompressionConfig | None]
+
+
+class UnsupportedModelError(ValueError):
+    """The model has no recognisable stack of decoder blocks."""
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight in nn.Linear layout (out × in), whatever the layer type."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    return module.weight.T  # Conv1D keeps (in, out)
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding the transformer blocks (model.model.layers, transformer.h, ...).
+
+    Found structurally: the longest nn.ModuleList whose length equals `config.num_hidden_layers`
+    (or, without a config, the longest ModuleList of modules that contain linear layers).
+    """
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if n_layers is not None and len(mod) != n_layers:
+            continue
+        if not any(is_linear(m) for m in mod[0].modules()):
+            continue
+        if best is None or len(mod) > len(best[1]):
+            best = (name, mod)
+    if best is None:
+        kind = type(model).__name__
+        raise UnsupportedModelError(
+            f"unsupported architecture {kind}: no list of decoder blocks with linear layers was found"
+        )
+    return best
+
+
+def decoder_block_index(name: str, blocks_prefix: str) -> int | None:
+    """Index of the decoder block a module name belongs to (None outside the blocks)."""
+    if not name.startswith(blocks_prefix + "."):
+        return None
+    return int(name[len(blocks_prefix) + 1:].split(".")[0])
+
+
+def default_filter(blocks_prefix: str) -> FilterFn:
+    """Every linear inside the decoder blocks; never the embeddings or the head."""
+    return lambda name, module: is_linear(module) and name.startswith(blocks_prefix + ".")
+
+
+def resolve_config(spec: ConfigSpec, name: str) -> CompressionConfig | None:
+    """The config for a layer: the spec itself, or the first pattern (fnmatch) matching its name."""
+    if isinstance(spec, CompressionConfig):
+        return spec
+    for pattern, cfg in spec.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return cfg
+    return None
+
+
+def iter_reallm_layers(model: nn.Module) -> Iterator[tuple[str, ReALLMLinear]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, ReALLMLinear):
+            yield name, mod
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+@dataclass
+class CompressionSummary:
+    """What compress_ did: per-layer relative Frobenius errors and bits per weight."""
+
+    layers: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def mean_rel_error(self) -> float:
+        errs = [v["rel_frobenius_error"] for v in self.layers.values()]
+        return sum(errs) / max(1, len(errs))
+
+
+def select_layers(
+    model: nn.Module, config: ConfigSpec, filter_fn: FilterFn | None = None
+) -> list[tuple[str, nn.Module, CompressionConfig]]:
+    """(name, module, config) of every layer compress_ would replace, in model order."""
+    prefix, _ = find_decoder_blocks(model)
+    filter_fn = filter_fn or default_filter(prefix)
+    chosen = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, ReALLMLinear) or not is_linear(mod) or not filter_fn(name, mod):
+            continue
+        cfg = resolve_config(config, name)
+        if cfg is not None:
+            chosen.append((name, mod, cfg))
+    return chosen
+
+
+@torch.no_grad()
+def fit_shared_codebooks(
+    targets: list[tuple[str, nn.Module, CompressionConfig]],
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict[str, tuple[torch.Tensor, int]]:
+    """One k-means codebook per config with codebook_scope="model", fitted on the pooled
+    normalised residual vectors of all its matrices. Returns {config key: (codebook, numel)}."""
+    groups: dict[str, list[tuple[str, nn.Module, CompressionConfig]]] = {}
+    for t in targets:
+        if t[2].quantizer == "vq" and t[2].codebook_scope == "model":
+            groups.setdefault(t[2].key(), []).append(t)
+    out = {}
+    for key, members in groups.items():
+        cfg = members[0][2]
+        numel = sum(linear_weight(m).numel() for _, m, _ in members)
+        budget = cfg.kmeans_max_points or numel
+        pooled = []
+        gen = torch.Generator().manual_seed(cfg.seed)
+        for name, mod, _ in tqdm(members, desc="shared codebook: vectors", disable=not progress):
+            W = linear_weight(mod).detach().to(device or mod.weight.device)
+            vec = codebook_training_vectors(W, cfg, name).cpu()
+            take = max(1, round(budget * W.numel() / numel))  # proportional subsample
+            if vec.shape[0] > take:
+                vec = vec[torch.randperm(vec.shape[0], generator=gen)[:take]]
+            pooled.append(vec)
+        vectors = torch.cat(pooled).to(device or "cpu")
+        out[key] = (fit_codebook(vectors, cfg).cpu(), numel)
+    return out
+
+
+@torch.no_grad()
+def compress_(
+    model: nn.Module,
+    config: ConfigSpec,
+    filter_fn: FilterFn | None = None,
+    *,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    cache_frozen: bool = True,
+    skip: Callable[[str], ReALLMLinear | None] | None = None,
+    on_layer: Callable[[str, ReALLMLinear], None] | None = None,
+) -> CompressionSummary:
+    """Replace, in place, the selected linear layers of `model` by ReALLMLinear.
+
+    Args:
+        model: a Hugging Face causal LM (Llama, Mistral, Gemma, Qwen2, GPT-2, ...).
+        config: one CompressionConfig for every selected layer, or a mapping from fnmatch name
+            patterns to configs (first match wins; None or no match leaves the layer alone).
+        filter_fn: (name, module) -> bool; default: every linear inside the decoder blocks.
+        device: where to run the compression of each matrix (e.g. "cuda" for a model kept on
+            CPU); the result is moved back next to the original layer.
+        progress: show a progress bar.
+        cache_frozen: passed to every ReALLMLinear.
+        skip: name -> an already compressed layer to reuse (resuming an interrupted run), or None.
+        on_layer: called after each layer is replaced (e.g. to save progress).
+    Returns:
+        a CompressionSummary with each layer's relative Frobenius error and bits per weight.
+    """
+    targets = select_layers(model, config, filter_fn)
+    if not targets:
+        raise CompressionError("no layer matched the filter / config patterns: nothing to compress")
+    shared = fit_shared_codebooks(targets, device, progress)
+    summary = CompressionSummary()
+    bar = tqdm(targets, desc="compressing", unit="matrix", disable=not progress)
+    for name, mod, cfg in bar:
+        bar.set_postfix_str(name, refresh=False)
+        layer = skip(name) if skip else None
+        W = linear_weight(mod).detach()
+        home = W.device
+        if layer is None:
+            codebook, numel = shared.get(cfg.key(), (None, None))
+            Wd = W.to(device) if device is not None else W
+            weight = compress_weight(Wd, cfg, name=name, codebook=codebook, shared_numel=numel)
+            bias = mod.bias.detach() if mod.bias is not None else None
+            layer = ReALLMLinear(weight.to(home), bias, cache_frozen=cache_frozen)
+        layer.layout = "linear" if isinstance(mod, nn.Linear) else "conv1d"
+        layer.stats.setdefault("rel_frobenius_error", relative_error(W, layer.dequantize().to(home)))
+        layer.stats.setdefault("orig_dtype", str(W.dtype).replace("torch.", ""))
+        layer.to(home)
+        _set_module(model, name, layer)
+        del mod, W
+        summary.layers[name] = {
+            "shape": [layer.out_features, layer.in_features],
+            "rel_frobenius_error": layer.stats["rel_frobenius_error"],
+            "bits": layer.container().bits()["per_weight"],
+        }
+        if on_layer is not None:
+            on_layer(name, layer)
+    return summary
+
+
+def mark_only_adapters_trainable(model: nn.Module) -> int:
+    """Freeze everything but the DoRA/LoRA parameters (lora_A, lora_B, magnitude).
+
+    Returns the number of trainable parameters.
+    """
+    n = 0
+    for name, p in model.named_parameters():
+        train = isinstance(model.get_submodule(name.rpartition(".")[0] or ""), ReALLMLinear)
+        p.requires_grad_(train)
+        n += p.numel() if train else 0
+    return n

@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny seeded Llama (no download) and the shared data directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = (Path(__file__).parents[1] / ".." / "shared").resolve()
+
+
+@pytest.fixture
+def tiny_llama():
+    """A tiny random ``LlamaForCausalLM`` (vocab 512, hidden 64, 2 layers), fixed seed, eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """``../shared`` from the project root (real data and the stories260K model); skips when absent."""
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data directory {SHARED} is absent (real-data tests need ../shared)")
+    return SHARED

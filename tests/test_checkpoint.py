@@ -1,0 +1,171 @@
+"""The ReALLM checkpoint format: exact round trips, dense export, clear errors, atomic saves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import sample_ids, tiny_gpt2, tiny_llama, tiny_mistral
+from transformers import AutoModelForCausalLM
+
+import reallm.checkpoint as ckpt
+from reallm import (
+    CheckpointError,
+    CompressionConfig,
+    compress_,
+    export_dense,
+    iter_reallm_layers,
+    load_compressed,
+    save_adapters,
+    save_compressed,
+)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def compressed(build=tiny_llama, **cfg):
+    model = build()
+    cfg = {"quantizer": "nf", "bits": 3, "rank": 4, **cfg}
+    compress_(model, CompressionConfig(**cfg), progress=False)
+    return model
+
+
+def logits(model, ids=None):
+    with torch.no_grad():
+        return model(sample_ids() if ids is None else ids).logits
+
+
+@pytest.mark.parametrize("build,cfg", [
+    (tiny_llama, {}),
+    (tiny_mistral, {"quantizer": "vq", "bits": 2, "vq_dim": 4, "permute": True, "kmeans_iters": 5}),
+    (tiny_gpt2, {"quantizer": "rtn", "bits": 3, "rotation": "hadamard"}),
+    (tiny_llama, {"quantizer": "vq", "bits": 2, "vq_dim": 2, "codebook_scope": "model"}),
+])
+def test_save_load_identical_logits(tmp_path, build, cfg):
+    model = compressed(build, **cfg)
+    with torch.no_grad():  # train-like change of the adapters so that they are not the init
+        for _, layer in iter_reallm_layers(model):
+            layer.lora_B.add_(0.01)
+    save_compressed(model, tmp_path / "ck")
+    back = load_compressed(tmp_path / "ck")
+    assert torch.equal(logits(model), logits(back))
+    meta = json.loads((tmp_path / "ck" / "reallm.json").read_text())
+    assert meta["format_version"] == ckpt.FORMAT_VERSION
+    assert set(meta["files"]) == {"reallm.safetensors", "adapters.safetensors"}
+    assert all("bits" in rec and "config" in rec for rec in meta["layers"].values())
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_export_dense_loads_with_from_pretrained(tmp_path, build):
+    model = compressed(build)
+    export_dense(model, tmp_path / "dense")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    a, b = logits(model), logits(dense)
+    assert float((a - b).abs().max()) < 1e-5
+
+
+def test_several_adapter_sets_over_one_base(tmp_path):
+    model = compressed()
+    save_compressed(model, tmp_path / "ck")
+    ref_default = logits(model)
+    with torch.no_grad():
+        for _, layer in iter_reallm_layers(model):
+            layer.magnitude.mul_(1.1)
+    save_adapters(model, tmp_path / "ck", "task_b")
+    ref_b = logits(model)
+    assert torch.equal(logits(load_compressed(tmp_path / "ck")), ref_default)
+    assert torch.equal(logits(load_compressed(tmp_path / "ck", adapters="task_b")), ref_b)
+    with pytest.raises(CheckpointError, match="no adapter set 'nope'"):
+        load_compressed(tmp_path / "ck", adapters="nope")
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    model = compressed()
+    return save_compressed(model, tmp_path / "ck")
+
+
+def test_corrupted_file_is_refused(saved):
+    path = saved / "reallm.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"reallm\.safetensors: checksum mismatch"):
+        load_compressed(saved)
+
+
+def test_truncated_file_is_refused(saved):
+    path = saved / "adapters.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"adapters\.safetensors: checksum mismatch"):
+        load_compressed(saved)
+
+
+def test_wrong_version_is_refused(saved):
+    path = saved / "reallm.json"
+    meta = json.loads(path.read_text())
+    meta["format_version"] = 99
+    path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"reallm\.json: format version 99 is not supported"):
+        load_compressed(saved)
+
+
+def test_missing_tensor_is_refused(saved):
+    path = saved / "reallm.safetensors"
+    tensors = load_file(path)
+    victim = next(k for k in tensors if k.endswith(".frozen.codes"))
+    del tensors[victim]
+    save_file(tensors, path)
+    meta = json.loads((saved / "reallm.json").read_text())
+    meta["files"]["reallm.safetensors"] = ckpt.sha256_file(path)  # consistent checksum
+    (saved / "reallm.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=f"reallm.safetensors: missing tensor '{victim}'"):
+        load_compressed(saved)
+
+
+def test_missing_directory_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_compressed(tmp_path / "nothing")
+
+
+def test_interrupted_save_leaves_nothing_that_loads(tmp_path, monkeypatch):
+    model = compressed()
+    real = ckpt.atomic_save_safetensors
+    calls = []
+
+    def failing(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:  # the frozen part is written, then the adapters fail
+            raise RuntimeError("simulated crash")
+        return real(tensors, path, metadata)
+
+    monkeypatch.setattr(ckpt, "atomic_save_safetensors", failing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        save_compressed(model, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary directory left behind either
+
+
+@pytest.mark.skipif(not (SHARED / "models" / "stories260K").is_dir(),
+                    reason="../shared/models/stories260K is absent (real model not available)")
+def test_stories260k_nf3_generation_deterministic_across_save_load(tmp_path):
+    from transformers import AutoTokenizer
+
+    path = SHARED / "models" / "stories260K"
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    compress_(model, CompressionConfig(quantizer="nf", bits=3), progress=False)
+    ids = tok("Once upon a time", return_tensors="pt").input_ids
+
+    def greedy(m):
+        with torch.no_grad():
+            return m.generate(ids, max_new_tokens=30, do_sample=False)
+
+    first = greedy(model)
+    save_compressed(model, tmp_path / "ck", tokenizer=tok)
+    back = load_compressed(tmp_path / "ck")
+    assert torch.equal(greedy(back), first)
+    assert torch.equal(greedy(back), first)

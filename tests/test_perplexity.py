@@ -1,0 +1,107 @@
+"""Perplexity (torchmetrics) against a direct computation, and the stories260K reference figures."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reallm.datamodules import TextDataModule
+from reallm.datamodules.text import tokenize, wikitext_windows
+from reallm.eval import greedy_generate, perplexity
+
+REFERENCE_PPL = 4.42  # ../shared/README.md: stories260K, fp32, L=512, first 200k tokens of TinyStories
+
+
+def _direct_ppl(model, windows: torch.Tensor) -> float:
+    """exp of the mean cross-entropy of all shifted logits of all windows, concatenated."""
+    with torch.no_grad():
+        logits = model(windows).logits  # (n, L, V)
+    preds = logits[:, :-1].reshape(-1, logits.shape[-1]).double()
+    return math.exp(F.cross_entropy(preds, windows[:, 1:].reshape(-1)).item())
+
+
+def test_perplexity_matches_direct_computation(tiny_llama):
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, 512, (5, 64), generator=g)
+    ref = _direct_ppl(tiny_llama, windows)
+    for batch_size in (1, 2, 5):
+        out = perplexity(tiny_llama, windows, batch_size=batch_size, progress=False)
+        assert out["value"] == pytest.approx(ref, rel=1e-5)
+        assert out["nll"] == pytest.approx(math.log(ref), rel=1e-5)
+        assert (out["tokens"], out["windows"], out["context"]) == (5 * 63, 5, 64)
+
+
+def test_perplexity_restores_mode_and_checks_shape(tiny_llama):
+    windows = torch.randint(0, 512, (2, 16))
+    tiny_llama.train()
+    a = perplexity(tiny_llama, windows, progress=False)
+    assert tiny_llama.training  # previous mode restored
+    tiny_llama.eval()
+    assert perplexity(tiny_llama, windows, progress=False) == a  # eval mode inside: no dropout effect
+    assert not tiny_llama.training
+    with pytest.raises(ValueError, match=r"\(n, L\)"):
+        perplexity(tiny_llama, windows[0], progress=False)
+
+
+@pytest.fixture(scope="module")
+def stories(request):
+    shared_dir = request.getfixturevalue("shared_dir")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = shared_dir / "models" / "stories260K"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path), shared_dir
+
+
+def test_greedy_generate_stories260k(stories):
+    model, tokenizer, _ = stories
+    text = greedy_generate(model, tokenizer, "Once upon a time", max_new_tokens=20)
+    assert text.startswith("Once upon a time") and len(text) > len("Once upon a time") + 20
+    assert greedy_generate(model, tokenizer, "Once upon a time", max_new_tokens=20) == text
+    print(f"\ngreedy: {text!r}")
+
+
+@pytest.mark.slow
+def test_stories260k_reference_perplexity(stories):
+    """The shared README's figure: 4.42 on the first 200k tokens of the TinyStories text (one BOS at
+    the start, L=512, non-overlapping windows). The text: train file, then the valid file."""
+    model, tokenizer, shared_dir = stories
+    data = shared_dir / "data"
+    text = "\n\n".join(
+        (data / f).read_text(encoding="utf-8") for f in ("tinystories_train.txt", "tinystories_valid.txt")
+    )
+    ids = tokenize(tokenizer, text)[:200_000]
+    windows = wikitext_windows(ids, 512)
+    assert windows.shape == (390, 512)
+    out = perplexity(model, windows, batch_size=16, progress=False)
+    print(f"\nstories260K, first 200k TinyStories tokens, L=512: {out}")
+    assert out["value"] == pytest.approx(REFERENCE_PPL, abs=0.05)
+
+
+@pytest.mark.slow
+def test_stories260k_protocol_perplexities(stories, tmp_path):
+    """tinystories_valid.txt (all 151 windows) and the first 256 windows of wikitext2_raw_test.txt
+    (of 1574; for time) through TextDataModule at L=512: regression figures measured when this test
+    was written. All 1574 WikiText-2 windows give 119.19."""
+    model, _, shared_dir = stories
+    data = shared_dir / "data"
+    dm = TextDataModule(
+        path=[str(data / "tinystories_valid.txt"), str(data / "wikitext2_raw_test.txt")],
+        model_name_or_path=str(shared_dir / "models" / "stories260K"),
+        seq_len=512,
+        max_eval_windows=256,
+        cache_dir=str(tmp_path),
+    )
+    dm.setup("validate")
+    results = {}
+    for name, info, windows in zip(dm.dataset_names, dm.eval_info, dm.val_windows):
+        results[name] = perplexity(model, windows, batch_size=16, progress=False)
+        print(f"\n{name}: N={info['tokens']} tokens, {info['windows']} windows, {results[name]}")
+    assert results["tinystories_valid"]["windows"] == 151
+    assert results["tinystories_valid"]["value"] == pytest.approx(5.290, abs=0.01)
+    # a TinyStories model does not know Wikipedia
+    assert results["wikitext2_raw_test"]["windows"] == 256
+    assert results["wikitext2_raw_test"]["value"] == pytest.approx(123.49, abs=0.05)
