@@ -148,11 +148,16 @@ def save_compressed(
     base_model: str | None = None,
     tokenizer=None,
     extra: dict[str, Any] | None = None,
+    frozen_from: str | os.PathLike | None = None,
 ) -> Path:
     """Write `model` (after compress_) as a ReALLM checkpoint directory, atomically.
 
     The directory appears only once complete: everything is written into a temporary sibling
     directory which is then renamed. An interrupted save leaves no `directory`.
+
+    With `frozen_from` (the checkpoint the model was loaded from; fine-tuning phases), the frozen
+    part is referenced, not copied: reallm.json points to that checkpoint's reallm.safetensors
+    (by relative path and SHA-256) and only the adapters are written.
     """
     final = Path(directory).absolute()
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -171,8 +176,19 @@ def save_compressed(
             records[name] = meta
         dense, aliases = _dense_state(model)
         frozen.update({f"dense.{k}": v for k, v in dense.items()})
-        atomic_save_safetensors(frozen, tmp / FROZEN_FILE)
+        files: dict[str, str] = {}
+        frozen_ref = None
+        if frozen_from is not None:
+            src = Path(frozen_from).absolute()
+            src_meta = read_meta(src)
+            src_file = _frozen_path(src, src_meta)
+            frozen_ref = os.path.relpath(src_file, final)
+            files[FROZEN_FILE] = src_meta["files"][FROZEN_FILE]
+        else:
+            atomic_save_safetensors(frozen, tmp / FROZEN_FILE)
+            files[FROZEN_FILE] = sha256_file(tmp / FROZEN_FILE)
         atomic_save_safetensors(adapter_state(model), tmp / ADAPTER_FILE)
+        files[ADAPTER_FILE] = sha256_file(tmp / ADAPTER_FILE)
         hf_config = getattr(model, "config", None)
         if hf_config is not None:
             hf_config.save_pretrained(tmp)
@@ -187,8 +203,8 @@ def save_compressed(
             "dtype": str(next(iter(dense.values())).dtype).replace("torch.", "") if dense else None,
             "layers": records,
             "aliases": aliases,
-            "files": {FROZEN_FILE: sha256_file(tmp / FROZEN_FILE),
-                      ADAPTER_FILE: sha256_file(tmp / ADAPTER_FILE)},
+            "files": files,
+            "frozen_ref": frozen_ref,
             "adapter_sets": {"default": ADAPTER_FILE},
             "extra": extra or {},
         }
@@ -241,8 +257,14 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def _frozen_path(directory: Path, meta: dict[str, Any]) -> Path:
+    """Where a checkpoint's frozen part lives (its own file, or the one it references)."""
+    ref = meta.get("frozen_ref")
+    return (directory / ref).resolve() if ref else directory / FROZEN_FILE
+
+
 def _load_verified(directory: Path, rel: str, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    path = directory / rel
+    path = _frozen_path(directory, meta) if rel == FROZEN_FILE else directory / rel
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
     expected = meta.get("files", {}).get(rel)
@@ -287,7 +309,7 @@ def load_compressed(
     frozen = _load_verified(directory, FROZEN_FILE, meta)
     adapter_rel = sets[adapters]
     adapter_tensors = _load_verified(directory, adapter_rel, meta)
-    frozen_path, adapter_path = directory / FROZEN_FILE, directory / adapter_rel
+    frozen_path, adapter_path = _frozen_path(directory, meta), directory / adapter_rel
     try:
         hf_config = AutoConfig.from_pretrained(directory)
     except (OSError, ValueError) as e:
@@ -303,6 +325,11 @@ def load_compressed(
         expected = _expected_frozen_keys(rec)
         for k in expected:
             _need(frozen, f"{name}.frozen.{k}", frozen_path)
+        sub = {k[len(name) + 1:]: v for k, v in adapter_tensors.items() if k.startswith(name + ".")}
+        # the low-rank factors live with the adapters: lora_B ↔ L1 (p, r), lora_A ↔ L2 (q, r)
+        for ours, theirs in (("L1", "lora_B"), ("L2", "lora_A")):
+            tensors.update({f"lowrank.{ours}.{k[len(theirs) + 1:]}": v for k, v in sub.items()
+                            if k.startswith(theirs + ".")})
         try:
             weight = ReALLMWeight.from_dict(tensors, layer_meta, shared)
         except (KeyError, ValueError) as e:
@@ -311,7 +338,6 @@ def load_compressed(
         layer = ReALLMLinear(weight, bias, cache_frozen=cache_frozen, lora_scale=rec.get("lora_scale", 1.0))
         layer.layout = rec.get("layout", "linear")
         layer.stats = dict(rec.get("stats", {}))
-        sub = {k[len(name) + 1:]: v for k, v in adapter_tensors.items() if k.startswith(name + ".")}
         try:
             layer.load_adapter_tensors(sub)
         except KeyError as e:

@@ -57,7 +57,8 @@ def tiny_qwen2():
 
 @_seeded
 def tiny_gpt2():
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                     bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg)
 
 

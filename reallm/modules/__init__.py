@@ -1,7 +1,10 @@
 """LightningModules, one per phase, all deriving from ReALLMModule."""
 
 from reallm.modules.base import ReALLMModule, UserError
+from reallm.modules.blockwise import BlockwisePhase
 from reallm.modules.compress import CompressPhase
+from reallm.modules.e2e import EndToEndPhase, PerplexityMixin
 from reallm.modules.evaluate import EvaluatePhase
 
-__all__ = ["CompressPhase", "EvaluatePhase", "ReALLMModule", "UserError"]
+__all__ = ["BlockwisePhase", "CompressPhase", "EndToEndPhase", "EvaluatePhase", "PerplexityMixin", "ReALLMModule",
+           "UserError"]

@@ -1,0 +1,289 @@
+"""Data-free vector quantization: batched k-means and chunked nearest-codeword assignment.
+
+method.md §3 "Vector quantization": the normalised values are split into d-dimensional vectors, one
+codebook of K = 2**(b*d) codewords is learnt per matrix with k-means (k-means++ or random-point
+initialisation, Lloyd iterations to a tolerance), and each vector is stored as the index of its
+nearest codeword.
+
+Everything runs in fp32 on the data's device. Squared distances are computed as
+``||x||^2 - 2 x.c + ||c||^2`` with one matmul per chunk of points against the codebook
+(``[x, ||x||^2, 1] @ [-2c, 1, ||c||^2]^T``), so memory stays at ``chunk * K`` floats.
+
+Inside Lloyd iterations the arg-min is taken with a packed-integer trick: a non-negative fp32
+distance, viewed as int32, keeps its order, so replacing its ``ceil(log2 K)`` lowest mantissa bits by
+the codeword index and taking ``amin`` gives distance and index in one vectorised reduction (much
+faster than ``torch.min(dim)`` with indices on CPU). The distance loses those low bits (relative
+precision 2**(ceil(log2 K) - 23), e.g. 3e-5 for K = 256), which only matters for near-ties and is
+irrelevant to the centroid updates. :func:`assign`, which produces the stored codes, uses exact
+``torch.min`` and re-checks near-ties by direct differences.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["KMeansResult", "kmeans", "assign"]
+
+# Target number of distance entries (chunk * K) per chunk. On CPU a chunk that stays in cache is far
+# faster than a big one; on an accelerator bigger chunks amortise kernel launches. Both stay well
+# under the 64M-float memory bound of the brief (11008 x 4096 with d = 2, K = 64 fits in a few GB).
+_CPU_CHUNK_ELEMS = 1 << 20
+_GPU_CHUNK_ELEMS = 1 << 26
+# k-means++ seeding is sequential in k (one pass over the points per codeword); it is run on a
+# seeded subsample of at most max(_INIT_MIN_POINTS, _INIT_POINTS_PER_CODEWORD * k) points.
+_INIT_MIN_POINTS = 1 << 16
+_INIT_POINTS_PER_CODEWORD = 256
+# Up to this many codewords the packed arg-min reduces a (K, chunk) distance block over dim 0.
+_TRANSPOSED_MAX_K = 64
+
+
+@dataclass
+class KMeansResult:
+    """Result of :func:`kmeans`.
+
+    Attributes:
+        codebook: ``(K, d)`` fp32 codewords.
+        inertia: mean squared L2 distance of the fitted points to their nearest codeword.
+        n_iter: number of Lloyd updates performed.
+    """
+
+    codebook: Tensor
+    inertia: float
+    n_iter: int
+
+
+def _default_chunk(n_codewords: int, device: torch.device) -> int:
+    elems = _GPU_CHUNK_ELEMS if device.type != "cpu" else _CPU_CHUNK_ELEMS
+    return max(256, elems // max(1, n_codewords))
+
+
+def _augment_points(x: Tensor) -> Tensor:
+    """``[x, ||x||^2, 1]``, ``(N, d + 2)``."""
+    return torch.cat([x, (x * x).sum(dim=1, keepdim=True), torch.ones_like(x[:, :1])], dim=1)
+
+
+def _augment_codebook(c: Tensor) -> Tensor:
+    """``[-2c, 1, ||c||^2]``, ``(K, d + 2)``: ``xa @ ca.T`` is the squared distance matrix."""
+    return torch.cat([-2.0 * c, torch.ones_like(c[:, :1]), (c * c).sum(dim=1, keepdim=True)], dim=1)
+
+
+def _points_layout(xa: Tensor, k: int) -> Tensor:
+    """Layout of the augmented points used by :func:`_assign_packed` for K codewords.
+
+    For small K the distances are computed as ``(K, chunk)`` and reduced over dim 0 (a vectorised
+    element-wise min over K rows, fast on CPU); for larger K as ``(chunk, K)`` reduced over dim 1.
+    The first needs the points transposed, ``(d + 2, N)``.
+    """
+    return xa.t().contiguous() if k <= _TRANSPOSED_MAX_K else xa
+
+
+def _assign_packed(xl: Tensor, c: Tensor, chunk: int, packed: Tensor) -> tuple[Tensor, Tensor]:
+    """Approximate (low-bit-truncated) nearest codeword of every point.
+
+    Args:
+        xl: augmented points ``[x, ||x||^2, 1]`` in the layout of :func:`_points_layout`.
+        c: ``(K, d)`` codebook.
+        packed: int32 ``(N,)`` work buffer.
+
+    Returns:
+        int64 ``(N,)`` codeword indices and fp32 ``(N,)`` squared distances with their
+        ``ceil(log2 K)`` low mantissa bits cleared.
+    """
+    k = c.shape[0]
+    ca = _augment_codebook(c)  # (K, d + 2)
+    nbits = max(1, (k - 1).bit_length())
+    low = (1 << nbits) - 1
+    kidx = torch.arange(k, dtype=torch.int32, device=c.device)  # (K,)
+    transposed = k <= _TRANSPOSED_MAX_K
+    n = packed.shape[0]
+    if transposed:
+        kidx = kidx.unsqueeze(1)  # (K, 1)
+    else:
+        ca = ca.t().contiguous()  # (d + 2, K)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        if transposed:
+            dist = torch.mm(ca, xl[:, s:e])  # (K, c) squared distances
+        else:
+            dist = torch.mm(xl[s:e], ca)  # (c, K) squared distances
+        # A non-negative fp32 viewed as int32 keeps its order; negative values only come from
+        # rounding of distances that are ~0 and stay below every positive one.
+        di = dist.view(torch.int32)
+        di.bitwise_and_(~low).bitwise_or_(kidx)
+        torch.amin(di, dim=0 if transposed else 1, out=packed[s:e])  # (c,)
+    idx = (packed & low).long()  # (N,)
+    dist = (packed & ~low).view(torch.float32).clamp_min_(0.0)  # (N,)
+    return idx, dist
+
+
+def assign(x: Tensor, codebook: Tensor, chunk_size: int | None = None) -> Tensor:
+    """Exact nearest codeword (squared L2) of every row of ``x``; ties go to the lowest index.
+
+    Args:
+        x: ``(N, d)`` points.
+        codebook: ``(K, d)``.
+        chunk_size: points per chunk (default: ``chunk * K`` about 1M floats on CPU, 64M on GPU).
+
+    Returns:
+        int64 ``(N,)`` codes on ``x.device``.
+
+    The distances come from one matmul per chunk; rows whose best and second-best distances are
+    within the rounding error of that expansion are recomputed from direct differences, so the
+    result agrees with an argmin over directly computed distances.
+    """
+    if x.dim() != 2 or codebook.dim() != 2 or x.shape[1] != codebook.shape[1]:
+        raise ValueError(f"x (N, d) and codebook (K, d) expected, got {tuple(x.shape)}, {tuple(codebook.shape)}")
+    device = x.device
+    xf = x.to(torch.float32)  # (N, d)
+    c = codebook.to(device=device, dtype=torch.float32)  # (K, d)
+    n, k = xf.shape[0], c.shape[0]
+    out = torch.empty(n, dtype=torch.int64, device=device)
+    if n == 0:
+        return out
+    chunk = chunk_size or _default_chunk(k, device)
+    c_t = c.t().contiguous()  # (d, K)
+    cnorm = (c * c).sum(dim=1)  # (K,)
+    cmax = cnorm.max()
+    for s in range(0, n, chunk):
+        xs = xf[s : s + chunk]  # (c, d)
+        xnorm = (xs * xs).sum(dim=1)  # (c,)
+        dist = torch.addmm(cnorm, xs, c_t, alpha=-2.0)  # (c, K) = ||c||^2 - 2 x.c
+        best, idx = dist.min(dim=1)  # (c,)
+        # Near-ties: another codeword within the expansion's rounding error of the best one.
+        tol = 1e-5 * (xnorm + cmax) + 1e-30  # (c,)
+        ambiguous = (dist <= (best + tol).unsqueeze(1)).sum(dim=1) > 1  # (c,)
+        if bool(ambiguous.any()):
+            rows = ambiguous.nonzero().squeeze(1)  # (r,)
+            exact = (xs[rows].unsqueeze(1) - c.unsqueeze(0)).pow(2).sum(dim=2)  # (r, K)
+            idx[rows] = exact.argmin(dim=1)
+        out[s : s + chunk] = idx
+    return out
+
+
+def _kmeanspp(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
+    """Greedy k-means++ seeding on ``x`` (M, d) -> ``(k, d)``.
+
+    D^2 sampling (Arthur & Vassilvitskii 2007) with ``2 + int(ln k)`` candidates per step, keeping
+    the candidate that lowers the potential most (the "greedy k-means++" of scikit-learn).
+    """
+    m = x.shape[0]
+    device = x.device
+    trials = 2 + int(math.log(k))
+    xa = _augment_points(x)  # (M, d + 2)
+    centers = torch.empty(k, x.shape[1], dtype=torch.float32, device=device)
+    first = torch.randint(m, (1,), generator=gen, device=device)  # (1,)
+    centers[0] = x[first[0]]
+    mind = (x - centers[0]).pow(2).sum(dim=1)  # (M,)
+    uniforms = torch.rand(k, trials, generator=gen, device=device, dtype=torch.float64)  # (k, L)
+    for i in range(1, k):
+        cum = torch.cumsum(mind, dim=0, dtype=torch.float64)  # (M,)
+        # If every point is already a center (total 0), target 0 picks point 0: a duplicate.
+        cand = torch.searchsorted(cum, uniforms[i] * cum[-1]).clamp_(max=m - 1)  # (L,)
+        d_cand = torch.mm(xa, _augment_codebook(x[cand]).t()).clamp_min_(0.0)  # (M, L)
+        torch.minimum(d_cand, mind.unsqueeze(1), out=d_cand)
+        best = d_cand.sum(dim=0, dtype=torch.float64).argmin()  # 0-dim
+        centers[i] = x[cand[best]]
+        mind = d_cand[:, best].contiguous()
+    return centers
+
+
+def kmeans(
+    x: Tensor,
+    k: int,
+    *,
+    iters: int = 100,
+    tol: float = 1e-4,
+    init: str = "kmeans++",
+    seed: int = 0,
+    max_points: int | None = None,
+    init_codebook: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> KMeansResult:
+    """Batched k-means (Lloyd) on the device of ``x`` (method.md §3 "Vector quantization").
+
+    Args:
+        x: ``(N, d)`` points.
+        k: number of codewords K.
+        iters: maximum number of Lloyd updates.
+        tol: stop when the relative decrease of the inertia between two assignments is below tol
+            (``tol <= 0`` always runs exactly ``iters`` updates).
+        init: ``"kmeans++"`` (D^2 sampling; on a seeded subsample of at most
+            ``max(65536, 256 * k)`` points, since it needs one pass per codeword) or ``"random"``
+            (k distinct random points).
+        seed: seed of the private ``torch.Generator`` (subsample, initialisation).
+        max_points: if given and N > max_points, fit on a seeded random subsample of that many rows.
+        init_codebook: ``(K, d)`` warm start; replaces ``init``.
+        chunk_size: points per assignment chunk.
+
+    Returns:
+        :class:`KMeansResult` with the ``(K, d)`` fp32 codebook, the mean squared distance of the
+        fitted points to their nearest codeword, and the number of Lloyd updates.
+
+    Each iteration: assignment (chunked matmul + packed arg-min), then the update by ``index_add_``
+    and ``bincount``. An empty cluster is re-seeded to the point farthest from its codeword (the
+    next farthest for the next empty one, ...), which is deterministic. With N <= K the codebook is
+    the points themselves, repeated cyclically to K rows (inertia 0).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be (N, d), got shape {tuple(x.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if init not in ("kmeans++", "random"):
+        raise ValueError(f"init must be 'kmeans++' or 'random', got {init!r}")
+    device = x.device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    xf = x.to(torch.float32)
+    n, d = xf.shape
+    if n == 0:
+        raise ValueError("kmeans needs at least one point")
+    if max_points is not None and n > max_points:
+        sel = torch.randperm(n, generator=gen, device=device)[:max_points]
+        xf = xf[sel]
+        n = max_points
+    xf = xf.contiguous()  # (N, d)
+
+    if init_codebook is not None:
+        if init_codebook.shape != (k, d):
+            raise ValueError(f"init_codebook must be ({k}, {d}), got {tuple(init_codebook.shape)}")
+        c = init_codebook.to(device=device, dtype=torch.float32).clone()  # (K, d)
+    elif n <= k:
+        c = xf[torch.arange(k, device=device) % n].clone()  # (K, d): every point is a codeword
+        return KMeansResult(codebook=c, inertia=0.0, n_iter=0)
+    elif init == "random":
+        c = xf[torch.randperm(n, generator=gen, device=device)[:k]].clone()
+    else:
+        m = min(n, max(_INIT_MIN_POINTS, _INIT_POINTS_PER_CODEWORD * k))
+        pool = xf if m == n else xf[torch.randperm(n, generator=gen, device=device)[:m]]
+        c = _kmeanspp(pool, k, gen)
+
+    chunk = chunk_size or _default_chunk(k, device)
+    xl = _points_layout(_augment_points(xf), k)  # (N, d + 2) or (d + 2, N)
+    packed = torch.empty(n, dtype=torch.int32, device=device)  # (N,) work buffer
+    idx, dist = _assign_packed(xl, c, chunk, packed)  # (N,) int64, (N,) fp32
+    inertia = float(dist.sum(dtype=torch.float64)) / n
+    n_iter = 0
+    for _ in range(iters):
+        counts = torch.bincount(idx, minlength=k)  # (K,)
+        sums = torch.zeros(k, d, dtype=torch.float32, device=device).index_add_(0, idx, xf)  # (K, d)
+        nonempty = counts > 0
+        c = torch.where(nonempty.unsqueeze(1), sums / counts.clamp_min(1).unsqueeze(1).float(), c)
+        n_empty = int((~nonempty).sum())
+        if n_empty:
+            far = torch.topk(dist, min(n_empty, n)).indices  # (n_empty,) farthest points
+            empty = (~nonempty).nonzero().squeeze(1)[: far.numel()]
+            c[empty] = xf[far]
+        n_iter += 1
+        idx, dist = _assign_packed(xl, c, chunk, packed)
+        new_inertia = float(dist.sum(dtype=torch.float64)) / n
+        rel = (inertia - new_inertia) / inertia if inertia > 0 else 0.0
+        inertia = new_inertia
+        if tol > 0 and rel < tol and not n_empty:
+            break
+    # Exact inertia of the returned codebook (the packed distances are truncated).
+    exact = (xf - c[idx]).pow(2).sum(dim=1)  # (N,)
+    return KMeansResult(codebook=c, inertia=float(exact.sum(dtype=torch.float64)) / n, n_iter=n_iter)
