@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI
 
 from reallm.datamodules.base import BaseDataModule
 from reallm.modules.base import ReALLMModule, UserError
@@ -82,8 +82,16 @@ class ReALLMCLI(LightningCLI):
         self._hand_config()
 
     def _hand_config(self) -> None:
+        """Give the module its resolved config (results.json) and write run_dir/config.yaml.
+
+        Written here rather than by Lightning's SaveConfigCallback, which skips fast_dev_run runs
+        and refuses to overwrite (a resumed run rewrites the same file).
+        """
         cfg = self.config[self.subcommand]
         self.model.resolved_config = _plain(cfg)
+        if self.trainer.is_global_zero:
+            self.parser._subcommands_action._name_parser_map[self.subcommand].save(
+                cfg, str(Path(cfg["run_dir"]) / "config.yaml"), skip_none=False, overwrite=True, multifile=False)
 
 
 def _plain(cfg) -> dict:
@@ -110,15 +118,6 @@ def _plain(cfg) -> dict:
     return conv(cfg)
 
 
-class _RunDirSaveConfig(SaveConfigCallback):
-    """Writes config.yaml into the run directory (overwriting: a resumed run keeps one file)."""
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if trainer.is_global_zero and pl_module.run_dir is not None:
-            self.parser.save(self.config, str(Path(pl_module.run_dir) / "config.yaml"),
-                             skip_none=False, overwrite=True, multifile=False)
-
-
 def cli_main(args: list[str] | None = None, run: bool = True) -> ReALLMCLI | None:
     """Entry point of train.py. User errors become one line on stderr and exit code 1."""
     from reallm.checkpoint import CheckpointError
@@ -131,7 +130,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> ReALLMCLI | Non
             BaseDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            save_config_callback=_RunDirSaveConfig,
+            save_config_callback=None,
             parser_kwargs={"exit_on_error": False},
             args=args,
             run=run,
@@ -140,9 +139,24 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> ReALLMCLI | Non
     except (UserError, CheckpointError, CompressionError, UnsupportedModelError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    except Exception as e:  # jsonargparse's ArgumentError with exit_on_error=False
-        if type(e).__name__ in ("ArgumentError", "NSKeyError"):
-            msg = " ".join(str(e).split())
-            print(f"error: {msg}", file=sys.stderr)
-            raise SystemExit(2) from None
-        raise
+    except Exception as e:
+        msg = _argument_error_message(e)
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _argument_error_message(e: Exception) -> str | None:
+    """One line for jsonargparse's errors (bad keys, values, and exceptions raised while a class
+    given in the config is instantiated, which jsonargparse wraps in a ValueError listing one
+    error per candidate type); None for anything else."""
+    text = str(e)
+    if type(e).__name__ in ("ArgumentError", "NSKeyError"):
+        return " ".join(text.split())
+    if isinstance(e, ValueError) and "Does not validate against any of the Union subtypes" in text:
+        errors = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
+        # nested unions nest their error lists: keep the innermost real message
+        errors = [m for m in errors if not m.startswith(("Expected a <class 'NoneType'>", "Does not validate"))]
+        return errors[0] if errors else " ".join(text.split())
+    return None

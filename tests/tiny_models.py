@@ -68,3 +68,33 @@ ALL = {"llama": tiny_llama, "mistral": tiny_mistral, "qwen2": tiny_qwen2, "gpt2"
 def sample_ids(n: int = 2, length: int = 32, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (n, length), generator=g)
+
+
+def word_tokenizer(vocab_size: int = VOCAB):
+    """A real, offline Hugging Face tokenizer: one token per whitespace-separated word w0, w1, ..."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": 3 + i for i in range(vocab_size - 3)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def write_text(path, n_words: int = 4000, seed: int = 0, vocab_size: int = VOCAB):
+    """A text file of random words of the word tokenizer's vocabulary (with some repetition)."""
+    import random
+
+    rng = random.Random(seed)
+    words = [f"w{min(vocab_size - 4, int(rng.expovariate(0.05)))}" for _ in range(n_words)]
+    lines = [" ".join(words[i:i + 20]) for i in range(0, n_words, 20)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def save_tiny_model_dir(path, arch: str = "llama", seed: int = 0):
+    """A local Hugging Face model directory (tiny model + word tokenizer) for CLI tests."""
+    model = ALL[arch](seed)
+    model.save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path

@@ -28,6 +28,7 @@ from reallm.modules.base import UserError
 
 __all__ = [
     "ActivationCache",
+    "decoder_blocks",
     "BlockCall",
     "call_block",
     "capture_block_inputs",
@@ -43,6 +44,29 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise UserError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}")
     return _DTYPES[name]
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(prefix, blocks) of a model, compressed or not (`surgery.find_decoder_blocks` looks for
+    nn.Linear layers, which a compressed model no longer has)."""
+    from reallm.nn.dora import ReALLMLinear
+    from reallm.surgery import UnsupportedModelError, find_decoder_blocks, is_linear
+
+    try:
+        return find_decoder_blocks(model)
+    except UnsupportedModelError:
+        pass
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0 or (n_layers is not None and len(mod) != n_layers):
+            continue
+        if any(is_linear(m) or isinstance(m, ReALLMLinear) for m in mod[0].modules()):
+            if best is None or len(mod) > len(best[1]):
+                best = (name, mod)
+    if best is None:
+        raise UnsupportedModelError(f"unsupported architecture {type(model).__name__}: no list of decoder blocks")
+    return best
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,12 +47,13 @@ from reallm.modules.blocks import (
     BlockCall,
     call_block,
     capture_block_inputs,
+    decoder_blocks,
     iter_batches,
     load_teacher_block,
     resolve_safetensors,
     torch_dtype,
 )
-from reallm.surgery import find_decoder_blocks, iter_reallm_layers, mark_only_adapters_trainable
+from reallm.surgery import iter_reallm_layers, mark_only_adapters_trainable
 
 LossKind = Literal["mse", "relative_mse"]
 
@@ -81,13 +82,13 @@ class BlockwisePhase(ReALLMModule):
         lr: float = 1e-5,
         betas: tuple[float, float] = (0.9, 0.95),
         weight_decay: float = 0.0,
-        batch_size: int = 32,
+        effective_batch: int = 32,
         epochs_per_block: int = 1,
         loss: LossKind = "mse",
         student_inputs: Literal["student", "original"] = "student",
         cache: Literal["cpu", "disk"] = "cpu",
         cache_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        cache_dir: str | None = None,
+        activation_dir: str | None = None,
         teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         seed: int = 0,
     ) -> None:
@@ -101,8 +102,8 @@ class BlockwisePhase(ReALLMModule):
             lr: Adam learning rate (paper: 1e-5).
             betas: Adam betas (paper: (0.9, 0.95)).
             weight_decay: Adam weight decay.
-            batch_size: effective batch (sequences per optimiser step, paper: 32), reached by
-                accumulating micro-batches of the datamodule's batch size.
+            effective_batch: sequences per optimiser step (paper: 32), reached by accumulating
+                micro-batches of the datamodule's batch size.
             epochs_per_block: real passes over the calibration set per block.
             loss: "mse" between teacher and student block outputs, or "relative_mse"
                 (‖student − teacher‖² / ‖teacher‖² per sequence).
@@ -111,15 +112,16 @@ class BlockwisePhase(ReALLMModule):
                 model's stream (teacher outputs).
             cache: keep block inputs / targets in "cpu" memory or memory-mapped on "disk".
             cache_dtype: storage dtype of the cached activations.
-            cache_dir: folder of the disk cache (default `run_dir/cache`, deleted at the end).
+            activation_dir: folder of the disk cache (default `run_dir/cache`; its files are
+                deleted at the end).
             teacher_dtype: dtype the original blocks are loaded in.
             seed: seed of the step order (one permutation per block and epoch).
         """
         super().__init__(model_name_or_path, checkpoint, run_dir, method, seed)
         if not checkpoint:
             raise UserError("block-wise distillation needs --model.init_args.checkpoint <phase-1 run>/reallm")
-        if batch_size < 1 or epochs_per_block < 1:
-            raise UserError("batch_size and epochs_per_block must be ≥ 1")
+        if effective_batch < 1 or epochs_per_block < 1:
+            raise UserError("effective_batch and epochs_per_block must be ≥ 1")
         if loss not in ("mse", "relative_mse"):
             raise UserError(f"loss must be 'mse' or 'relative_mse', got {loss!r}")
         if student_inputs not in ("student", "original"):
@@ -127,12 +129,12 @@ class BlockwisePhase(ReALLMModule):
         if cache not in ("cpu", "disk"):
             raise UserError(f"cache must be 'cpu' or 'disk', got {cache!r}")
         self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
-        self.batch_size, self.epochs_per_block = int(batch_size), int(epochs_per_block)
+        self.effective_batch, self.epochs_per_block = int(effective_batch), int(epochs_per_block)
         self.loss_kind, self.student_inputs = loss, student_inputs
-        self.cache_kind, self.cache_dir = cache, cache_dir
+        self.cache_kind, self.activation_dir = cache, activation_dir
         self.cache_dtype, self.teacher_dtype = torch_dtype(cache_dtype), torch_dtype(teacher_dtype)
         self.automatic_optimization = False
-        self.save_hyperparameters(ignore=["run_dir"])
+        self.save_hyperparameters(ignore=["run_dir", "model_name_or_path", "seed"])  # no clash with the data's
         # the compressed model is deliberately *not* a registered submodule: Lightning would move
         # it to the device whole; only the block being tuned goes there
         self._model: nn.Module | None = None
@@ -173,7 +175,8 @@ class BlockwisePhase(ReALLMModule):
             model.config.use_cache = False
         mark_only_adapters_trainable(model)
         object.__setattr__(self, "_model", model)  # not registered (see __init__)
-        self._prefix, self._blocks = find_decoder_blocks(model)
+        self._prefix, blocks = decoder_blocks(model)
+        object.__setattr__(self, "_blocks", blocks)  # not registered either
         self._layers = [[(n, l) for n, l in iter_reallm_layers(model) if n.startswith(f"{self._prefix}.{j}.")]
                         for j in range(len(self._blocks))]
         empty = [j for j, block in enumerate(self._blocks) if not self.block_parameters(j)]
@@ -292,13 +295,13 @@ class BlockwisePhase(ReALLMModule):
             "checkpoint_adapters": meta["files"].get(ADAPTER_FILE),
             "calibration": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16],
             "lr": self.lr, "betas": list(self.betas), "weight_decay": self.weight_decay,
-            "batch_size": self.batch_size, "micro_batch": self._micro, "epochs_per_block": self.epochs_per_block,
+            "effective_batch": self.effective_batch, "micro_batch": self._micro, "epochs_per_block": self.epochs_per_block,
             "loss": self.loss_kind, "student_inputs": self.student_inputs, "seed": self.seed,
         }
-        self._accum = max(1, -(-self.batch_size // self._micro))
+        self._accum = max(1, -(-self.effective_batch // self._micro))
         self._teacher_files = resolve_safetensors(self.model_source())
         hidden = self.model.config.hidden_size
-        cache_dir = Path(self.cache_dir) if self.cache_dir else self.require_run_dir() / "cache"
+        cache_dir = Path(self.activation_dir) if self.activation_dir else self.require_run_dir() / "cache"
         where = (lambda name: cache_dir / f"{name}.bin") if self.cache_kind == "disk" else (lambda name: None)
         self._inputs = ActivationCache(n, seq_len, hidden, self.cache_dtype, where("inputs"))
         self._targets = ActivationCache(n, seq_len, hidden, self.cache_dtype, where("targets"))
@@ -455,7 +458,7 @@ class BlockwisePhase(ReALLMModule):
             "loss": self.loss_kind,
             "student_inputs": self.student_inputs,
             "epochs_per_block": self.epochs_per_block,
-            "effective_batch": self.batch_size,
+            "effective_batch": self.effective_batch,
             "calibration": {"sequences": n_windows, "seq_len": seq_len},
             "resumed_from_block": getattr(self, "_start", 0),
             "complete": len(finished) == self.n_blocks,

@@ -154,7 +154,8 @@ class CompressPhase(ReALLMModule):
             _set_module(model, name, layer)
             done += 1
         out = save_compressed(model, self.require_run_dir() / "reallm", base_model=self.model_source(),
-                              tokenizer=_maybe_tokenizer(self.model_source()))
+                              tokenizer=_maybe_tokenizer(self.model_source()),
+                              extra={"method": self.method, "compression": self.compression.to_dict()})
         report = bits_report(model)
         self.write_results({
             "bits": {"nominal": report["nominal"], "decoder_linears": report["decoder_linears"],

@@ -158,7 +158,7 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
         self.ppl_metrics = nn.ModuleList()
         self.strict_loading = False  # Lightning checkpoints keep only the trainable tensors
         self._train_losses: list[float] = []
-        self.save_hyperparameters(ignore=["run_dir"])
+        self.save_hyperparameters(ignore=["run_dir", "model_name_or_path", "seed"])  # no clash with the data's
 
     # -- model ------------------------------------------------------------------------------
     def configure_model(self) -> None:

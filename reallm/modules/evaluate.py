@@ -50,15 +50,19 @@ class EvaluatePhase(ReALLMModule):
             seed: recorded in results.json.
         """
         super().__init__(model_name_or_path, checkpoint, run_dir, method, seed)
-        self.dtype = dtype
+        self.load_dtype = dtype
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.model: nn.Module | None = None
         self.metrics = nn.ModuleList()
 
     def configure_model(self) -> None:
+        if self.checkpoint and self.method == "custom":  # label the run with the checkpoint's preset
+            from reallm.checkpoint import read_meta
+
+            self.method = read_meta(self.checkpoint).get("extra", {}).get("method", self.method)
         if self.model is None:
-            self.model = load_model_for_eval(self.model_name_or_path, self.checkpoint, self.dtype)
+            self.model = load_model_for_eval(self.model_name_or_path, self.checkpoint, self.load_dtype)
             self.model.eval()
 
     def setup(self, stage: str) -> None:

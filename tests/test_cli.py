@@ -1,0 +1,163 @@
+"""train.py / LightningCLI: every shipped config runs, --print_config round-trips, resume is exact,
+bad input is one clear line with a non-zero exit code."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import save_tiny_model_dir, write_text
+
+from reallm.cli import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = sorted(p.stem for p in (ROOT / "configs" / "methods").glob("*.yaml"))
+CPU = ["--trainer.accelerator", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    return write_text(tmp_path_factory.mktemp("text") / "words.txt")
+
+
+def compress_args(tiny_dir, run_dir, preset="nf3", *extra):
+    return ["fit", "--config", str(ROOT / "configs/ae.yaml"), "--config", str(ROOT / f"configs/methods/{preset}.yaml"),
+            "--model.init_args.model_name_or_path", str(tiny_dir), *CPU, "--run_dir", str(run_dir), *extra]
+
+
+@pytest.mark.parametrize("preset", METHODS)
+def test_every_method_preset_runs_one_fast_step(preset, tiny_dir, tmp_path):
+    if preset.startswith("reallm"):
+        pytest.skip("autoencoder presets are covered by tests/test_ae_phase.py")
+    cli_main(compress_args(tiny_dir, tmp_path / "run", preset, "--trainer.fast_dev_run", "true"))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["phase"] == "compress" and results["method"] == preset
+    assert results["compressed_matrices"] == 1 and results["complete"] is False  # fast_dev_run: one matrix
+    assert (tmp_path / "run" / "reallm" / "reallm.json").is_file()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_eval_config_runs_one_fast_step(tiny_dir, text_file, tmp_path):
+    cli_main(["validate", "--config", str(ROOT / "configs/eval.yaml"), "--model.init_args.model_name_or_path",
+              str(tiny_dir), "--data.init_args.path", str(text_file), "--data.init_args.seq_len", "64",
+              "--data.init_args.cache_dir", str(tmp_path / "cache"), *CPU, "--trainer.fast_dev_run", "true",
+              "--run_dir", str(tmp_path / "eval")])
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["phase"] == "eval" and results["perplexity"]["words"]["context"] == 64
+
+
+def test_compress_then_evaluate_matches_direct_perplexity(tiny_dir, text_file, tmp_path):
+    """The whole phase 1 + evaluation through the CLI; the perplexity equals a direct computation."""
+    from reallm import load_compressed
+    from reallm.datamodules.text import TextDataModule
+    from reallm.eval.perplexity import perplexity
+
+    cli_main(compress_args(tiny_dir, tmp_path / "c", "nf4"))
+    compress = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert compress["complete"] and compress["compressed_matrices"] == 14
+    assert 4.0 < compress["bits"]["decoder_linears"] < 6.5  # NF4 + rank-1 QLoRA adapters at 16 bits
+    cli_main(["validate", "--config", str(ROOT / "configs/eval.yaml"), "--model.init_args.checkpoint",
+              str(tmp_path / "c" / "reallm"), "--data.init_args.path", str(text_file), "--data.init_args.seq_len",
+              "64", "--data.init_args.cache_dir", str(tmp_path / "cache"), *CPU, "--run_dir", str(tmp_path / "e")])
+    ev = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert ev["method"] == "nf4" and ev["bits"]["decoder_linears"] == pytest.approx(compress["bits"]["decoder_linears"])
+    dm = TextDataModule(path=str(text_file), model_name_or_path=str(tiny_dir), seq_len=64,
+                        cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    dm.setup("validate")
+    direct = perplexity(load_compressed(tmp_path / "c" / "reallm"), dm.val_windows[0], progress=False)
+    assert ev["perplexity"]["words"]["value"] == pytest.approx(direct["value"], rel=1e-5)
+    assert ev["perplexity"]["words"]["tokens"] == direct["tokens"]
+
+
+def test_print_config_round_trips(tiny_dir, tmp_path):
+    args = compress_args(tiny_dir, tmp_path / "run", "vq-3bit")
+    first = _run_train([*args, "--print_config"])
+    assert first.returncode == 0, first.stderr
+    assert "quantizer: vq" in first.stdout and "bits: 3" in first.stdout
+    (tmp_path / "printed.yaml").write_text(first.stdout)
+    second = _run_train(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_interrupted_phase1_resumes_to_an_identical_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    from reallm.modules.compress import CompressPhase
+
+    cli_main(compress_args(tiny_dir, tmp_path / "straight", "vq-2bit"))
+
+    real_step = CompressPhase.training_step
+
+    def dying_step(self, batch, batch_idx):
+        if batch_idx == 6:
+            raise RuntimeError("simulated kill")
+        return real_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(CompressPhase, "training_step", dying_step)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        cli_main(compress_args(tiny_dir, tmp_path / "resumed", "vq-2bit"))
+    assert len(list((tmp_path / "resumed" / "partial").glob("*.json"))) == 6
+    assert not (tmp_path / "resumed" / "reallm").exists()
+    monkeypatch.setattr(CompressPhase, "training_step", real_step)
+    done_before = {p: p.stat().st_mtime_ns for p in (tmp_path / "resumed" / "partial").glob("*.safetensors")}
+    cli_main(compress_args(tiny_dir, tmp_path / "resumed", "vq-2bit"))
+    # the 6 finished matrices were skipped, not recomputed
+    assert all(p.stat().st_mtime_ns == t for p, t in done_before.items())
+    for name in ("reallm.safetensors", "adapters.safetensors"):
+        assert _sha(tmp_path / "resumed" / "reallm" / name) == _sha(tmp_path / "straight" / "reallm" / name)
+
+
+def _run_train(args):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def _one_clear_line(proc, *needles):
+    assert proc.returncode != 0
+    err = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert err and err[-1].startswith("error:"), proc.stderr
+    for n in needles:
+        assert n in err[-1], err[-1]
+
+
+def test_bad_model_path_is_one_clear_line(tmp_path):
+    proc = _run_train(["fit", "--config", "configs/ae.yaml", "--config", "configs/methods/nf3.yaml",
+                       "--model.init_args.model_name_or_path", str(tmp_path / "no_such_model"), *CPU,
+                       "--run_dir", str(tmp_path / "r")])
+    _one_clear_line(proc, "no_such_model")
+
+
+def test_missing_dataset_is_one_clear_line(tiny_dir, tmp_path):
+    proc = _run_train(["validate", "--config", "configs/eval.yaml", "--model.init_args.model_name_or_path",
+                       str(tiny_dir), "--data.init_args.path", str(tmp_path / "missing.txt"), *CPU,
+                       "--run_dir", str(tmp_path / "r")])
+    _one_clear_line(proc, "missing.txt")
+
+
+def test_unknown_preset_key_is_one_clear_line(tiny_dir, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  init_args:\n    compression:\n      quantiser: nf\n")
+    proc = _run_train(["fit", "--config", "configs/ae.yaml", "--config", str(bad),
+                       "--model.init_args.model_name_or_path", str(tiny_dir), *CPU, "--run_dir", str(tmp_path / "r")])
+    _one_clear_line(proc, "quantiser")
+
+
+def test_impossible_config_is_one_clear_line(tiny_dir, tmp_path):
+    proc = _run_train(["fit", "--config", "configs/ae.yaml", "--config", "configs/methods/vq-3bit.yaml",
+                       "--model.init_args.compression.vq_dim", "8", "--model.init_args.model_name_or_path",
+                       str(tiny_dir), *CPU, "--run_dir", str(tmp_path / "r")])
+    _one_clear_line(proc, "b·d")
