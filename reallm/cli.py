@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+import reallm.strategies  # noqa: F401  (registers --trainer.strategy ddp_matrices)
 from reallm.datamodules.base import BaseDataModule
 from reallm.modules.base import ReALLMModule, UserError
 

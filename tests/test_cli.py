@@ -161,3 +161,14 @@ def test_impossible_config_is_one_clear_line(tiny_dir, tmp_path):
                        "--model.init_args.compression.vq_dim", "8", "--model.init_args.model_name_or_path",
                        str(tiny_dir), *CPU, "--run_dir", str(tmp_path / "r")])
     _one_clear_line(proc, "b·d")
+
+
+def test_two_process_phase1_gives_the_single_device_checkpoint(tiny_dir, tmp_path):
+    """Matrices are divided among devices (2 CPU processes, gloo); the result is identical."""
+    single = tmp_path / "single"
+    cli_main(compress_args(tiny_dir, single, "vq-2bit"))
+    proc = _run_train(compress_args(tiny_dir, tmp_path / "ddp", "vq-2bit", "--trainer.devices", "2",
+                                    "--trainer.strategy", "ddp_matrices"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("reallm.safetensors", "adapters.safetensors"):
+        assert _sha(tmp_path / "ddp" / "reallm" / name) == _sha(single / "reallm" / name)

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from reallm.bits import bits_report
+from reallm.bits import bits_report, format_bits_table
 from reallm.checkpoint import atomic_save_safetensors, atomic_write_text, save_compressed
 from reallm.config import CompressionConfig
 from reallm.container import ReALLMWeight, compress_weight, relative_error
@@ -157,6 +157,7 @@ class CompressPhase(ReALLMModule):
                               tokenizer=_maybe_tokenizer(self.model_source()),
                               extra={"method": self.method, "compression": self.compression.to_dict()})
         report = bits_report(model)
+        print(format_bits_table(report), flush=True)  # the per-matrix accounting, on stdout
         self.write_results({
             "bits": {"nominal": report["nominal"], "decoder_linears": report["decoder_linears"],
                      "whole_model": report["whole_model"]},
