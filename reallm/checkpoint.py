@@ -1,7 +1,8 @@
 """The ReALLM checkpoint format: a directory, written atomically.
 
     reallm.json            format version, base model, per-layer configs / metadata / bits,
-                           SHA-256 of every tensor file, adapter sets
+                           SHA-256 of every tensor file and of the other files (config, tokenizer),
+                           adapter sets, and the SHA-256 of its own content (`meta_sha256`)
     reallm.safetensors     the frozen parts ("<layer>.frozen.<name>"), tensors shared by several
                            layers once ("shared.<sha>"), and every non-compressed parameter of the
                            model ("dense.<name>": embeddings, norms, head, biases)
@@ -10,7 +11,9 @@
     adapters/<name>.safetensors   further adapter sets over the same frozen base
     config.json (+ tokenizer files)   the base model's Hugging Face config
 
-Nothing is pickled. `load_compressed` needs only this directory.
+Nothing is pickled. `load_compressed` needs only this directory. Every byte that decides what
+the model computes is covered by a checksum, so a corrupted or truncated file is refused with a
+CheckpointError, never loaded as a different model (tests/test_hardening.py fuzzes this).
 """
 
 from __future__ import annotations
@@ -73,6 +76,21 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of reallm.json's content without its own `meta_sha256` field (canonical JSON)."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_meta(directory: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """Write reallm.json atomically, sealed with the SHA-256 of its content (`meta_sha256`).
+    Use it to re-seal a reallm.json edited on purpose (read_meta refuses edited ones)."""
+    meta = {**meta, "meta_sha256": meta_digest(meta)}
+    path = Path(directory) / META_FILE
+    atomic_write_text(path, json.dumps(meta, indent=1, sort_keys=True))
+    return path
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata=None) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -120,6 +138,7 @@ def _layer_record(name: str, layer: ReALLMLinear) -> tuple[dict[str, torch.Tenso
     tensors, meta = weight.to_dict()
     frozen = {k: v for k, v in tensors.items() if k.startswith("frozen.")}
     meta["shared"] = {k: _tensor_digest(v) for k, v in weight.shared.items()}
+    meta["frozen_keys"] = sorted(frozen)  # every tensor the layer needs, checked on load
     meta["bias"] = layer.bias is not None
     meta["layout"] = layer.layout
     meta["stats"] = layer.stats
@@ -194,6 +213,9 @@ def save_compressed(
             hf_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        # every other file (model config, generation config, tokenizer) is checksummed as well
+        aux_files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())
+                     if p.is_file() and p.name not in (FROZEN_FILE, ADAPTER_FILE, META_FILE)}
         base = base_model or getattr(hf_config, "_name_or_path", None)
         meta = {
             "format": FORMAT_NAME,
@@ -204,11 +226,12 @@ def save_compressed(
             "layers": records,
             "aliases": aliases,
             "files": files,
+            "aux_files": aux_files,
             "frozen_ref": frozen_ref,
             "adapter_sets": {"default": ADAPTER_FILE},
             "extra": extra or {},
         }
-        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True))
+        write_meta(tmp, meta)
         _publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -227,7 +250,7 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, name: str) -> 
     atomic_save_safetensors(adapter_state(model), directory / rel)
     meta["files"][rel] = sha256_file(directory / rel)
     meta["adapter_sets"][name] = rel
-    atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1, sort_keys=True))
+    write_meta(directory, meta)
     return directory / rel
 
 
@@ -254,7 +277,25 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
             f"{path}: format version {version!r} is not supported by this reallm "
             f"(it reads version {FORMAT_VERSION})"
         )
+    sealed = meta.get("meta_sha256")
+    if sealed is not None and sealed != meta_digest(meta):
+        raise CheckpointError(f"{path}: checksum mismatch (the file is corrupted or was edited; after an "
+                              f"edit on purpose, re-seal it with reallm.checkpoint.write_meta)")
+    for key, kind in (("layers", dict), ("files", dict), ("adapter_sets", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{path}: field {key!r} is missing or malformed")
     return meta
+
+
+def verify_aux_files(directory: str | os.PathLike, meta: dict[str, Any]) -> None:
+    """Check the checksums of the non-tensor files recorded in reallm.json (config, tokenizer)."""
+    directory = Path(directory)
+    for name, expected in (meta.get("aux_files") or {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        if sha256_file(path) != expected:
+            raise CheckpointError(f"{path}: checksum mismatch (the file is corrupted or truncated)")
 
 
 def _frozen_path(directory: Path, meta: dict[str, Any]) -> Path:
@@ -284,6 +325,50 @@ def _need(tensors: dict[str, torch.Tensor], key: str, file: Path) -> torch.Tenso
     return tensors[key]
 
 
+def _build_layer(name: str, rec: dict[str, Any], frozen: dict[str, torch.Tensor],
+                 adapter_tensors: dict[str, torch.Tensor], frozen_path: Path, adapter_path: Path,
+                 cache_frozen: bool = True) -> ReALLMLinear:
+    """One ReALLMLinear from its reallm.json record and the loaded tensor files."""
+    prefix = f"{name}.frozen."
+    tensors = {k[len(name) + 1:]: v for k, v in frozen.items() if k.startswith(prefix)}
+    shared = {k: _need(frozen, f"shared.{digest}", frozen_path) for k, digest in rec["shared"].items()}
+    for k in rec.get("frozen_keys", []):
+        _need(frozen, f"{name}.{k}", frozen_path)
+    sub = {k[len(name) + 1:]: v for k, v in adapter_tensors.items() if k.startswith(name + ".")}
+    # the low-rank factors live with the adapters: lora_B ↔ L1 (p, r), lora_A ↔ L2 (q, r)
+    for ours, theirs in (("L1", "lora_B"), ("L2", "lora_A")):
+        tensors.update({f"lowrank.{ours}.{k[len(theirs) + 1:]}": v for k, v in sub.items()
+                        if k.startswith(theirs + ".")})
+    try:
+        weight = ReALLMWeight.from_dict(tensors, rec, shared)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{frozen_path}: layer {name!r} cannot be rebuilt ({e})") from None
+    bias = _need(frozen, f"{name}.bias", frozen_path) if rec.get("bias") else None
+    layer = ReALLMLinear(weight, bias, cache_frozen=cache_frozen, lora_scale=rec.get("lora_scale", 1.0))
+    layer.layout = rec.get("layout", "linear")
+    layer.stats = dict(rec.get("stats", {}))
+    try:
+        layer.load_adapter_tensors(sub)
+    except KeyError as e:
+        raise CheckpointError(f"{adapter_path}: missing tensor '{name}.{e.args[0]}.value'") from None
+    return layer
+
+
+def load_layer(directory: str | os.PathLike, name: str, *, adapters: str = "default") -> ReALLMLinear:
+    """One compressed layer of a checkpoint, without building the model (for figures and checks)."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    if name not in meta["layers"]:
+        raise CheckpointError(f"{directory / META_FILE}: no layer {name!r}")
+    sets = meta.get("adapter_sets", {})
+    if adapters not in sets:
+        raise CheckpointError(f"{directory / META_FILE}: no adapter set {adapters!r} (has {sorted(sets)})")
+    frozen = _load_verified(directory, FROZEN_FILE, meta)
+    adapter_tensors = _load_verified(directory, sets[adapters], meta)
+    return _build_layer(name, meta["layers"][name], frozen, adapter_tensors, _frozen_path(directory, meta),
+                        directory / sets[adapters])
+
+
 def load_compressed(
     directory: str | os.PathLike,
     *,
@@ -306,6 +391,7 @@ def load_compressed(
     sets = meta.get("adapter_sets", {})
     if adapters not in sets:
         raise CheckpointError(f"{directory / META_FILE}: no adapter set {adapters!r} (has {sorted(sets)})")
+    verify_aux_files(directory, meta)
     frozen = _load_verified(directory, FROZEN_FILE, meta)
     adapter_rel = sets[adapters]
     adapter_tensors = _load_verified(directory, adapter_rel, meta)
@@ -318,30 +404,7 @@ def load_compressed(
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
 
     for name, rec in meta["layers"].items():
-        prefix = f"{name}.frozen."
-        tensors = {k[len(name) + 1:]: v for k, v in frozen.items() if k.startswith(prefix)}
-        layer_meta = rec
-        shared = {k: _need(frozen, f"shared.{digest}", frozen_path) for k, digest in rec["shared"].items()}
-        expected = _expected_frozen_keys(rec)
-        for k in expected:
-            _need(frozen, f"{name}.frozen.{k}", frozen_path)
-        sub = {k[len(name) + 1:]: v for k, v in adapter_tensors.items() if k.startswith(name + ".")}
-        # the low-rank factors live with the adapters: lora_B ↔ L1 (p, r), lora_A ↔ L2 (q, r)
-        for ours, theirs in (("L1", "lora_B"), ("L2", "lora_A")):
-            tensors.update({f"lowrank.{ours}.{k[len(theirs) + 1:]}": v for k, v in sub.items()
-                            if k.startswith(theirs + ".")})
-        try:
-            weight = ReALLMWeight.from_dict(tensors, layer_meta, shared)
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"{frozen_path}: layer {name!r} cannot be rebuilt ({e})") from None
-        bias = _need(frozen, f"{name}.bias", frozen_path) if rec.get("bias") else None
-        layer = ReALLMLinear(weight, bias, cache_frozen=cache_frozen, lora_scale=rec.get("lora_scale", 1.0))
-        layer.layout = rec.get("layout", "linear")
-        layer.stats = dict(rec.get("stats", {}))
-        try:
-            layer.load_adapter_tensors(sub)
-        except KeyError as e:
-            raise CheckpointError(f"{adapter_path}: missing tensor '{name}.{e.args[0]}.value'") from None
+        layer = _build_layer(name, rec, frozen, adapter_tensors, frozen_path, adapter_path, cache_frozen)
         try:
             model.get_submodule(name)
         except AttributeError:
@@ -361,14 +424,6 @@ def load_compressed(
         model.to(device)
     model.eval()
     return model
-
-
-def _expected_frozen_keys(rec: dict[str, Any]) -> list[str]:
-    # every frozen tensor the layer was saved with is listed by its bits/config; we check codes
-    # exist for quantized layers and dense for unquantized ones (other keys are checked when the
-    # container decodes, which raises KeyError → CheckpointError above)
-    q = rec["config"]["quantizer"]
-    return ["dense"] if q == "none" else ["codes"] if q in ("nf", "rtn", "vq") else []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ from reallm.quant.scalar import nearest_level, nf_levels, rtn_dequantize, rtn_qu
 from reallm.quant.scales import QuantizedScales, block_absmax, quantize_scales
 from reallm.quant.vq import assign, kmeans
 
-FORMAT_KEYS = ("frozen", "lowrank")
 
 
 class CompressionError(ValueError):
