@@ -6,8 +6,16 @@
         --data.init_args.path ../shared/data/tinystories_valid.txt --run_dir runs/nf3-eval
 
 Every run writes into its --run_dir (default: a new `runs/<subcommand>-<time>-<pid>`): the resolved
-`config.yaml`, the logs, `results.json` and, for phases that produce one, the ReALLM checkpoint in
-`run_dir/reallm/`. User errors (bad paths, bad keys, impossible configs) print one line and exit 1.
+`config.yaml`, the logs, `results.json`, `figures/` and, for phases that produce one, the ReALLM
+checkpoint in `run_dir/reallm/`. User errors (bad paths, bad keys, impossible configs, a NaN in a
+loss or a weight) print one line and exit non-zero (REALLM_DEBUG=1 shows the traceback).
+
+Options added to Lightning's (see `reallm.logging` and `reallm.callbacks`):
+    --logger csv|wandb|none    metrics to run_dir/logs/metrics.csv (default), also to Weights & Biases
+                               (offline without an API key; --wandb.project, --wandb.group, ...), or nowhere
+    --nan_guard.*              stop at the first NaN / Inf (on by default)
+    --eval_after_fit.path      perplexity of a fit phase's result, added to its results.json
+    --artifacts.*              figures in run_dir/figures/ (on by default) and the W&B uploads
 """
 
 from __future__ import annotations
@@ -16,15 +24,23 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 import reallm.strategies  # noqa: F401  (registers --trainer.strategy ddp_matrices)
+from reallm.callbacks import EvalAfterFit, NonFiniteGuard, RunArtifacts
 from reallm.datamodules.base import BaseDataModule
+from reallm.logging import WandbSettings, logger_config
 from reallm.modules.base import ReALLMModule, UserError
 
 
 def default_run_dir(subcommand: str | None = None) -> str:
+    run_id = os.environ.get("WANDB_RUN_ID")
+    if run_id:  # started by `wandb agent` (or `python -m reallm.sweep`): one folder per sweep run
+        sweep = os.environ.get("WANDB_SWEEP_ID") or os.environ.get("WANDB_RUN_GROUP") or "wandb"
+        return str(Path("runs") / f"sweep-{sweep}" / run_id)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return str(Path("runs") / f"{subcommand or 'run'}-{stamp}-{os.getpid()}")
 
@@ -61,6 +77,14 @@ class ReALLMCLI(LightningCLI):
             "data.init_args.model_name_or_path",
             compute_fn=data_source,
         )
+        parser.add_argument("--logger", type=Literal["csv", "wandb", "none"], default="csv",
+                            help="csv: run_dir/logs/metrics.csv; wandb: Weights & Biases too (offline "
+                                 "unless an API key is set; see --wandb.*); none: no logger. "
+                                 "An explicit --trainer.logger wins.")
+        parser.add_class_arguments(WandbSettings, "wandb")
+        parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
+        parser.add_lightning_class_args(EvalAfterFit, "eval_after_fit")
+        parser.add_lightning_class_args(RunArtifacts, "artifacts")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -70,11 +94,8 @@ class ReALLMCLI(LightningCLI):
         cfg["model"]["init_args"]["run_dir"] = run_dir
         trainer = cfg["trainer"]
         trainer["default_root_dir"] = run_dir
-        if trainer.get("logger") in (None, True):
-            trainer["logger"] = {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": run_dir, "name": "logs", "version": ""},
-            }
+        if trainer.get("logger") in (None, True):  # the --logger switch (CSV by default)
+            trainer["logger"] = logger_config(cfg.get("logger") or "csv", cfg.get("wandb"), run_dir, self.subcommand)
 
     def before_fit(self) -> None:
         self._hand_config()
@@ -137,15 +158,37 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> ReALLMCLI | Non
             run=run,
             auto_configure_optimizers=False,
         )
-    except (UserError, CheckpointError, CompressionError, UnsupportedModelError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, CheckpointError, CompressionError, UnsupportedModelError, OSError) as e:
+        if os.environ.get("REALLM_DEBUG"):
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     except Exception as e:
-        msg = _argument_error_message(e)
+        if os.environ.get("REALLM_DEBUG"):
+            raise
+        msg, code = _argument_error_message(e), 2
+        if msg is None:
+            msg, code = _runtime_error_message(e), 1
         if msg is None:
             raise
         print(f"error: {msg}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(code) from None
+
+
+def _runtime_error_message(e: Exception) -> str | None:
+    """One line for errors of the user's set-up met while running: Lightning's misconfigurations
+    (e.g. a GPU accelerator on a machine without one) and running out of accelerator memory."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    if isinstance(e, MisconfigurationException):
+        return " ".join(str(e).split())
+    if isinstance(e, torch.OutOfMemoryError):
+        return ("out of accelerator memory: reduce --data.init_args.batch_size or seq_len, use bf16, gradient "
+                "checkpointing or more devices (" + " ".join(str(e).split())[:160] + ")")
+    return None
 
 
 def _argument_error_message(e: Exception) -> str | None:

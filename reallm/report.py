@@ -1,10 +1,20 @@
-"""Turn run directories (their results.json) into one markdown table.
+"""Turn run directories (their results.json) into one markdown table, and optionally figures.
 
     python -m reallm.report runs/original runs/nf3 runs/nf3-eval [--baseline runs/original]
+    python -m reallm.report runs/*/ --figures runs/report        # + report.md and PNG figures
 
-Compression runs give the bits, evaluation runs the perplexities; a compression run and the
-evaluation of its checkpoint are joined into one row. Perplexity ratios are against the
-baseline run (default: the first evaluation of a base model, i.e. without a checkpoint).
+Compression runs give the bits, evaluation runs the perplexities (and zero-shot accuracies); a
+compression run and the evaluation of its checkpoint are joined into one row. Runs that were not
+evaluated separately (a phase-1 run with `--eval_after_fit`, a fine-tuning run with its own
+validation, a sweep's runs) get their own row. Perplexity ratios are against the baseline run
+(default: the first evaluation of a base model, i.e. without a checkpoint). Rows with the same
+label (a sweep's runs share their preset) are told apart by the config values that differ.
+
+With `--figures DIR`: `DIR/report.md` (the table and the figures), `error_by_block.png` (per-matrix
+relative error against block index, one panel per layer type, one line per row: the paper's
+Figure 3), `pareto_<dataset>.png` (accounted bits against perplexity with the Pareto front),
+`pareto_error.png` (bits against mean relative error) and `heatmap_<row>.png` (a weight, its
+residual, its reconstruction and the error: the paper's Figure 1) for the compressed runs.
 """
 
 from __future__ import annotations
@@ -15,44 +25,100 @@ import sys
 from pathlib import Path
 from typing import Any
 
+_HIDDEN_KEYS = ("run_dir", "checkpoint", "model_name_or_path", "method", "cache_dir", "logger", "wandb",
+                "artifacts", "nan_guard", "eval_after_fit", "ckpt_path", "config", "trainer.logger", "trainer.default_root_dir")
+
 
 def load_results(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results.json (did the run finish?)")
-    return json.loads(path.read_text())
+    results = json.loads(path.read_text())
+    results.setdefault("run_dir", str(run_dir))
+    return results
 
 
 def _key(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path else None
 
 
-def rows_from_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per model: compression results joined with the evaluation of their checkpoint."""
-    compress = {_key(r.get("checkpoint_dir")): r for r in runs if r.get("phase") != "eval"}
+def rows_from_runs(runs: list[dict[str, Any]], baseline: str | None = None) -> list[dict[str, Any]]:
+    """One row per model: compression results joined with the evaluation of their checkpoint;
+    fit-phase runs that no evaluation refers to get their own row."""
+    evals = ("eval", "zero_shot")
+    compress = {_key(r["checkpoint_dir"]): r for r in runs if r.get("phase") not in evals and r.get("checkpoint_dir")}
+
+    def source(r: dict[str, Any]) -> dict[str, Any] | None:
+        return compress.get(_key(r["checkpoint"])) if r.get("checkpoint") else None
+
+    joined = {id(src) for r in runs if r.get("phase") in evals and (src := source(r)) is not None}
     rows = []
     for r in runs:
-        if r.get("phase") != "eval":
-            continue
-        src = compress.get(_key(r.get("checkpoint")))
-        rows.append({
-            "label": r.get("method") if r.get("checkpoint") else "original",
-            "method": (src or r).get("method"),
-            "bits": (src or r).get("bits") or {},
-            "rel_error": (src or {}).get("mean_rel_frobenius_error"),
-            "time_s": (src or {}).get("time_s"),
-            "perplexity": r.get("perplexity", {}),
-            "is_base": not r.get("checkpoint"),
-        })
+        if r.get("phase") in evals:
+            rows.append(_row(r, source(r), r.get("method") if r.get("checkpoint") else "original",
+                             not r.get("checkpoint")))
+        elif id(r) not in joined:
+            label = r.get("method") or "custom"
+            if r.get("phase") not in (None, "compress"):
+                label = f"{label} ({r['phase']})"
+            rows.append(_row(r, r, label, False))
+    if baseline is not None:
+        for row in rows:
+            row["is_base"] = _key(row["run_dir"]) == _key(baseline)
+    _distinguish(rows)
     return rows
+
+
+def _row(r: dict[str, Any], src: dict[str, Any] | None, label: str, is_base: bool) -> dict[str, Any]:
+    return {
+        "label": label,
+        "method": (src or r).get("method"),
+        "phase": (src or r).get("phase"),
+        "bits": (src or r).get("bits") or {},
+        "rel_error": (src or {}).get("mean_rel_frobenius_error"),
+        "time_s": (src or {}).get("time_s"),
+        "perplexity": r.get("perplexity") or {},
+        "zero_shot": (r.get("zero_shot") or {}).get("tasks", {}),
+        "matrices": (src or {}).get("matrices") or [],
+        "checkpoint_dir": (src or {}).get("checkpoint_dir"),
+        "model": (src or r).get("model"),
+        "config": (src or r).get("config") or {},
+        "run_dir": r.get("run_dir"),
+        "is_base": is_base,
+    }
+
+
+def _distinguish(rows: list[dict[str, Any]]) -> None:
+    """Rows sharing a label get the config values that differ among them (`bits=2, rank=4`), or
+    their run directory's name when nothing differs."""
+    from reallm.logging import flatten
+
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_label.setdefault(row["label"], []).append(row)
+    for label, group in by_label.items():
+        if len(group) < 2:
+            continue
+        flats = [{k: v for k, v in flatten(g["config"]).items()
+                  if not any(k == h or k.endswith("." + h) or k.startswith(h + ".") for h in _HIDDEN_KEYS)}
+                 for g in group]
+        keys = sorted({k for f in flats for k in f}, key=lambda k: (k.count("."), k))
+        differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) > 1]
+        for g, f in zip(group, flats):
+            if differ:
+                g["label"] = f"{label} " + ", ".join(f"{k.rsplit('.', 1)[-1]}={f.get(k)}" for k in differ[:4])
+            else:
+                g["label"] = f"{label} [{Path(g['run_dir'] or '?').name}]"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     base = next((r for r in rows if r["is_base"]), None)
     datasets = sorted({d for r in rows for d in r["perplexity"]})
+    tasks = sorted({t for r in rows for t in r.get("zero_shot", {})})
     head = ["model", "nominal b", "bits (decoder linears)", "bits (whole model)", "mean rel. error"]
     for d in datasets:
         head += [f"ppl {d}", f"× original ({d})"]
+    head += [f"acc {t}" for t in tasks]
     head.append("compress time (s)")
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
@@ -67,22 +133,111 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             v = r["perplexity"].get(d, {}).get("value")
             ref = base["perplexity"].get(d, {}).get("value") if base else None
             cells += [f(v, "{:.3f}"), f(v / ref if v and ref else None, "{:.3f}")]
+        cells += [f(r.get("zero_shot", {}).get(t, {}).get("acc"), "{:.4f}") for t in tasks]
         cells.append(f(r["time_s"], "{:.1f}"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------
+# figures
+# ------------------------------------------------------------------------------------------------
+def _safe(label: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", label).strip("_") or "run"
+
+
+def write_figures(rows: list[dict[str, Any]], out: str | Path, heatmap_layer: str | None = None,
+                  max_heatmaps: int = 8) -> list[Path]:
+    """The report's figures (see the module docstring) into `out`; returns their paths."""
+    from reallm import plots
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    series = {r["label"]: r["matrices"] for r in rows if r["matrices"]}
+    if series and (p := plots.plot_error_by_block(series, out / "error_by_block.png")):
+        written.append(p)
+    base = next((r for r in rows if r["is_base"]), None)
+    for d in sorted({d for r in rows for d in r["perplexity"]}):
+        pts = [{"label": r["label"], "bits": r["bits"].get("decoder_linears"), "nominal": r["bits"].get("nominal"),
+                "ppl": r["perplexity"].get(d, {}).get("value")} for r in rows if not r["is_base"]]
+        ref = base["perplexity"].get(d, {}).get("value") if base else None
+        if p := plots.plot_pareto(pts, out / f"pareto_{_safe(d)}.png", dataset=d, reference=ref):
+            written.append(p)
+    pts = [{"label": r["label"], "bits": r["bits"].get("decoder_linears"), "nominal": r["bits"].get("nominal"),
+            "ppl": r["rel_error"]} for r in rows if r["rel_error"] is not None]
+    if p := plots.plot_pareto(pts, out / "pareto_error.png", ylabel="mean ‖W − Ŵ‖ / ‖W‖ over the matrices",
+                              title="bits / reconstruction error"):
+        written.append(p)
+    written += _heatmaps(rows, out, heatmap_layer, max_heatmaps)
+    return written
+
+
+def _heatmaps(rows: list[dict[str, Any]], out: Path, layer: str | None, limit: int) -> list[Path]:
+    from reallm import plots
+    from reallm.callbacks import original_weight
+    from reallm.checkpoint import CheckpointError, load_layer
+
+    written = []
+    for r in [r for r in rows if r["checkpoint_dir"] and r["matrices"]][:limit]:
+        name = layer or r["matrices"][0]["name"]
+        try:
+            lay = load_layer(r["checkpoint_dir"], name)
+        except CheckpointError as e:
+            print(f"warning: no heat map for {r['label']}: {e}", file=sys.stderr)
+            continue
+        W = original_weight(r["model"], name, lay.layout) if r.get("model") else None
+        if W is None:
+            print(f"warning: no heat map for {r['label']}: the base model {r.get('model')!r} cannot be read",
+                  file=sys.stderr)
+            continue
+        low = lay._lowrank_product()
+        written.append(plots.plot_weight_heatmaps(W, lay.dequantize(), out / f"heatmap_{_safe(r['label'])}.png",
+                                                  lowrank=None if low is None else low.detach(),
+                                                  name=f"{r['label']}: {name}"))
+    return written
+
+
+def write_report_md(rows: list[dict[str, Any]], figures: list[Path], out: Path) -> Path:
+    lines = ["# ReALLM report", "", markdown_table(rows), ""]
+    for f in figures:
+        lines += [f"![{f.stem}]({f.name})", ""]
+    lines += ["Runs: " + ", ".join(f"`{r['run_dir']}`" for r in rows), ""]
+    path = Path(out) / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run directories holding results.json")
+    ap.add_argument("--baseline", help="the run the perplexity ratios refer to (default: the first base-model "
+                                       "evaluation)")
+    ap.add_argument("--figures", metavar="DIR", help="also write report.md and the figures into DIR")
+    ap.add_argument("--heatmap", metavar="LAYER", help="the matrix of the heat maps (default: each run's first)")
+    ap.add_argument("--max-heatmaps", type=int, default=8, help="heat maps of at most this many runs")
     args = ap.parse_args(argv)
+    run_dirs = [r for r in args.runs if not (Path(r).is_dir() and not (Path(r) / "results.json").exists()
+                                               and len(args.runs) > 1 and _is_aux_dir(Path(r)))]
     try:
-        runs = [load_results(r) for r in args.runs]
-    except (FileNotFoundError, json.JSONDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        runs = [load_results(r) for r in run_dirs]
+        rows = rows_from_runs(runs, args.baseline)
+        print(markdown_table(rows))
+        if args.figures:
+            figures = write_figures(rows, args.figures, args.heatmap, args.max_heatmaps)
+            md = write_report_md(rows, figures, Path(args.figures))
+            print(f"\nwrote {md} and {len(figures)} figures in {args.figures}", file=sys.stderr)
+    except (OSError, json.JSONDecodeError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
-    print(markdown_table(rows_from_runs(runs)))
     return 0
+
+
+def _is_aux_dir(path: Path) -> bool:
+    """A folder a glob such as runs/sweep-x/* picks up that is not a run (a report folder)."""
+    return (path / "report.md").is_file() or path.name == "report"
 
 
 if __name__ == "__main__":

@@ -15,6 +15,17 @@ NF4_PUBLISHED = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """These checks are about numbers, not speed: small problems run single-threaded, which keeps
+    them fast and stable on a shared 2-core machine (OpenMP barriers stall under oversubscription).
+    The previous setting is restored after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_nf4_equals_published_table():
     table = nf_levels(4)
     assert table.dtype == torch.float32 and table.shape == (16,)

@@ -1,10 +1,11 @@
 """LightningModules, one per phase, all deriving from ReALLMModule."""
 
+from reallm.modules.autoencoder import AutoencoderPhase, PatchDataModule
 from reallm.modules.base import ReALLMModule, UserError
 from reallm.modules.blockwise import BlockwisePhase
 from reallm.modules.compress import CompressPhase
 from reallm.modules.e2e import EndToEndPhase, PerplexityMixin
 from reallm.modules.evaluate import EvaluatePhase
 
-__all__ = ["BlockwisePhase", "CompressPhase", "EndToEndPhase", "EvaluatePhase", "PerplexityMixin", "ReALLMModule",
-           "UserError"]
+__all__ = ["AutoencoderPhase", "BlockwisePhase", "CompressPhase", "EndToEndPhase", "EvaluatePhase", "PatchDataModule",
+           "PerplexityMixin", "ReALLMModule", "UserError"]

@@ -295,7 +295,8 @@ class BlockwisePhase(ReALLMModule):
             "checkpoint_adapters": meta["files"].get(ADAPTER_FILE),
             "calibration": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16],
             "lr": self.lr, "betas": list(self.betas), "weight_decay": self.weight_decay,
-            "effective_batch": self.effective_batch, "micro_batch": self._micro, "epochs_per_block": self.epochs_per_block,
+            "effective_batch": self.effective_batch, "micro_batch": self._micro,
+            "epochs_per_block": self.epochs_per_block,
             "loss": self.loss_kind, "student_inputs": self.student_inputs, "seed": self.seed,
         }
         self._accum = max(1, -(-self.effective_batch // self._micro))

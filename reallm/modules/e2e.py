@@ -65,8 +65,8 @@ class PerplexityMixin:
     def setup_perplexity(self) -> None:
         dm = self.trainer.datamodule if self.trainer is not None else None
         names = list(getattr(dm, "dataset_names", []) or [])
-        if len(getattr(self, "ppl_metrics", [])) != len(names):
-            self.ppl_metrics = nn.ModuleList(Perplexity().set_dtype(torch.float64) for _ in names)
+        # fresh states: those of an earlier `validate` are inference tensors
+        self.ppl_metrics = nn.ModuleList(Perplexity().set_dtype(torch.float64) for _ in names)
         self.ppl_names = names
         self.perplexity: dict[str, Any] = {}
         self.validation_history: list[dict[str, Any]] = []
@@ -177,10 +177,19 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise UserError(f"{type(model).__name__} does not support gradient checkpointing")
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # dropout as the model defines it (Lightning switches to eval for validation)
         self.model = model
 
     def setup(self, stage: str) -> None:
         self.setup_perplexity()
+
+    def on_train_start(self) -> None:
+        # decoded frozen weights cached by an earlier `validate` are inference tensors, which autograd
+        # cannot save for backward: decode them again
+        from reallm.surgery import iter_reallm_layers
+
+        for _, layer in iter_reallm_layers(self.model):
+            layer.clear_cache()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

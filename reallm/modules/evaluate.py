@@ -36,6 +36,10 @@ class EvaluatePhase(ReALLMModule):
         dtype: str | None = "float32",
         prompt: str | None = None,
         max_new_tokens: int = 48,
+        zero_shot_tasks: list[str] | None = None,
+        zero_shot_include_path: str | None = None,
+        zero_shot_limit: float | None = None,
+        zero_shot_batch_size: int = 8,
         seed: int = 0,
     ) -> None:
         """
@@ -47,12 +51,21 @@ class EvaluatePhase(ReALLMModule):
             dtype: dtype of a base model ("float32", "bfloat16", "auto").
             prompt: if set, also write a greedy continuation of this prompt to results.json.
             max_new_tokens: length of that continuation.
+            zero_shot_tasks: also measure zero-shot accuracy (metric acc) with lm-eval-harness on
+                these tasks (protocol: [arc_challenge, arc_easy, piqa, winogrande]); None: no.
+            zero_shot_include_path: a folder of local lm-eval task YAMLs (offline tasks).
+            zero_shot_limit: at most this many documents per task (or a fraction < 1); None: all.
+            zero_shot_batch_size: lm-eval batch size.
             seed: recorded in results.json.
         """
         super().__init__(model_name_or_path, checkpoint, run_dir, method, seed)
         self.load_dtype = dtype
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
+        self.zero_shot_tasks = list(zero_shot_tasks) if zero_shot_tasks else None
+        self.zero_shot_include_path = zero_shot_include_path
+        self.zero_shot_limit = zero_shot_limit
+        self.zero_shot_batch_size = zero_shot_batch_size
         self.model: nn.Module | None = None
         self.metrics = nn.ModuleList()
 
@@ -110,4 +123,14 @@ class EvaluatePhase(ReALLMModule):
             tok = AutoTokenizer.from_pretrained(self.trainer.datamodule.model_name_or_path)
             payload["sample"] = {"prompt": self.prompt,
                                  "text": greedy_generate(self.model, tok, self.prompt, self.max_new_tokens)}
+        if self.zero_shot_tasks:
+            from reallm.zeroshot import zero_shot
+
+            limit = self.zero_shot_limit
+            limit = int(limit) if limit is not None and limit >= 1 else limit
+            with torch.inference_mode(False), torch.no_grad():
+                res = zero_shot(self.model, self.trainer.datamodule.model_name_or_path, self.zero_shot_tasks,
+                                include_path=self.zero_shot_include_path, limit=limit,
+                                batch_size=self.zero_shot_batch_size, seed=self.seed or 1234)
+            payload["zero_shot"] = {k: v for k, v in res.items() if k != "raw"}
         self.write_results(payload)

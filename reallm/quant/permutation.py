@@ -92,19 +92,22 @@ def greedy_column_permutation(W: Tensor, row_block: int = 128) -> Tensor:
         # arg-min, but keeping it makes the matrix the true distance and costs nothing per step).
         dist = torch.bmm(blk.transpose(1, 2), blk).mul_(-2.0)  # (c, q, q)
         dist.add_(norms.unsqueeze(2)).add_(norms.unsqueeze(1))
+        flat = dist.view(c * q, q)  # row b * q + i: distances from column i in block b
         placed = torch.zeros(c, q, dtype=torch.bool, device=device)  # (c, q)
         rows = torch.arange(c, device=device)  # (c,)
+        row_base = rows * q  # (c,)
         last = torch.zeros(c, dtype=torch.int64, device=device)  # start at column 0
+        d = torch.empty(c, q, dtype=dtype, device=device)  # reused buffer
         out = perm[b0 : b0 + c]
         out[:, 0] = 0
         placed[:, 0] = True
         for j in range(1, q):
-            d = dist[rows, last]  # (c, q) distances from the last placed column
+            torch.index_select(flat, 0, row_base + last, out=d)  # (c, q) from the last placed column
             d.masked_fill_(placed, inf)
             last = d.argmin(dim=1)  # (c,) first minimum: ties -> lowest index
             out[:, j] = last
             placed[rows, last] = True
-        del dist
+        del dist, flat
     return perm
 
 

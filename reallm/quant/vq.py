@@ -61,37 +61,50 @@ def _default_chunk(n_codewords: int, device: torch.device) -> int:
     return max(256, elems // max(1, n_codewords))
 
 
-def _augment_points(x: Tensor) -> Tensor:
-    """``[x, ||x||^2, 1]``, ``(N, d + 2)``."""
-    return torch.cat([x, (x * x).sum(dim=1, keepdim=True), torch.ones_like(x[:, :1])], dim=1)
-
-
 def _augment_codebook(c: Tensor) -> Tensor:
-    """``[-2c, 1, ||c||^2]``, ``(K, d + 2)``: ``xa @ ca.T`` is the squared distance matrix."""
+    """``[-2c, 1, ||c||^2]``, ``(K, d + 2)``, the codebook side of :func:`_points_layout`."""
     return torch.cat([-2.0 * c, torch.ones_like(c[:, :1]), (c * c).sum(dim=1, keepdim=True)], dim=1)
 
 
-def _points_layout(xa: Tensor, k: int) -> Tensor:
-    """Layout of the augmented points used by :func:`_assign_packed` for K codewords.
+def _points_layout(x: Tensor, transposed: bool) -> Tensor:
+    """Augmented points ``[x, ||x||^2, 1]``: ``(d + 2, N)`` if transposed else ``(N, d + 2)``.
 
-    For small K the distances are computed as ``(K, chunk)`` and reduced over dim 0 (a vectorised
-    element-wise min over K rows, fast on CPU); for larger K as ``(chunk, K)`` reduced over dim 1.
-    The first needs the points transposed, ``(d + 2, N)``.
+    ``xa @ ca.T`` with :func:`_augment_codebook` is the squared distance matrix. For small K
+    (<= _TRANSPOSED_MAX_K) :func:`_assign_packed` computes ``(K, chunk)`` blocks and reduces them
+    over dim 0 (a vectorised element-wise min over K rows, fast on CPU), which needs the transposed
+    layout; for larger K ``(chunk, K)`` blocks reduced over dim 1. Filled in place (no temporaries
+    of the size of the data besides ``x * x``).
     """
-    return xa.t().contiguous() if k <= _TRANSPOSED_MAX_K else xa
+    n, d = x.shape
+    if transposed:
+        xl = torch.empty(d + 2, n, dtype=torch.float32, device=x.device)  # (d + 2, N)
+        xl[:d] = x.t()
+        torch.sum(x * x, dim=1, out=xl[d])
+        xl[d + 1].fill_(1.0)
+    else:
+        xl = torch.empty(n, d + 2, dtype=torch.float32, device=x.device)  # (N, d + 2)
+        xl[:, :d] = x
+        xl[:, d] = (x * x).sum(dim=1)
+        xl[:, d + 1] = 1.0
+    return xl
 
 
-def _assign_packed(xl: Tensor, c: Tensor, chunk: int, packed: Tensor) -> tuple[Tensor, Tensor]:
-    """Approximate (low-bit-truncated) nearest codeword of every point.
+def _assign_packed(xl: Tensor, c: Tensor, chunk: int, packed: Tensor, idx: Tensor, dist: Tensor) -> float:
+    """Approximate (low-bit-truncated) nearest codeword of every point, into preallocated buffers.
 
     Args:
         xl: augmented points ``[x, ||x||^2, 1]`` in the layout of :func:`_points_layout`.
         c: ``(K, d)`` codebook.
         packed: int32 ``(N,)`` work buffer.
+        idx: int64 ``(N,)``, receives the codeword indices.
+        dist: fp32 ``(N,)``, receives the squared distances with their ``ceil(log2 K)`` low
+            mantissa bits cleared.
 
     Returns:
-        int64 ``(N,)`` codeword indices and fp32 ``(N,)`` squared distances with their
-        ``ceil(log2 K)`` low mantissa bits cleared.
+        The mean of ``dist`` (inertia of the assignment).
+
+    Buffers are reused across Lloyd iterations: on CPU a fresh N-sized tensor per pass costs page
+    faults comparable to the pass itself.
     """
     k = c.shape[0]
     ca = _augment_codebook(c)  # (K, d + 2)
@@ -104,20 +117,25 @@ def _assign_packed(xl: Tensor, c: Tensor, chunk: int, packed: Tensor) -> tuple[T
         kidx = kidx.unsqueeze(1)  # (K, 1)
     else:
         ca = ca.t().contiguous()  # (d + 2, K)
+    # One reused output buffer: a fresh multi-MB tensor per chunk costs page faults on CPU.
+    rows = min(chunk, n)
+    buf = torch.empty(k * rows, dtype=torch.float32, device=c.device)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
+        out = buf[: k * (e - s)]
         if transposed:
-            dist = torch.mm(ca, xl[:, s:e])  # (K, c) squared distances
+            dmat = torch.mm(ca, xl[:, s:e], out=out.view(k, e - s))  # (K, c) squared distances
         else:
-            dist = torch.mm(xl[s:e], ca)  # (c, K) squared distances
+            dmat = torch.mm(xl[s:e], ca, out=out.view(e - s, k))  # (c, K) squared distances
         # A non-negative fp32 viewed as int32 keeps its order; negative values only come from
         # rounding of distances that are ~0 and stay below every positive one.
-        di = dist.view(torch.int32)
+        di = dmat.view(torch.int32)
         di.bitwise_and_(~low).bitwise_or_(kidx)
-        torch.amin(di, dim=0 if transposed else 1, out=packed[s:e])  # (c,)
-    idx = (packed & low).long()  # (N,)
-    dist = (packed & ~low).view(torch.float32).clamp_min_(0.0)  # (N,)
-    return idx, dist
+        pk = torch.amin(di, dim=0 if transposed else 1, out=packed[s:e])  # (c,) still in cache
+        torch.bitwise_and(pk, low, out=idx[s:e])  # codeword index
+        torch.bitwise_and(pk, ~low, out=dist[s:e].view(torch.int32))  # truncated distance
+    dist.clamp_min_(0.0)
+    return float(dist.sum()) / max(1, n)
 
 
 def assign(x: Tensor, codebook: Tensor, chunk_size: int | None = None) -> Tensor:
@@ -148,17 +166,21 @@ def assign(x: Tensor, codebook: Tensor, chunk_size: int | None = None) -> Tensor
     c_t = c.t().contiguous()  # (d, K)
     cnorm = (c * c).sum(dim=1)  # (K,)
     cmax = cnorm.max()
+    buf = torch.empty(min(chunk, n) * k, dtype=torch.float32, device=device)  # reused (see above)
     for s in range(0, n, chunk):
         xs = xf[s : s + chunk]  # (c, d)
         xnorm = (xs * xs).sum(dim=1)  # (c,)
-        dist = torch.addmm(cnorm, xs, c_t, alpha=-2.0)  # (c, K) = ||c||^2 - 2 x.c
+        dist = torch.addmm(cnorm, xs, c_t, alpha=-2.0, out=buf[: xs.shape[0] * k].view(-1, k))  # (c, K)
         best, idx = dist.min(dim=1)  # (c,)
         # Near-ties: another codeword within the expansion's rounding error of the best one.
         tol = 1e-5 * (xnorm + cmax) + 1e-30  # (c,)
         ambiguous = (dist <= (best + tol).unsqueeze(1)).sum(dim=1) > 1  # (c,)
         if bool(ambiguous.any()):
             rows = ambiguous.nonzero().squeeze(1)  # (r,)
-            exact = (xs[rows].unsqueeze(1) - c.unsqueeze(0)).pow(2).sum(dim=2)  # (r, K)
+            xr = xs[rows]  # (r, d)
+            exact = torch.zeros(rows.numel(), k, dtype=torch.float32, device=device)  # (r, K)
+            for j in range(xr.shape[1]):  # direct differences, one coordinate at a time
+                exact.add_((xr[:, j : j + 1] - c[:, j]).pow_(2))
             idx[rows] = exact.argmin(dim=1)
         out[s : s + chunk] = idx
     return out
@@ -173,21 +195,21 @@ def _kmeanspp(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
     m = x.shape[0]
     device = x.device
     trials = 2 + int(math.log(k))
-    xa = _augment_points(x)  # (M, d + 2)
+    xa_t = _points_layout(x, transposed=True)  # (d + 2, M): (L, d+2) @ (d+2, M) is a fast GEMM
     centers = torch.empty(k, x.shape[1], dtype=torch.float32, device=device)
     first = torch.randint(m, (1,), generator=gen, device=device)  # (1,)
     centers[0] = x[first[0]]
-    mind = (x - centers[0]).pow(2).sum(dim=1)  # (M,)
+    mind = (x - centers[0]).pow(2).sum(dim=1)  # (M,) squared distance to the nearest center
     uniforms = torch.rand(k, trials, generator=gen, device=device, dtype=torch.float64)  # (k, L)
     for i in range(1, k):
         cum = torch.cumsum(mind, dim=0, dtype=torch.float64)  # (M,)
         # If every point is already a center (total 0), target 0 picks point 0: a duplicate.
         cand = torch.searchsorted(cum, uniforms[i] * cum[-1]).clamp_(max=m - 1)  # (L,)
-        d_cand = torch.mm(xa, _augment_codebook(x[cand]).t()).clamp_min_(0.0)  # (M, L)
-        torch.minimum(d_cand, mind.unsqueeze(1), out=d_cand)
-        best = d_cand.sum(dim=0, dtype=torch.float64).argmin()  # 0-dim
+        d_cand = torch.mm(_augment_codebook(x[cand]), xa_t).clamp_min_(0.0)  # (L, M)
+        torch.minimum(d_cand, mind.unsqueeze(0), out=d_cand)
+        best = d_cand.sum(dim=1, dtype=torch.float64).argmin()  # 0-dim: lowest potential
         centers[i] = x[cand[best]]
-        mind = d_cand[:, best].contiguous()
+        mind = d_cand[best]
     return centers
 
 
@@ -223,10 +245,11 @@ def kmeans(
         :class:`KMeansResult` with the ``(K, d)`` fp32 codebook, the mean squared distance of the
         fitted points to their nearest codeword, and the number of Lloyd updates.
 
-    Each iteration: assignment (chunked matmul + packed arg-min), then the update by ``index_add_``
-    and ``bincount``. An empty cluster is re-seeded to the point farthest from its codeword (the
-    next farthest for the next empty one, ...), which is deterministic. With N <= K the codebook is
-    the points themselves, repeated cyclically to K rows (inertia 0).
+    Each iteration: assignment (chunked matmul + packed arg-min), then the update by one
+    ``index_add_`` of the augmented points (sums and counts). An empty cluster is re-seeded to the
+    point farthest from its codeword (the next farthest for the next empty one, ...), which is
+    deterministic. With N <= K the codebook is the points themselves, repeated cyclically to K rows
+    (inertia 0).
     """
     if x.dim() != 2:
         raise ValueError(f"x must be (N, d), got shape {tuple(x.shape)}")
@@ -262,28 +285,41 @@ def kmeans(
         c = _kmeanspp(pool, k, gen)
 
     chunk = chunk_size or _default_chunk(k, device)
-    xl = _points_layout(_augment_points(xf), k)  # (N, d + 2) or (d + 2, N)
-    packed = torch.empty(n, dtype=torch.int32, device=device)  # (N,) work buffer
-    idx, dist = _assign_packed(xl, c, chunk, packed)  # (N,) int64, (N,) fp32
-    inertia = float(dist.sum(dtype=torch.float64)) / n
+    transposed = k <= _TRANSPOSED_MAX_K
+    xl = _points_layout(xf, transposed)  # (d + 2, N) or (N, d + 2)
+    packed = torch.empty(n, dtype=torch.int32, device=device)  # (N,) work buffers, reused
+    idx = torch.empty(n, dtype=torch.int64, device=device)  # (N,) nearest codeword
+    dist = torch.empty(n, dtype=torch.float32, device=device)  # (N,) its squared distance
+    inertia = _assign_packed(xl, c, chunk, packed, idx, dist)
     n_iter = 0
     for _ in range(iters):
-        counts = torch.bincount(idx, minlength=k)  # (K,)
-        sums = torch.zeros(k, d, dtype=torch.float32, device=device).index_add_(0, idx, xf)  # (K, d)
+        # One scatter pass over the augmented points gives the sums and (ones column) the counts.
+        if transposed:
+            stats = torch.zeros(d + 2, k, dtype=torch.float32, device=device).index_add_(1, idx, xl).t()
+        else:
+            stats = torch.zeros(k, d + 2, dtype=torch.float32, device=device).index_add_(0, idx, xl)
+        sums = stats[:, :d]  # (K, d)
+        # fp32 counts are exact below 2**24 points
+        counts = stats[:, d + 1] if n < (1 << 24) else torch.bincount(idx, minlength=k).float()  # (K,)
         nonempty = counts > 0
-        c = torch.where(nonempty.unsqueeze(1), sums / counts.clamp_min(1).unsqueeze(1).float(), c)
+        c = torch.where(nonempty.unsqueeze(1), sums / counts.clamp_min(1).unsqueeze(1), c)
         n_empty = int((~nonempty).sum())
         if n_empty:
             far = torch.topk(dist, min(n_empty, n)).indices  # (n_empty,) farthest points
             empty = (~nonempty).nonzero().squeeze(1)[: far.numel()]
             c[empty] = xf[far]
         n_iter += 1
-        idx, dist = _assign_packed(xl, c, chunk, packed)
-        new_inertia = float(dist.sum(dtype=torch.float64)) / n
+        new_inertia = _assign_packed(xl, c, chunk, packed, idx, dist)
         rel = (inertia - new_inertia) / inertia if inertia > 0 else 0.0
         inertia = new_inertia
         if tol > 0 and rel < tol and not n_empty:
             break
     # Exact inertia of the returned codebook (the packed distances are truncated).
-    exact = (xf - c[idx]).pow(2).sum(dim=1)  # (N,)
-    return KMeansResult(codebook=c, inertia=float(exact.sum(dtype=torch.float64)) / n, n_iter=n_iter)
+    step = 1 << 16
+    gbuf = torch.empty(min(step, n), d, dtype=torch.float32, device=device)  # reused
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        g = torch.index_select(c, 0, idx[s:e], out=gbuf[: e - s])  # (c, d) assigned codewords
+        total += g.sub_(xf[s:e]).pow_(2).sum()
+    return KMeansResult(codebook=c, inertia=float(total) / n, n_iter=n_iter)

@@ -1,0 +1,827 @@
+"""The patch-autoencoder codec of ReALLM (method.md §4): from weight matrices to stored containers and back.
+
+    W (p, q) ─ low-rank ─► R = W − L1 L2ᵀ ─ normalize_residual ─► Y (p, q), values in [−1, 1]
+      Y ─ P0 × P1 patches ─► E_ψ ─► latent (e2, h, w) per patch ─ VQ (b bits, dim d) ─► codes
+      codes ─ codebook ─► D_φ (b_φ-bit convs) ─► Ŷ patches ─► Ŷ (p, q) ─ × block scales ─► R̂
+
+Plain functions and ``nn.Module`` s, no Lightning (the phase is ``reallm.modules.autoencoder``):
+
+- :class:`AESpec`: the architecture and storage options, parsed from ``CompressionConfig.autoencoder``
+  (latent VQ bits b = ``config.bits``, dimension d = ``config.vq_dim``).
+- :func:`prepare_matrix`: low-rank part + normalisation of one matrix: the AE's target, its loss weights
+  (block scale² / mean W², so that the loss *is* the relative squared Frobenius error of W) and the
+  stored pre-processing tensors.
+- :class:`GroupData` / :class:`AEStack`: the patches of G groups (a group = matrices sharing one
+  decoder) and G encoder/decoder pairs of one architecture trained *together*: parameters are stacked
+  and the forward pass is ``torch.func.vmap`` over ``functional_call`` (no Python loop over decoders).
+- :class:`TrainSchedule` + :func:`train_stacks`: the training recipe (Adam, cosine with warm-up, latent
+  VQ switched on after a float warm-up and refreshed by k-means, then a final stage where codes are
+  frozen and only decoder + latent codebook train, i.e. exactly what is stored).
+- :func:`export_group` / :func:`build_container`: stored containers (``quantizer="autoencoder"``):
+  ``frozen`` holds the block scales (+ permutation / rotation seeds) and ``latent_codes`` (bit-packed at
+  b·d); ``shared`` holds ``decoder.<conv>.{codes,scale,bias}`` (codes bit-packed at b_φ) and the group's
+  ``latent_codebook`` (fp16), charged to the group's matrices through ``meta["shared_numel"]``.
+- :func:`decode_autoencoder`: the inverse, called by ``reallm.container.decode_frozen``: one decoder
+  forward gives the normalised matrix Ŷ (p, q).
+
+Latent positions whose 2^n × 2^n footprint lies entirely in the zero padding of edge patches are not
+stored: they are zero in training and decoding, so a 172-wide matrix costs latent bits for ⌈172/2^n⌉
+columns, not for the padded patch width.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from reallm.config import CompressionConfig
+from reallm.container import ReALLMWeight, _EncodeState, _store_lowrank, normalize_residual
+from reallm.nn.autoencoder import (
+    DEFAULT_KERNELS,
+    PatchEncoder,
+    PixelShuffleDecoder,
+    decoder_from_state,
+    decoder_param_count,
+    export_decoder,
+    quantize_decoder_,
+    solve_decoder_width,
+)
+from reallm.nn.patches import matrix_to_patches, patch_grid, patches_to_matrix
+from reallm.nn.ste import straight_through
+from reallm.quant.lowrank import lowrank_decompose
+from reallm.quant.packing import pack_bits, unpack_bits
+from reallm.quant.vq import kmeans
+
+__all__ = [
+    "AESpec",
+    "PreparedMatrix",
+    "GroupData",
+    "AEStack",
+    "TrainSchedule",
+    "GroupResult",
+    "ae_spec",
+    "prepare_matrix",
+    "latent_mask",
+    "train_stacks",
+    "cosine_warmup",
+    "make_optimizer",
+    "export_group",
+    "build_container",
+    "decode_autoencoder",
+    "group_key",
+    "stack_key",
+]
+
+_DECODE_CHUNK_ELEMS = 1 << 26  # activations per decoder chunk when decoding a matrix (256 MB in fp32)
+
+
+# ---------------------------------------------------------------------------------------------
+# options
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class AESpec:
+    """Architecture and storage of the patch autoencoder of one config (``config.autoencoder``).
+
+    Args:
+        patch: patch size P, or [P0, P1] (512 in the paper; 32 suits stories260K's 64–172 sides).
+            Each side must be a multiple of 2**n_stages.
+        n_stages: encoder down-sampling / decoder up-sampling stages (5 in the paper: 512 → 16).
+        latent_channels: e2, channels of the latent (a multiple of the latent VQ dimension d).
+        encoder_width: channels of the ConvNeXt encoder (64 in the paper; not stored).
+        encoder_blocks: ConvNeXt blocks per encoder stage.
+        decoder_params: the decoder's parameter budget c (7.2e6 in the paper); F is solved from it.
+        decoder_width: F directly (overrides decoder_params).
+        kernels: decoder conv kernel per stage (the last one repeats).
+        reduction: C_next = max(round(C / reduction), min_channels).
+        min_channels: floor of the decoder's channel widths.
+        weight_bits: b_φ, bits of every decoder conv weight (NF levels, fp16 absmax scale per output
+            channel); None stores an fp16 decoder.
+        levels: "nf" or "uniform" decoder weight levels.
+        share: which matrices share one decoder and one latent codebook: "matrix" (one each),
+            "model" (every matrix compressed with this config), "type" (same layer kind, e.g. all
+            q_proj), or "type_blocks:K" (same kind within consecutive groups of K blocks).
+    """
+
+    patch: int | list[int] = 512
+    n_stages: int = 5
+    latent_channels: int = 16
+    encoder_width: int = 64
+    encoder_blocks: int = 1
+    decoder_params: float | None = 7.2e6
+    decoder_width: int | None = None
+    kernels: list[int] = field(default_factory=lambda: list(DEFAULT_KERNELS))
+    reduction: float = 1.2
+    min_channels: int = 12
+    weight_bits: int | None = 6
+    levels: str = "nf"
+    share: str = "matrix"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> AESpec:
+        d = dict(d or {})
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown autoencoder options: {sorted(unknown)} (known: {sorted(names)})")
+        spec = cls(**d)
+        spec.validate()
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def patch_hw(self) -> tuple[int, int]:
+        p = self.patch
+        return (int(p), int(p)) if isinstance(p, int) else (int(p[0]), int(p[1]))
+
+    @property
+    def factor(self) -> int:
+        return 2**self.n_stages
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        p0, p1 = self.patch_hw
+        return p0 // self.factor, p1 // self.factor
+
+    def validate(self) -> None:
+        p0, p1 = self.patch_hw
+        if p0 % self.factor or p1 % self.factor:
+            raise ValueError(f"autoencoder patch {(p0, p1)} is not divisible by 2**n_stages = {self.factor}")
+        if self.decoder_width is None and not self.decoder_params:
+            raise ValueError("autoencoder: give decoder_params (c) or decoder_width (F)")
+        if self.share not in ("matrix", "model", "type") and not self.share.startswith("type_blocks:"):
+            raise ValueError(f"autoencoder share must be matrix, model, type or type_blocks:K, got {self.share!r}")
+        if self.weight_bits is not None and not 2 <= self.weight_bits <= 8:
+            raise ValueError(f"autoencoder weight_bits (b_φ) must be in 2..8 or None, got {self.weight_bits}")
+
+    def width(self) -> int:
+        """F, solved from c when not given (method.md §4)."""
+        if self.decoder_width is not None:
+            return int(self.decoder_width)
+        return solve_decoder_width(float(self.decoder_params), self.latent_channels, self.n_stages,
+                                   self.kernels, self.reduction, self.min_channels)
+
+    def decoder_kwargs(self) -> dict[str, Any]:
+        return {"latent_channels": self.latent_channels, "width": self.width(), "n_stages": self.n_stages,
+                "kernels": tuple(self.kernels), "reduction": self.reduction, "min_channels": self.min_channels,
+                "weight_bits": self.weight_bits, "levels": self.levels}
+
+    def build_encoder(self) -> PatchEncoder:
+        return PatchEncoder(self.n_stages, self.encoder_width, self.latent_channels, self.encoder_blocks)
+
+    def build_decoder(self) -> PixelShuffleDecoder:
+        return PixelShuffleDecoder(**self.decoder_kwargs())
+
+    def decoder_params_count(self) -> int:
+        kw = self.decoder_kwargs()
+        return decoder_param_count(kw["width"], self.latent_channels, self.n_stages, self.kernels,
+                                   self.reduction, self.min_channels)
+
+
+def ae_spec(config: CompressionConfig) -> AESpec:
+    """The :class:`AESpec` of an autoencoder config, checked against the latent VQ (b, d)."""
+    spec = AESpec.from_dict(config.autoencoder)
+    b, d = config.bits, config.vq_dim
+    if b < 1 or d < 1 or b * d > 16:
+        raise ValueError(f"latent VQ needs bits >= 1, vq_dim >= 1 and bits·vq_dim <= 16, got {b}, {d}")
+    if spec.latent_channels % d:
+        raise ValueError(f"latent_channels e2={spec.latent_channels} must be a multiple of vq_dim d={d}")
+    return spec
+
+
+def group_key(config: CompressionConfig, name: str, blocks_prefix: str | None = None) -> str:
+    """Matrices with the same key share one decoder and latent codebook (``AESpec.share``)."""
+    spec = ae_spec(config)
+    base = config.key()
+    if spec.share == "model":
+        return base
+    if spec.share == "matrix":
+        return f"{base}|{name}"
+    kind = name.rsplit(".", 1)[-1]
+    if spec.share == "type":
+        return f"{base}|{kind}"
+    k = int(spec.share.split(":", 1)[1])
+    block = _block_index(name, blocks_prefix)
+    return f"{base}|{kind}|{block // k if block is not None else name}"
+
+
+def stack_key(config: CompressionConfig) -> str:
+    """Groups with the same key have identical networks and can be trained as one vmapped stack."""
+    spec = ae_spec(config).to_dict()
+    spec.pop("share")
+    return f"{sorted(spec.items())}|b={config.bits}|d={config.vq_dim}"
+
+
+def _block_index(name: str, blocks_prefix: str | None) -> int | None:
+    parts = name[len(blocks_prefix) + 1:].split(".") if blocks_prefix and name.startswith(blocks_prefix + ".") else []
+    if parts and parts[0].isdigit():
+        return int(parts[0])
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# one matrix: low-rank part, normalisation, patches
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class PreparedMatrix:
+    """One matrix ready for the autoencoder.
+
+    target: Y (p, q) normalised residual (rotated / permuted domain), fp32.
+    weight: loss weights (p, q): ŝ² · p·q / ‖W‖², so mean(weight · (Y − Ŷ)²) = ‖R − R̂‖² / ‖W‖², the
+            squared relative Frobenius error of the whole reconstruction.
+    frozen: stored pre-processing tensors (scale codes, permutation, rotation seeds).
+    lowrank: stored low-rank factors; meta: container metadata (rank, ...).
+    """
+
+    name: str
+    shape: tuple[int, int]
+    target: Tensor
+    weight: Tensor
+    frozen: dict[str, Tensor]
+    lowrank: dict[str, Tensor]
+    meta: dict[str, Any]
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@torch.no_grad()
+def prepare_matrix(W: Tensor, config: CompressionConfig, name: str = "") -> PreparedMatrix:
+    """Low-rank part (``svd`` or ``zero``; ``alternating`` runs as ``svd`` since the autoencoder is not
+    available inside the iterations) and ``normalize_residual`` of W (p, q), on W's device."""
+    W = W.detach().float()
+    p, q = W.shape
+    r = config.resolve_rank(p, q)
+    meta: dict[str, Any] = {"rank": r}
+    lowrank: dict[str, Tensor] = {}
+    R = W
+    if r:
+        method = "zero" if config.lowrank_init == "zero" else "svd"
+        res = lowrank_decompose(W, r, method, lambda X: (X, None), randomized=config.randomized_svd,
+                                seed=config.seed)
+        lowrank = _store_lowrank(res.L1, res.L2, config.lowrank_dtype)
+        L1, L2 = (t.float() for t in _stored_factors(lowrank, config))
+        R = W - L1 @ L2.T  # the residual against the factors exactly as stored
+        if config.lowrank_init == "alternating":
+            meta["lowrank_note"] = "alternating runs as svd for the autoencoder"
+    blocks, frozen, s_hat = normalize_residual(R, config, name, _EncodeState())
+    Y = blocks.reshape(-1)[: p * q].view(p, q).clone()  # (p, q) in [-1, 1]
+    B = config.block_size
+    s = s_hat[:, None].expand(-1, B).reshape(-1)[: p * q].view(p, q)  # (p, q) scale of each entry
+    weight = s.square() * (p * q) / W.square().sum().clamp_min(1e-30)
+    return PreparedMatrix(name, (p, q), Y, weight, {k: v.contiguous() for k, v in frozen.items()}, lowrank, meta)
+
+
+def _stored_factors(lowrank: dict[str, Tensor], config: CompressionConfig) -> tuple[Tensor, Tensor]:
+    from reallm import storage
+
+    sub = lambda pre: {k[len(pre) + 1:]: v for k, v in lowrank.items() if k.startswith(pre + ".")}  # noqa: E731
+    return (storage.decode_stored(sub("L1"), config.lowrank_dtype),
+            storage.decode_stored(sub("L2"), config.lowrank_dtype))
+
+
+def latent_mask(shape: tuple[int, int], spec: AESpec, device: torch.device | str | None = None) -> Tensor:
+    """Bool (n_patches, 1, h, w): latent positions whose footprint touches the matrix (stored ones)."""
+    p, q = shape
+    f = spec.factor
+    h, w = spec.latent_hw
+    nr, nc = patch_grid((p, q), spec.patch_hw)
+    full = torch.zeros(nr * h, nc * w, device=device)
+    full[: -(-p // f), : -(-q // f)] = 1.0
+    return matrix_to_patches(full, (h, w))[0] > 0.5  # (n_patches, 1, h, w)
+
+
+def latent_numel(shape: tuple[int, int], spec: AESpec) -> int:
+    """Stored latent coordinates of a (p, q) matrix: ⌈p/2^n⌉ · ⌈q/2^n⌉ · e2."""
+    f = spec.factor
+    return -(-shape[0] // f) * -(-shape[1] // f) * spec.latent_channels
+
+
+# ---------------------------------------------------------------------------------------------
+# latent vectors (the layout of reallm.nn.ste.LatentVQ: channels [g·d, (g+1)·d) at one position)
+# ---------------------------------------------------------------------------------------------
+def to_vectors(z: Tensor, d: int) -> Tensor:
+    """(..., B, e2, h, w) -> (..., B, e2/d, h, w, d)."""
+    *lead, B, C, H, W = z.shape
+    return z.reshape(*lead, B, C // d, d, H, W).movedim(-3, -1)
+
+
+def from_vectors(v: Tensor) -> Tensor:
+    """Inverse of :func:`to_vectors`: (..., B, g, h, w, d) -> (..., B, g·d, h, w)."""
+    *lead, B, G, H, W, d = v.shape
+    return v.movedim(-1, -3).reshape(*lead, B, G * d, H, W)
+
+
+def nearest_codes(v: Tensor, codebook: Tensor, chunk_elems: int = 1 << 24) -> Tensor:
+    """Nearest codeword index of every vector. v (S, N, d), codebook (S, K, d) -> (S, N) int64
+    (in chunks of N so that a (S, chunk, K) distance block stays below ``chunk_elems``)."""
+    S, N, _ = v.shape
+    K = codebook.shape[1]
+    cb = codebook.detach().float()
+    c_t, c2 = cb.transpose(1, 2), cb.square().sum(-1).unsqueeze(1)  # (S, d, K), (S, 1, K)
+    step = max(1, chunk_elems // max(1, S * K))
+    out = []
+    with torch.autocast(v.device.type, enabled=False):  # distances in fp32 even under bf16 autocast
+        for s in range(0, N, step):
+            x = v[:, s:s + step].detach().float()
+            out.append((c2 - 2 * x @ c_t).argmin(dim=-1))  # ||x||² is constant per row
+    return torch.cat(out, dim=1) if out else v.new_zeros(S, 0, dtype=torch.long)
+
+
+def _gather_codewords(codebook: Tensor, codes: Tensor) -> Tensor:
+    """codebook (S, K, d), codes (S, ...) -> (S, ..., d)."""
+    S, K, d = codebook.shape
+    flat = codes.reshape(S, -1)
+    out = torch.gather(codebook, 1, flat.unsqueeze(-1).expand(-1, -1, d))  # (S, N, d)
+    return out.reshape(*codes.shape, d)
+
+
+def _fp16_ste(t: Tensor) -> Tensor:
+    return straight_through(t, t.detach().half().to(t.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# training data of a stack of groups
+# ---------------------------------------------------------------------------------------------
+class GroupData:
+    """Patches of G groups, padded to the largest group: targets (G, n_max, 1, P0, P1), loss weights
+    (same shape, 0 on padding and on filler patches), latent masks (G, n_max, 1, h, w), and for each group
+    the slice of patches of each member matrix.
+
+    Kept on ``device`` (default: where the targets are); :meth:`batch` moves a mini-batch to the training
+    device. An epoch visits every patch of the largest group once; smaller groups cycle through theirs.
+    """
+
+    def __init__(self, groups: Sequence[Sequence[PreparedMatrix]], spec: AESpec, device=None):
+        self.spec = spec
+        tgt, wts, msk, self.members, self.sizes = [], [], [], [], []
+        for members in groups:
+            t, w, m, slices, start = [], [], [], [], 0
+            for pm in members:
+                x, _ = matrix_to_patches(pm.target, spec.patch_hw)
+                wx, _ = matrix_to_patches(pm.weight, spec.patch_hw)
+                t.append(x)
+                w.append(wx)
+                m.append(latent_mask(pm.shape, spec, x.device))
+                slices.append((start, start + x.shape[0]))
+                start += x.shape[0]
+            tgt.append(torch.cat(t))
+            wts.append(torch.cat(w))
+            msk.append(torch.cat(m))
+            self.members.append([(pm.name, pm.shape, sl) for pm, sl in zip(members, slices)])
+            self.sizes.append(start)
+        self.n_max = max(self.sizes)
+        pad = lambda t: F.pad(t, (0, 0, 0, 0, 0, 0, 0, self.n_max - t.shape[0]))  # noqa: E731
+        self.targets = torch.stack([pad(t) for t in tgt]).to(device)  # (G, n_max, 1, P0, P1)
+        self.weights = torch.stack([pad(w) for w in wts]).to(device)
+        self.masks = torch.stack([pad(m) for m in msk]).to(device)  # (G, n_max, 1, h, w) bool
+        self.numel = torch.tensor([sum(s[0] * s[1] for _, s, _ in mem) for mem in self.members],
+                                  dtype=torch.float32)  # (G,) weights of each group
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.sizes)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return -(-self.n_max // batch_size)
+
+    def indices(self, epoch: int, step: int, batch_size: int, seed: int = 0) -> Tensor:
+        """Patch indices (G, B) of one step: a seeded permutation of each group per epoch, cycled."""
+        out = []
+        for g, n in enumerate(self.sizes):
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919 + g) % (1 << 62))
+            perm = torch.randperm(n, generator=gen)
+            pos = (step * batch_size + torch.arange(batch_size)) % n
+            out.append(perm[pos])
+        return torch.stack(out)  # (G, B)
+
+    def batch(self, idx: Tensor, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(targets, weights, masks) of patch indices idx (G, B), on ``device``, and idx itself."""
+        idx = idx.to(self.targets.device)
+        rows = torch.arange(idx.shape[0], device=idx.device)[:, None]  # (G, 1)
+        take = lambda t: t[rows, idx].to(device, non_blocking=True)  # noqa: E731  (G, B, ...)
+        return take(self.targets), take(self.weights), take(self.masks), idx.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# G autoencoders of one architecture, trained together
+# ---------------------------------------------------------------------------------------------
+def _seed_of(*parts: Any) -> int:
+    return zlib.crc32("|".join(map(str, parts)).encode()) % (1 << 31)
+
+
+class AEStack(nn.Module):
+    """G encoder/decoder pairs of identical architecture with stacked parameters, run with ``vmap``.
+
+    Parameters are ``(G, ...)`` tensors (``enc.*``, ``dec.*``); ``codebook`` (G, K, d) is the latent
+    VQ codebook of each group (a buffer, a parameter in the final stage). Modes:
+      - ``"float"``: continuous latent (warm-up);
+      - ``"vq"``: latent quantized with the current codebook, straight-through gradient to the encoder;
+      - ``"frozen"``: codes fixed (``freeze_codes``), the encoder is unused; decoder and codebook train.
+    QAT: the decoder's convs quantize their weights to b_φ bits in the forward pass unless ``qat`` is
+    False (PTQ then quantizes once after training, in :func:`export_group`).
+    """
+
+    def __init__(self, spec: AESpec, bits: int, dim: int, n_groups: int, seeds: Sequence[int], qat: bool = True):
+        super().__init__()
+        self.spec, self.bits, self.dim, self.n_groups, self.qat = spec, int(bits), int(dim), int(n_groups), qat
+        self.num_codes = 2 ** (self.bits * self.dim)
+        encs, decs = [], []
+        for s in seeds:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(s))
+                encs.append(spec.build_encoder())
+                decs.append(spec.build_decoder())
+        self._enc_base = [copy.deepcopy(encs[0]).to("meta")]  # lists: not registered as submodules
+        self._dec_base = [copy.deepcopy(decs[0]).to("meta")]
+        for m in self._dec_base[0].modules():
+            if hasattr(m, "quantize_weights"):
+                m.quantize_weights = qat
+        ep, eb = stack_module_state(encs)
+        dp, db = stack_module_state(decs)
+        self.params = nn.ParameterDict({_k("enc." + k): nn.Parameter(v.detach()) for k, v in ep.items()})
+        self.params.update({_k("dec." + k): nn.Parameter(v.detach()) for k, v in dp.items()})
+        for k, v in {**{"enc." + k: v for k, v in eb.items()}, **{"dec." + k: v for k, v in db.items()}}.items():
+            self.register_buffer("b_" + _k(k), v.detach().clone(), persistent=False)
+        # (G, K, d) latent codebooks: fitted by k-means; trained by gradient only with frozen codes (before,
+        # the straight-through latent carries no gradient to it)
+        self.codebook = nn.Parameter(torch.zeros(self.n_groups, self.num_codes, self.dim))
+        self.register_buffer("codes", None)  # (G, n_max, e2/d, h, w) in the frozen stage
+        self.mode = "float"
+        self._commit: Tensor | None = None
+
+    # -- parameters as the functional calls want them ------------------------------------------
+    def _split(self, prefix: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        n = len(prefix)
+        params = {_u(k)[n:]: v for k, v in self.params.items() if _u(k).startswith(prefix)}
+        bufs = {_u(k[2:])[n:]: v for k, v in self._buffers.items()
+                if k.startswith("b_") and _u(k[2:]).startswith(prefix)}
+        return params, bufs
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        return [v for k, v in self.params.items() if _u(k).startswith("dec.")]
+
+    def encode(self, x: Tensor) -> Tensor:  # (G, B, 1, P0, P1) -> (G, B, e2, h, w)
+        p, b = self._split("enc.")
+        base = self._enc_base[0]
+        return vmap(lambda p_, b_, x_: functional_call(base, (p_, b_), (x_,)))(p, b, x)
+
+    def decode(self, z: Tensor) -> Tensor:  # (G, B, e2, h, w) -> (G, B, 1, P0, P1)
+        p, b = self._split("dec.")
+        base = self._dec_base[0]
+        return vmap(lambda p_, b_, z_: functional_call(base, (p_, b_), (z_,)))(p, b, z)
+
+    def current_codebook(self) -> Tensor:
+        return _fp16_ste(self.codebook)  # (G, K, d), rounded to what is stored (fp16)
+
+    def latent(self, x: Tensor, mask: Tensor, idx: Tensor | None = None) -> Tensor:
+        """Latent fed to the decoder (G, B, e2, h, w): float, quantized (STE) or from frozen codes;
+        zero where the mask (G, B, 1, h, w) is False."""
+        self._commit = None
+        if self.mode == "frozen":
+            rows = torch.arange(self.n_groups, device=idx.device)[:, None]
+            codes = self.codes[rows, idx]  # (G, B, e2/d, h, w)
+            z = from_vectors(_gather_codewords(self.current_codebook(), codes))
+        else:
+            z = self.encode(x)
+            if self.mode == "vq":
+                v = to_vectors(z, self.dim)  # (G, B, e2/d, h, w, d)
+                cb = self.current_codebook()
+                codes = nearest_codes(v.detach().reshape(self.n_groups, -1, self.dim), cb).view(v.shape[:-1])
+                z_q = from_vectors(_gather_codewords(cb, codes))
+                # value z_q; gradient straight through to the encoder *and* to the codewords used
+                m = mask.to(z.dtype)
+                self._commit = ((z - z_q.detach()).square() * m).flatten(1).sum(1) / (
+                    m.flatten(1).sum(1) * z.shape[2]).clamp_min(1)  # (G,) commitment ||z − sg(z_q)||²
+                z = z_q + (z - z.detach())
+        return z * mask.to(z.dtype)
+
+    def loss(self, x: Tensor, weight: Tensor, mask: Tensor, idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Weighted squared error summed per group (G,) and the per-group weight count (G,).
+        In the VQ stage, :attr:`commitment` (G,) holds the encoder's commitment term of this batch."""
+        out = self.decode(self.latent(x, mask, idx))
+        err = (weight * (out - x).square()).flatten(1).sum(1)  # (G,)
+        return err, (weight > 0).flatten(1).sum(1).to(err.dtype)
+
+    @property
+    def commitment(self) -> Tensor | None:
+        return self._commit
+
+    # -- latent codebook --------------------------------------------------------------------
+    @torch.no_grad()
+    def all_latents(self, data: GroupData, chunk: int = 64) -> list[Tensor]:
+        """Float latent vectors of every stored position of every group: list of (N_g, d)."""
+        device = self.codebook.device
+        out: list[list[Tensor]] = [[] for _ in range(self.n_groups)]
+        for s in range(0, data.n_max, chunk):
+            x = data.targets[:, s:s + chunk].to(device)
+            m = data.masks[:, s:s + chunk].to(device)
+            v = to_vectors(self.encode(x), self.dim)  # (G, c, e2/d, h, w, d)
+            keep = m.expand(-1, -1, v.shape[2], -1, -1)  # (G, c, e2/d, h, w)
+            for g in range(self.n_groups):
+                hi = min(s + chunk, data.sizes[g]) - s
+                if hi > 0:
+                    out[g].append(v[g, :hi][keep[g, :hi]])
+        return [torch.cat(o) for o in out]
+
+    @torch.no_grad()
+    def refresh_codebooks(self, data: GroupData, iters: int = 25, max_points: int = 1 << 17, seed: int = 0) -> float:
+        """k-means codebook of each group on its current latents; returns the mean inertia."""
+        inertia = []
+        for g, v in enumerate(self.all_latents(data)):
+            k = min(self.num_codes, v.shape[0])
+            res = kmeans(v, k, iters=iters, tol=1e-4, seed=seed + g, max_points=max_points)
+            cb = res.codebook
+            if k < self.num_codes:
+                cb = cb[torch.arange(self.num_codes, device=cb.device) % k]
+            self.codebook.data[g].copy_(cb.half().float())
+            inertia.append(res.inertia)
+        self.mode = "vq"
+        return float(sum(inertia) / max(1, len(inertia)))
+
+    @torch.no_grad()
+    def compute_codes(self, data: GroupData, chunk: int = 64) -> Tensor:
+        """Codes (G, n_max, e2/d, h, w) of every patch with the current encoder and codebook."""
+        device = self.codebook.device
+        cb = self.current_codebook().detach()
+        parts = []
+        for s in range(0, data.n_max, chunk):
+            v = to_vectors(self.encode(data.targets[:, s:s + chunk].to(device)), self.dim)
+            parts.append(nearest_codes(v.reshape(self.n_groups, -1, self.dim), cb).view(v.shape[:-1]))
+        return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def freeze_codes(self, data: GroupData) -> None:
+        """Fix the codes (final stage): from now on only the decoder and the codebook train."""
+        self.codes = self.compute_codes(data)
+        self.mode = "frozen"
+
+    # -- per-group modules ----------------------------------------------------------------------
+    def decoder(self, g: int) -> PixelShuffleDecoder:
+        """A real decoder module holding group g's (float) weights."""
+        with torch.random.fork_rng(devices=[]):
+            dec = self.spec.build_decoder()
+        p, _ = self._split("dec.")
+        dec.load_state_dict({k: v[g].detach() for k, v in p.items()})
+        return dec.to(self.codebook.device)
+
+
+def _k(name: str) -> str:  # ParameterDict keys cannot contain "."
+    return name.replace(".", "__")
+
+
+def _u(key: str) -> str:
+    return key.replace("__", ".")
+
+
+# ---------------------------------------------------------------------------------------------
+# the training recipe
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TrainSchedule:
+    """How a stack is trained (method.md §4 "Training"; the paper: Adam, peak lr 1e-3, cosine with
+    warm-up, 2000 epochs, batch 2 patches).
+
+    Args:
+        epochs: training epochs (an epoch visits every patch of the largest group once).
+        lr: peak learning rate of Adam.
+        warmup: fraction of the steps with a linear warm-up.
+        batch_size: patches per group per step.
+        vq_start: fraction of the epochs trained with a float latent before the latent VQ starts
+            (its codebook is then fitted by k-means on the latents).
+        vq_refresh: refit the latent codebook by k-means every this many epochs while the encoder trains
+            (0: only once, when the VQ starts; in between the codewords learn by gradient).
+        commitment: weight β of the VQ-VAE commitment term β‖z − sg(z_q)‖² that keeps the encoder's
+            latents near their codewords.
+        finetune: final fraction of the epochs with frozen codes: only the decoder and the latent
+            codebook train, on exactly what is stored.
+        qat: quantization-aware training of the decoder at b_φ bits; False trains a float decoder and
+            quantizes it after training (PTQ).
+        kmeans_iters: Lloyd iterations of each codebook fit.
+        seed: seed of the patch order.
+    """
+
+    epochs: int = 100
+    lr: float = 1e-3
+    warmup: float = 0.05
+    batch_size: int = 2
+    vq_start: float = 0.3
+    vq_refresh: int = 0
+    commitment: float = 0.25
+    finetune: float = 0.2
+    qat: bool = True
+    kmeans_iters: int = 25
+    seed: int = 0
+
+    def stage_epochs(self) -> tuple[int, int]:
+        """(first epoch with the latent VQ, first epoch with frozen codes); ``epochs`` if none."""
+        e = max(1, self.epochs)
+        vq = min(e - 1, max(0, round(self.vq_start * e)))
+        frozen = max(vq, e - round(self.finetune * e)) if self.finetune > 0 else e
+        return vq, frozen
+
+
+def cosine_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LambdaLR factor: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
+    total = max(1, total_steps)
+    warm = max(0, min(warmup_steps, total - 1))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return factor
+
+
+def make_optimizer(params: Iterable[Tensor], lr: float, total_steps: int, warmup: float):
+    """Adam + LambdaLR(cosine with warm-up), stepped once per training step."""
+    params = [p for p in params if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_warmup(total_steps, int(round(warmup * total_steps))))
+    return opt, sched
+
+
+def on_epoch_start(stack: AEStack, data: GroupData, sched: TrainSchedule, epoch: int) -> dict[str, float]:
+    """Stage switches at the start of an epoch (the same code for the phase and the plain loop):
+    latent VQ on at ``vq_start`` (k-means codebook), refreshed every ``vq_refresh`` epochs, codes frozen
+    from the fine-tune epoch on."""
+    vq_epoch, frozen_epoch = sched.stage_epochs()
+    info: dict[str, float] = {}
+    if epoch >= frozen_epoch and stack.mode != "frozen":
+        if stack.mode == "float":
+            info["kmeans_inertia"] = stack.refresh_codebooks(data, sched.kmeans_iters, seed=sched.seed)
+        stack.freeze_codes(data)
+    elif stack.mode != "frozen" and epoch >= vq_epoch:
+        since = epoch - vq_epoch
+        if stack.mode == "float" or (sched.vq_refresh and since and since % sched.vq_refresh == 0):
+            info["kmeans_inertia"] = stack.refresh_codebooks(data, sched.kmeans_iters, seed=sched.seed)
+    return info
+
+
+def training_step(stack: AEStack, data: GroupData, sched: TrainSchedule, epoch: int,
+                  step: int) -> tuple[Tensor, Tensor]:
+    """Loss of one step of a stack (sum over groups of their relative squared error on the batch, plus
+    the commitment term in the VQ stage) and the per-group errors (G,), detached, for logging."""
+    device = stack.codebook.device
+    idx = data.indices(epoch, step, sched.batch_size, sched.seed)
+    x, w, m, idx = data.batch(idx, device)
+    err, count = stack.loss(x, w, m, idx)
+    per_group = err / count.clamp_min(1)
+    loss = per_group.sum()
+    if stack.commitment is not None and sched.commitment:
+        loss = loss + sched.commitment * stack.commitment.sum()
+    return loss, per_group.detach()
+
+
+def train_stacks(stacks: Sequence[tuple[AEStack, GroupData]], sched: TrainSchedule,
+                 log: Callable[[int, float], None] | None = None) -> list[float]:
+    """Plain training loop over several stacks (benchmarks, short fits of the adaptive chooser).
+    Returns the mean training loss of each epoch."""
+    steps = max(d.steps_per_epoch(sched.batch_size) for _, d in stacks)
+    params = [p for s, _ in stacks for p in s.parameters()]
+    opt, lr_sched = make_optimizer(params, sched.lr, steps * sched.epochs, sched.warmup)
+    history = []
+    for epoch in range(sched.epochs):
+        for stack, data in stacks:
+            on_epoch_start(stack, data, sched, epoch)
+        total, n = 0.0, 0
+        for step in range(steps):
+            opt.zero_grad(set_to_none=True)
+            for stack, data in stacks:
+                loss, per = training_step(stack, data, sched, epoch, step)
+                loss.backward()  # per stack: frees its activations before the next stack
+                total += float(per.sum())
+                n += per.numel()
+            opt.step()
+            lr_sched.step()
+        history.append(total / max(1, n))
+        if log is not None:
+            log(epoch, history[-1])
+    return history
+
+
+# ---------------------------------------------------------------------------------------------
+# export: stored tensors of a group, containers
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class GroupResult:
+    """What a trained group stores: the shared tensors (decoder + latent codebook), the decoder's JSON
+    meta, and the packed latent codes of each member matrix."""
+
+    shared: dict[str, Tensor]
+    decoder_meta: dict[str, Any]
+    codes: dict[str, Tensor]  # name -> packed latent codes
+    shared_numel: int
+
+
+def pack_decoder(decoder: PixelShuffleDecoder) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``export_decoder`` with the codes bit-packed at b_φ (so that bits = saved bytes): tensors are
+    ``decoder.<conv>.codes`` (uint8 stream), ``decoder.<conv>.scale`` / ``.bias`` (fp16)."""
+    meta, tensors = export_decoder(decoder)
+    out = {}
+    for key, t in tensors.items():
+        conv, _, kind = key.rpartition(".")
+        bits = meta["convs"][conv]["bits"]
+        out[f"decoder.{key}"] = pack_bits(t.reshape(-1), bits) if kind == "codes" else t
+    return meta, out
+
+
+def unpack_decoder(meta: dict[str, Any], tensors: dict[str, Tensor], device=None) -> PixelShuffleDecoder:
+    """Inverse of :func:`pack_decoder` (``tensors`` with or without the ``decoder.`` prefix)."""
+    plain = {}
+    for key, t in tensors.items():
+        key = key[len("decoder."):] if key.startswith("decoder.") else key
+        conv, _, kind = key.rpartition(".")
+        if kind == "codes":
+            info = meta["convs"][conv]
+            t = unpack_bits(t, info["bits"], math.prod(info["shape"])).view(info["shape"]).to(torch.uint8)
+        plain[key] = t
+    return decoder_from_state(meta, plain, device=device)
+
+
+@torch.no_grad()
+def export_group(stack: AEStack, data: GroupData, g: int) -> GroupResult:
+    """Stored form of group g: quantized decoder (PTQ now if it was trained without QAT), latent
+    codebook (fp16) and each member's latent codes (valid positions only, packed at b·d bits)."""
+    dec = stack.decoder(g)
+    if not stack.qat:
+        quantize_decoder_(dec)
+    meta, shared = pack_decoder(dec)
+    cb = stack.current_codebook()[g].detach().half()
+    shared["latent_codebook"] = cb.contiguous()
+    if stack.mode == "frozen":
+        codes_all = stack.codes[g]
+    else:
+        if stack.mode == "float":  # never quantized (a very short run): fit the codebook now
+            stack.refresh_codebooks(data)
+            cb = stack.current_codebook()[g].detach().half()
+            shared["latent_codebook"] = cb.contiguous()
+        codes_all = stack.compute_codes(data)[g]
+    codes = {}
+    mask = data.masks[g].to(codes_all.device)  # (n_max, 1, h, w)
+    for name, _shape, (a, b) in data.members[g]:
+        sel = codes_all[a:b][mask[a:b].expand(-1, codes_all.shape[1], -1, -1)]  # (n_vectors,)
+        codes[name] = pack_bits(sel, stack.bits * stack.dim)
+    numel = int(sum(s[0] * s[1] for _, s, _ in data.members[g]))
+    return GroupResult({k: v.contiguous() for k, v in shared.items()}, meta, codes, numel)
+
+
+def build_container(pm: PreparedMatrix, config: CompressionConfig, result: GroupResult) -> ReALLMWeight:
+    """The ReALLMWeight of one member matrix of an exported group."""
+    frozen = dict(pm.frozen)
+    frozen["latent_codes"] = result.codes[pm.name]
+    meta = dict(pm.meta, decoder=result.decoder_meta, shared_numel=result.shared_numel)
+    return ReALLMWeight(pm.shape, config, frozen, dict(pm.lowrank), meta, dict(result.shared))
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding (container.decode_frozen, quantizer "autoencoder")
+# ---------------------------------------------------------------------------------------------
+def decode_autoencoder(
+    stored: dict[str, Tensor],
+    meta: dict[str, Any],
+    config: CompressionConfig,
+    shape: tuple[int, int],
+    shared: dict[str, Tensor],
+) -> Tensor:
+    """Ŷ (p, q), the normalised matrix in the rotated / permuted domain (before the block scales), by
+    one forward pass of the stored decoder over the latent decoded from the stored codes."""
+    spec = ae_spec(config)
+    d, width = config.vq_dim, config.bits * config.vq_dim
+    src = {**shared, **stored}
+    codes_packed = src.get("latent_codes")
+    codebook = src.get("latent_codebook")
+    if codes_packed is None or codebook is None or "decoder" not in meta:
+        raise KeyError("autoencoder matrix without latent_codes / latent_codebook / decoder meta")
+    device = codes_packed.device
+    decoder = unpack_decoder(meta["decoder"], {k: v for k, v in src.items() if k.startswith("decoder.")}, device)
+    decoder.eval()
+    mask = latent_mask(shape, spec, device)  # (n, 1, h, w)
+    n, _, h, w = mask.shape
+    groups = spec.latent_channels // d
+    keep = mask.expand(-1, groups, -1, -1)  # (n, e2/d, h, w)
+    codes = unpack_bits(codes_packed, width, int(keep.sum()))
+    vec = torch.zeros(n, groups, h, w, d, device=device)
+    vec[keep] = codebook.float().to(device)[codes]
+    z = from_vectors(vec)  # (n, e2, h, w)
+    p0, p1 = spec.patch_hw
+    chunk = max(1, _DECODE_CHUNK_ELEMS // (max(decoder.channels) * p0 * p1))  # bounds the largest activation
+    with torch.no_grad():
+        out = torch.cat([decoder(z[s:s + chunk]) for s in range(0, n, chunk)])  # (n, 1, P0, P1)
+    return patches_to_matrix(out, shape, spec.patch_hw)

@@ -1,0 +1,132 @@
+"""Phase 3, end-to-end causal-LM fine-tuning of the DoRA parts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from phase_helpers import (  # noqa: F401 (_one_thread is an autouse fixture)
+    _one_thread,
+    adapters_of,
+    data_args,
+    frozen_state,
+    make_phase1,
+    text_datamodule,
+    trainer,
+)
+
+from reallm.checkpoint import load_compressed, read_meta
+from reallm.modules import BlockwisePhase, EndToEndPhase, UserError
+from reallm.modules.e2e import cosine_with_warmup
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def phase1(tmp_path_factory):
+    return make_phase1(tmp_path_factory.mktemp("e2e"))
+
+
+@pytest.fixture(scope="module")
+def phase2(phase1, tmp_path_factory):
+    """A phase-2 (block-wise) checkpoint of the tiny model."""
+    run_dir = tmp_path_factory.mktemp("e2e-bw")
+    module = BlockwisePhase(checkpoint=str(phase1.checkpoint), run_dir=str(run_dir), lr=3e-3, effective_batch=8)
+    trainer(run_dir, max_epochs=-1, limit_val_batches=0).fit(module, datamodule=text_datamodule(phase1))
+    return run_dir / "reallm"
+
+
+def test_cosine_schedule_with_warmup():
+    f = cosine_with_warmup(3, 103, min_ratio=0.1)
+    assert [round(f(s), 4) for s in range(3)] == [0.3333, 0.6667, 1.0]
+    assert f(3) == pytest.approx(1.0) and f(53) == pytest.approx(0.55) and f(103) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(3, 110))
+
+
+def test_validation_loss_decreases_frozen_identical_and_phase2_loads(phase1, phase2, tmp_path):
+    """Phase 3 from a phase-2 checkpoint: validation perplexity falls over a few steps, frozen tensors
+    stay bit-identical, the adapters-only Lightning checkpoint resumes, the output evaluates."""
+    dm = text_datamodule(phase1, source=phase2, eval_windows=8, seed=1)
+    module = EndToEndPhase(checkpoint=str(phase2), run_dir=str(tmp_path / "run"), lr=3e-3, warmup_ratio=0.1)
+    tr = trainer(tmp_path, max_steps=8, val_check_interval=4, enable_checkpointing=True)
+    before = tr.validate(module, datamodule=dm, verbose=False)[0]["val/loss"]
+    frozen0 = frozen_state(module.model)
+    tr.fit(module, datamodule=dm)
+    hist = module.validation_history
+    assert [h["step"] for h in hist[-2:]] == [4, 8]
+    after = math.log(hist[-1]["tinystories_valid"])
+    assert after < before - 1e-3, (before, hist)
+    assert hist[-1]["tinystories_valid"] < hist[-2]["tinystories_valid"]
+    for k, v in frozen_state(module.model).items():
+        assert torch.equal(v, frozen0[k]), k
+
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["phase"] == "e2e" and res["optimizer_steps"] == 8
+    assert res["perplexity"]["tinystories_valid"]["value"] == pytest.approx(hist[-1]["tinystories_valid"])
+    out = tmp_path / "run" / "reallm"
+    meta = read_meta(out)
+    assert meta["frozen_ref"] and not (out / "reallm.safetensors").exists()
+    # the saved adapters are the trained ones; the frozen part is phase 1's, untouched
+    reloaded = load_compressed(out)
+    for k, v in frozen_state(reloaded).items():
+        assert torch.equal(v, frozen0[k]), k
+    new = adapters_of(out)
+    assert any(not torch.equal(new[k], adapters_of(phase2)[k]) for k in new)
+
+    # the Lightning checkpoint holds only the trainable tensors, and training resumes from it
+    ckpt_path = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+    assert state and all(k.rpartition(".")[2] in ("lora_A", "lora_B", "magnitude") for k in state)
+    resumed = EndToEndPhase(checkpoint=str(phase2), run_dir=str(tmp_path / "resumed"), lr=3e-3)
+    tr2 = trainer(tmp_path / "r", max_steps=10, val_check_interval=4)
+    tr2.fit(resumed, datamodule=dm, ckpt_path=str(ckpt_path))
+    assert tr2.global_step == 10
+    assert json.loads((tmp_path / "resumed" / "results.json").read_text())["optimizer_steps"] == 10
+
+
+def test_phase2_and_phase3_checkpoints_evaluate(phase1, phase2, tmp_path):
+    """A phase-2 checkpoint goes through phase 3 and evaluation on the command line."""
+    from reallm.cli import cli_main
+
+    args = data_args(phase1)
+    cli_main(["fit", "--config", str(ROOT / "configs" / "e2e.yaml"), "--model.init_args.checkpoint", str(phase2),
+              "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+              "--run_dir", str(tmp_path / "e2e"), *args])
+    for ck, name in ((phase2, "eval2"), (tmp_path / "e2e" / "reallm", "eval3")):
+        cli_main(["validate", "--config", str(ROOT / "configs" / "eval.yaml"), "--model.init_args.checkpoint", str(ck),
+                  "--trainer.accelerator", "cpu", "--run_dir", str(tmp_path / name), *args])
+        res = json.loads((tmp_path / name / "results.json").read_text())
+        assert res["phase"] == "eval" and math.isfinite(res["perplexity"]["tinystories_valid"]["value"])
+    e2e = json.loads((tmp_path / "e2e" / "results.json").read_text())
+    ev = json.loads((tmp_path / "eval3" / "results.json").read_text())
+    # the evaluation of the written checkpoint reproduces the last validation of the run
+    assert ev["perplexity"]["tinystories_valid"]["value"] == pytest.approx(
+        e2e["perplexity"]["tinystories_valid"]["value"], rel=1e-6)
+
+
+def test_ddp_two_processes_fast_dev_run(phase1, tmp_path):
+    """Two CPU processes (gloo) run the end-to-end phase with fast_dev_run through the CLI."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "e2e.yaml"),
+           "--model.init_args.checkpoint", str(phase1.checkpoint), "--trainer.accelerator", "cpu",
+           "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.fast_dev_run", "true",
+           "--run_dir", str(tmp_path / "ddp"), *data_args(phase1)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert res["phase"] == "e2e" and res["optimizer_steps"] == 1
+    assert int(res["config"]["trainer"]["devices"]) == 2
+    load_compressed(tmp_path / "ddp" / "reallm")
+
+
+def test_bad_arguments_are_user_errors(phase1, tmp_path):
+    with pytest.raises(UserError, match="needs --model.init_args.checkpoint"):
+        EndToEndPhase(run_dir=str(tmp_path))
+    with pytest.raises(UserError, match="warmup_ratio"):
+        EndToEndPhase(checkpoint=str(phase1.checkpoint), warmup_ratio=1.5)

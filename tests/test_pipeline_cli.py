@@ -1,0 +1,95 @@
+"""The phase-2 / phase-3 YAMLs and presets through the CLI on a tiny model, and the pipeline script."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from phase_helpers import (  # noqa: F401 (_one_thread is an autouse fixture)
+    SEQ_LEN,
+    TOKENIZER,
+    TRAIN_TEXT,
+    VALID_TEXT,
+    _one_thread,
+    data_args,
+    make_phase1,
+)
+
+from reallm.checkpoint import load_compressed
+from reallm.cli import cli_main
+
+ROOT = Path(__file__).parents[1]
+CPU = ["--trainer.accelerator", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def phase1(tmp_path_factory):
+    return make_phase1(tmp_path_factory.mktemp("cli"))
+
+
+@pytest.mark.parametrize("config", ["blockwise.yaml", "e2e.yaml"])
+def test_phase_yaml_fast_dev_run(phase1, tmp_path, config):
+    run_dir = tmp_path / "run"
+    cli_main(["fit", "--config", str(ROOT / "configs" / config), "--model.init_args.checkpoint", str(phase1.checkpoint),
+              *CPU, "--trainer.fast_dev_run", "true", "--run_dir", str(run_dir), *data_args(phase1)])
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["phase"] == config.split(".")[0]
+    assert (run_dir / "config.yaml").is_file()
+    load_compressed(run_dir / "reallm")  # a loadable checkpoint, even from a shortened run
+
+
+@pytest.mark.parametrize("preset", ["vq-2bit-ft", "vq-3bit-ft"])
+def test_fine_tuning_presets_compress(phase1, tmp_path, preset):
+    """The presets made for phases 2-3 run phase 1 through the CLI and keep a rank-1 DoRA part."""
+    cli_main(["fit", "--config", str(ROOT / "configs" / "ae.yaml"),
+              "--config", str(ROOT / "configs" / "methods" / f"{preset}.yaml"),
+              "--model.init_args.model_name_or_path", str(phase1.base),
+              "--model.init_args.compression.kmeans_iters", "3",
+              *CPU, "--run_dir", str(tmp_path / "run")])
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["complete"] and res["method"] == preset
+    model = load_compressed(tmp_path / "run" / "reallm")
+    from reallm import iter_reallm_layers
+
+    layers = list(iter_reallm_layers(model))
+    assert layers and all(layer.rank == 1 and layer.magnitude is not None for _, layer in layers)
+    assert all(layer.config.lowrank_dtype == "int8" for _, layer in layers)
+
+
+def test_user_errors_are_one_line(phase1, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["fit", "--config", str(ROOT / "configs" / "blockwise.yaml"), *CPU, "--run_dir", str(tmp_path / "x"),
+                  *data_args(phase1)])
+    assert e.value.code in (1, 2)  # 2 when jsonargparse reports the error raised at instantiation
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "checkpoint" in err[-1]
+
+
+def test_pipeline_script_tiny(phase1, tmp_path, capsys):
+    """The pipeline chains phases 1 → 2 → 3 with evaluations and prints one row per stage."""
+    spec = importlib.util.spec_from_file_location("pipeline", ROOT / "benchmarks" / "pipeline.py")
+    pipeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pipeline)
+    cache = ["--data.init_args.cache_dir", str(phase1.token_cache)]
+    argv = ["--preset", "vq-2bit-ft", "--model", str(phase1.base), "--train", str(TRAIN_TEXT),
+            "--eval", str(VALID_TEXT), "--seq-len", str(SEQ_LEN), "--runs", str(tmp_path / "runs"),
+            "--calibration-sequences", "16", "--train-sequences", "16", "--batch-size", "4",
+            "--max-eval-windows", "4", "--accelerator", "cpu",
+            "--compress-args", "--model.init_args.compression.kmeans_iters 3",
+            "--blockwise-args", " ".join(cache + ["--model.init_args.lr", "1e-3"]),
+            "--e2e-args", " ".join(cache + ["--trainer.val_check_interval", "1.0"]),
+            "--eval-args", " ".join(cache)]
+    assert pipeline.main(argv) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("| stage"):].strip().splitlines()
+    assert [r.split("|")[1].strip() for r in table[2:]] == [
+        "original (uncompressed)", "no fine-tuning (phase 1)", "block-wise (phase 2)", "end-to-end (phase 3)"]
+    rows = json.loads((tmp_path / "runs" / "pipeline.json").read_text())["rows"]
+    assert all(r["perplexity"]["tinystories_valid"] > 0 for r in rows)
+    assert rows[1]["bits"]["decoder_linears"] == pytest.approx(rows[3]["bits"]["decoder_linears"])
+    # a second call finds every stage complete and only prints the table again
+    assert pipeline.main(argv) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert TOKENIZER.is_dir()
