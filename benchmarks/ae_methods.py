@@ -93,7 +93,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["nf3", "rtn3", "vq-3bit", "vq-2bit", "quip-2bit"],
                     help="data-free presets to compare with")
-    ap.add_argument("--reallm", nargs="+", default=["reallm-3bit", "reallm-2bit"])
+    ap.add_argument("--reallm", nargs="*", default=["reallm-3bit", "reallm-2bit"])
     ap.add_argument("--out", default="runs/ae_methods")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of every process")
     args = ap.parse_args()

@@ -102,8 +102,13 @@ class NonFiniteGuard(L.Callback):
 
     # -- helpers --------------------------------------------------------------------------------
     @staticmethod
-    def _where(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
-        where = f"global step {trainer.global_step} (epoch {trainer.current_epoch})"
+    def _where(trainer: L.Trainer, pl_module: L.LightningModule, batch_idx: int | None = None) -> str:
+        if [o for o in trainer.optimizers if type(o).__name__ != "_MockOptimizer"]:
+            where = f"global step {trainer.global_step} (epoch {trainer.current_epoch}"
+            where += f", batch {batch_idx})" if batch_idx is not None else ")"
+        else:  # nothing is optimised (phase 1): a step is a batch
+            where = f"step {batch_idx} (epoch {trainer.current_epoch})" if batch_idx is not None \
+                else f"epoch {trainer.current_epoch}"
         block = trainer.callback_metrics.get("block")
         if block is not None and getattr(pl_module, "phase", "") == "blockwise":
             where += f", block {int(block)}"
@@ -111,8 +116,10 @@ class NonFiniteGuard(L.Callback):
 
     def _param_names(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[int, str]:
         if not self._names:
-            modules = [pl_module] + [v for v in pl_module.__dict__.values() if isinstance(v, nn.Module)]
-            for mod in modules:
+            # the phase's model first, so that names read as in the model (`model.layers.0...`)
+            modules = [phase_model(trainer, pl_module), pl_module]
+            modules += [v for v in pl_module.__dict__.values() if isinstance(v, nn.Module)]
+            for mod in [m for m in modules if m is not None]:
                 for n, p in mod.named_parameters():
                     self._names.setdefault(id(p), _clean(n))
         return self._names
@@ -130,23 +137,31 @@ class NonFiniteGuard(L.Callback):
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
-        self._batch_layer = None
+        self._batch_layer, self._batch_idx = None, batch_idx
         if not self.enabled or not isinstance(batch, dict) or "weight" not in batch:
             return
         self._batch_layer = str(batch.get("name"))
         bad = _first_nonfinite([(self._batch_layer, batch["weight"])])
         if bad:
             raise NonFiniteError(f"{bad[1]} in the weight of layer {bad[0]} (before compression), at "
-                                 f"{self._where(trainer, pl_module)}")
+                                 f"{self._where(trainer, pl_module, batch_idx)}")
+
+    def _check_loss(self, trainer, pl_module, loss: Any, batch_idx: int | None) -> None:
+        if isinstance(loss, Tensor) and loss.numel() and not bool(torch.isfinite(loss.detach()).all()):
+            detail = self._weights_detail(trainer, pl_module)
+            raise NonFiniteError(f"training loss is {_kind(loss)} at {self._where(trainer, pl_module, batch_idx)}"
+                                 f"{detail}")
+
+    def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:
+        # before backward and before the optimiser step: the weights are still those that made the loss
+        if self.enabled:
+            self._check_loss(trainer, pl_module, loss, getattr(self, "_batch_idx", None))
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self.enabled:
             return
-        where = self._where(trainer, pl_module)
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, Tensor) and loss.numel() and not bool(torch.isfinite(loss.detach()).all()):
-            detail = self._weights_detail(trainer, pl_module)
-            raise NonFiniteError(f"training loss is {_kind(loss)} at {where}{detail}")
+        where = self._where(trainer, pl_module, batch_idx)
+        self._check_loss(trainer, pl_module, outputs.get("loss") if isinstance(outputs, dict) else outputs, batch_idx)
         for key, value in trainer.callback_metrics.items():
             if isinstance(value, Tensor) and value.numel() == 1 and not math.isfinite(float(value)):
                 layer = f" for layer {self._batch_layer}" if self._batch_layer else self._weights_detail(trainer,
@@ -228,9 +243,12 @@ class EvalAfterFit(L.Callback):
         from reallm.eval.perplexity import perplexity
         from reallm.modules.base import atomic_write_json
 
-        ckpt = Path(run_dir) / "reallm"
-        has_tok = (ckpt / "tokenizer_config.json").is_file() or (ckpt / "tokenizer.json").is_file()
-        source = str(ckpt) if has_tok else pl_module.model_source()
+        # the tokenizer of the base model (a stable path: its token windows are cached once for all
+        # the runs of a sweep), else the one saved with the new checkpoint
+        source = pl_module.model_source()
+        ckpt, base = Path(run_dir) / "reallm", Path(source)
+        if base.is_dir() and not _has_tokenizer(base) and _has_tokenizer(ckpt):
+            source = str(ckpt)
         dm = TextDataModule(path=self.path, model_name_or_path=source, seq_len=self.seq_len,
                             max_eval_windows=self.max_eval_windows, batch_size=self.batch_size,
                             cache_dir=self.cache_dir)
@@ -238,19 +256,27 @@ class EvalAfterFit(L.Callback):
         dm.setup("validate")
         was_training = model.training
         model.eval()
+        # phase 1 keeps the model on the CPU: evaluate it on the phase's device, then put it back
+        home = next((p.device for p in model.parameters()), pl_module.device)
+        model.to(pl_module.device)
         out = {}
         for name, windows in zip(dm.dataset_names, dm.val_windows):
-            r = perplexity(model, windows, batch_size=self.batch_size, device=pl_module.device)
+            r = perplexity(model, windows, batch_size=self.batch_size)
             out[name] = {"context": self.seq_len, "value": r["value"], "tokens": r["tokens"], "windows": r["windows"],
                          "measured": "after fit (eval_after_fit)"}
             if not math.isfinite(r["value"]):
                 raise NonFiniteError(f"perplexity on {name} after fit is {r['value']} (the model's forward pass "
                                      f"overflows or a weight is not finite)")
         model.train(was_training)
+        model.to(home)
         results = json.loads(results_path.read_text())
         results["perplexity"] = {**(results.get("perplexity") or {}), **out}
         results["eval_info"] = dm.eval_info
         atomic_write_json(results_path, results)
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -92,6 +92,11 @@ class ReALLMCLI(LightningCLI):
         cfg["run_dir"] = run_dir
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         cfg["model"]["init_args"]["run_dir"] = run_dir
+        checkpoint = cfg["model"]["init_args"].get("checkpoint")
+        if checkpoint and not str(cfg["model"]["class_path"]).endswith(("CompressPhase", "AutoencoderPhase")):
+            from reallm.checkpoint import read_meta
+
+            read_meta(checkpoint)  # a missing or broken checkpoint is named before anything loads
         trainer = cfg["trainer"]
         trainer["default_root_dir"] = run_dir
         if trainer.get("logger") in (None, True):  # the --logger switch (CSV by default)
@@ -161,6 +166,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> ReALLMCLI | Non
     except (UserError, CheckpointError, CompressionError, UnsupportedModelError, OSError) as e:
         if os.environ.get("REALLM_DEBUG"):
             raise
+        _close_progress_bars()
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
@@ -174,17 +180,32 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> ReALLMCLI | Non
             msg, code = _runtime_error_message(e), 1
         if msg is None:
             raise
+        _close_progress_bars()
         print(f"error: {msg}", file=sys.stderr)
         raise SystemExit(code) from None
 
 
+def _close_progress_bars() -> None:
+    """End the open tqdm bars (their line), so that the error line starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - best effort, never hide the real error
+            pass
+
+
 def _runtime_error_message(e: Exception) -> str | None:
     """One line for errors of the user's set-up met while running: Lightning's misconfigurations
-    (e.g. a GPU accelerator on a machine without one) and running out of accelerator memory."""
+    (e.g. a GPU accelerator on a machine without one), a package an option needs, and running out
+    of accelerator memory."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     if isinstance(e, MisconfigurationException):
         return " ".join(str(e).split())
+    if isinstance(e, ImportError):  # an optional package a chosen option needs (e.g. torch_xla for TPUs)
+        return f"missing package: {' '.join(str(e).split())}"
     if isinstance(e, torch.OutOfMemoryError):
         return ("out of accelerator memory: reduce --data.init_args.batch_size or seq_len, use bf16, gradient "
                 "checkpointing or more devices (" + " ".join(str(e).split())[:160] + ")")

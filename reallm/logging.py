@@ -109,7 +109,9 @@ def logger_config(kind: str, wandb: Any, run_dir: str | os.PathLike, job_type: s
     init = {
         "project": _get(wandb, "project") or os.environ.get("WANDB_PROJECT") or "reallm",
         "name": _get(wandb, "name") or Path(run_dir).name,
-        "save_dir": str(run_dir),
+        # absolute: W&B's service process may run in another working directory (it is shared with
+        # the processes a run starts)
+        "save_dir": str(Path(run_dir).absolute()),
         "mode": mode,
         "job_type": job_type,
     }

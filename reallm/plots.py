@@ -26,6 +26,7 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: never needs a display
 
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 
 FIGURE_DIR = "figures"
@@ -191,18 +192,27 @@ def plot_pareto(points: Sequence[dict[str, Any]], path: str | os.PathLike, *, da
     """
     pts = [p for p in points if p.get("bits") is not None and p.get("ppl") is not None
            and math.isfinite(p["bits"]) and math.isfinite(p["ppl"])]
+    pts.sort(key=lambda p: (p["bits"], p["ppl"]))  # colours and legend in the order of the x axis
     if not pts:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    labels = [str(p["label"]) for p in pts]
+    common = os.path.commonprefix(labels) if len(labels) > 1 else ""
+    common = common[:common.rfind(" ") + 1] if " " in common else ""  # whole words only
+    short = [lab[len(common):] or lab for lab in labels]
+    many = len(pts) > 6  # a legend instead of labels next to the points
+    fig, ax = plt.subplots(figsize=(8.6 if many else 6.4, 4.6))
     front = pareto_front((p["bits"], p["ppl"]) for p in pts)
     on_front = set(front)
-    for i, p in enumerate(pts):
+    markers = "osD^v<>ph*"
+    for i, (p, lab) in enumerate(zip(pts, short)):
         best = (p["bits"], p["ppl"]) in on_front
-        ax.scatter(p["bits"], p["ppl"], s=46 if best else 30, color=plt.cm.tab10(i % 10), zorder=3,
-                   edgecolors="black" if best else "none", linewidths=0.8)
-        nominal = f" (b={p['nominal']:g})" if isinstance(p.get("nominal"), (int, float)) else ""
-        ax.annotate(f"{p['label']}{nominal}", (p["bits"], p["ppl"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+        if isinstance(p.get("nominal"), (int, float)) and "bits=" not in lab:
+            lab = f"{lab} (b={p['nominal']:g})"
+        ax.scatter(p["bits"], p["ppl"], s=52 if best else 34, color=plt.cm.tab10(i % 10), zorder=3,
+                   marker=markers[(i // 10) % len(markers)], edgecolors="black" if best else "none",
+                   linewidths=0.8, label=lab if many else None)
+        if not many:
+            ax.annotate(lab, (p["bits"], p["ppl"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     if len(front) > 1:
         xs, ys = zip(*front)
         ax.step(xs, ys, where="post", color="gray", lw=1.0, ls="-", zorder=2, label="Pareto front")
@@ -211,12 +221,20 @@ def plot_pareto(points: Sequence[dict[str, Any]], path: str | os.PathLike, *, da
     values = [p["ppl"] for p in pts] + ([reference] if reference else [])
     if max(values) / max(min(values), 1e-12) > 8:
         ax.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+            lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
     ax.set_xlabel(xlabel, fontsize=9)
     ax.set_ylabel(ylabel or f"perplexity{f' ({dataset})' if dataset else ''}", fontsize=9)
+    ax.tick_params(labelsize=8, which="both")
     ax.grid(alpha=0.3, which="both")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="upper right")
-    ax.set_title(title, fontsize=11)
+        if many:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        else:
+            ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(f"{title}: {common.strip()}" if common else title, fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
 

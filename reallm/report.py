@@ -25,8 +25,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-_HIDDEN_KEYS = ("run_dir", "checkpoint", "model_name_or_path", "method", "cache_dir", "logger", "wandb",
-                "artifacts", "nan_guard", "eval_after_fit", "ckpt_path", "config", "trainer.logger", "trainer.default_root_dir")
+# config keys that differ between runs without making them different experiments
+_HIDDEN_KEYS = ("run_dir", "checkpoint", "model_name_or_path", "method", "cache_dir", "logger", "wandb", "artifacts",
+                "nan_guard", "eval_after_fit", "ckpt_path", "config", "trainer.logger", "trainer.default_root_dir")
 
 
 def load_results(run_dir: str | Path) -> dict[str, Any]:
@@ -106,9 +107,15 @@ def _distinguish(rows: list[dict[str, Any]]) -> None:
         differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) > 1]
         for g, f in zip(group, flats):
             if differ:
-                g["label"] = f"{label} " + ", ".join(f"{k.rsplit('.', 1)[-1]}={f.get(k)}" for k in differ[:4])
+                g["label"] = f"{label} " + ", ".join(f"{k.rsplit('.', 1)[-1]}={_short(f.get(k))}" for k in differ[:4])
             else:
                 g["label"] = f"{label} [{Path(g['run_dir'] or '?').name}]"
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -219,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heatmap", metavar="LAYER", help="the matrix of the heat maps (default: each run's first)")
     ap.add_argument("--max-heatmaps", type=int, default=8, help="heat maps of at most this many runs")
     args = ap.parse_args(argv)
-    run_dirs = [r for r in args.runs if not (Path(r).is_dir() and not (Path(r) / "results.json").exists()
-                                               and len(args.runs) > 1 and _is_aux_dir(Path(r)))]
+    # a glob such as runs/sweep-x/* also picks up files (sweep.json) and the report folder itself
+    run_dirs = [r for r in args.runs if not (len(args.runs) > 1 and (Path(r).is_file() or _is_aux_dir(Path(r))))]
     try:
         runs = [load_results(r) for r in run_dirs]
         rows = rows_from_runs(runs, args.baseline)
@@ -236,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_aux_dir(path: Path) -> bool:
-    """A folder a glob such as runs/sweep-x/* picks up that is not a run (a report folder)."""
-    return (path / "report.md").is_file() or path.name == "report"
+    """A folder without results.json that a glob picks up: a report folder."""
+    return path.is_dir() and not (path / "results.json").exists() and (
+        (path / "report.md").is_file() or path.name == "report")
 
 
 if __name__ == "__main__":

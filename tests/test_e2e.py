@@ -130,3 +130,13 @@ def test_bad_arguments_are_user_errors(phase1, tmp_path):
         EndToEndPhase(run_dir=str(tmp_path))
     with pytest.raises(UserError, match="warmup_ratio"):
         EndToEndPhase(checkpoint=str(phase1.checkpoint), warmup_ratio=1.5)
+
+
+def test_bf16_autocast_and_gradient_checkpointing(phase1, tmp_path):
+    """The GPU settings (bf16 autocast, gradient checkpointing) also run on CPU and train the adapters."""
+    module = EndToEndPhase(checkpoint=str(phase1.checkpoint), run_dir=str(tmp_path / "run"), lr=3e-3,
+                           autocast="bf16", gradient_checkpointing=True)
+    trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(module, datamodule=text_datamodule(phase1))
+    assert module.model.is_gradient_checkpointing
+    old, new = adapters_of(phase1.checkpoint), adapters_of(tmp_path / "run" / "reallm")
+    assert any(not torch.equal(old[k], new[k]) for k in old)

@@ -138,7 +138,8 @@ def test_wandb_offline_run_end_to_end(tiny_dir, tmp_path, no_wandb_key):
     files = offline / "files"
     assert json.loads((files / "reallm" / "results.json").read_text())["phase"] == "compress"
     assert (files / "reallm" / "config.yaml").read_text() == (run_dir / "config.yaml").read_text()
-    assert {p.name.split("_")[0] for p in (files / "media" / "images" / "figures").glob("*.png")} >= {"error", "heatmap"}
+    images = {p.name.split("_")[0] for p in (files / "media" / "images" / "figures").glob("*.png")}
+    assert images >= {"error", "heatmap"}
     (table,) = (files / "media" / "table" / "tables").glob("matrices*.table.json")
     assert len(json.loads(table.read_text())["data"]) == 14
     record = next(offline.glob("*.wandb")).read_bytes()
@@ -282,7 +283,8 @@ def test_offline_sweep_runner(tiny_dir, tmp_path, monkeypatch, no_wandb_key):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["config"]["model"]["init_args"]["compression"]["bits"] == 3 and results["compressed_matrices"] == 4
     assert rec["metric"] == pytest.approx(results["mean_rel_frobenius_error"])
-    assert list((run_dir / "wandb").glob(f"offline-run-*-{rec['run_id']}"))  # the W&B run id is the run's
+    (offline,) = (run_dir / "wandb").glob(f"offline-run-*-{rec['run_id']}")  # the W&B run id is the run's
+    assert (offline / "files" / "output.log").is_file() and list(offline.glob("*.wandb"))
     summary = json.loads((tmp_path / "runs" / "sweep-tiny" / "sweep.json").read_text())
     assert summary["runs"][0]["run_id"] == rec["run_id"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import save_tiny_model_dir, write_text, word_tokenizer
+from tiny_models import save_tiny_model_dir, word_tokenizer, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("lm_eval")
@@ -52,9 +52,10 @@ def task_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A ReALLM checkpoint of a tiny Llama (NF4 + DoRA, adapters moved off their init)."""
+    from tiny_models import tiny_llama
+
     from reallm import CompressionConfig, compress_, save_compressed
     from reallm.surgery import iter_reallm_layers
-    from tiny_models import tiny_llama
 
     model = tiny_llama()
     compress_(model, CompressionConfig(quantizer="nf", bits=4, rank=2), progress=False)

@@ -254,21 +254,25 @@ def resolve_safetensors(source: str) -> dict[str, Path]:
     """
     d = Path(source).expanduser()
     index_name, single_name = "model.safetensors.index.json", "model.safetensors"
+    unreachable: list[str] = []  # hub files neither cached nor downloadable (offline)
     if d.is_dir():
         fetch = lambda name: d / name if (d / name).is_file() else None  # noqa: E731
     else:
         try:
             from huggingface_hub import hf_hub_download
-            from huggingface_hub.utils import EntryNotFoundError
+            from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
         except ImportError as e:  # pragma: no cover
             raise UserError(f"cannot resolve base model {source!r}: huggingface_hub missing ({e})") from None
 
         def fetch(name: str) -> Path | None:
             try:
                 return Path(hf_hub_download(source, name))
+            except LocalEntryNotFoundError:  # offline and not in the cache: unknown whether it exists
+                unreachable.append(name)
+                return None
             except EntryNotFoundError:
                 return None
-            except Exception as e:  # offline, unknown repo, gated, ...
+            except Exception as e:  # unknown repo, gated, ...
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise UserError(f"cannot fetch {name} of base model {source!r}: {first}") from None
 
@@ -281,6 +285,9 @@ def resolve_safetensors(source: str) -> dict[str, Path]:
             raise UserError(f"base model {source!r}: shard {missing[0]} listed in {index_name} is missing")
         return {k: files[f] for k, f in weight_map.items()}
     single = fetch(single_name)
+    if single is None and unreachable:
+        raise UserError(f"base model {source!r}: {single_name} is not in the local Hugging Face cache and "
+                        f"the Hub cannot be reached")
     if single is None:
         raise UserError(f"base model {source!r} has no {single_name} (block-wise distillation reads the "
                         f"original blocks from safetensors files)")

@@ -389,8 +389,6 @@ class GroupData:
         self.targets = torch.stack([pad(t) for t in tgt]).to(device)  # (G, n_max, 1, P0, P1)
         self.weights = torch.stack([pad(w) for w in wts]).to(device)
         self.masks = torch.stack([pad(m) for m in msk]).to(device)  # (G, n_max, 1, h, w) bool
-        self.numel = torch.tensor([sum(s[0] * s[1] for _, s, _ in mem) for mem in self.members],
-                                  dtype=torch.float32)  # (G,) weights of each group
 
     @property
     def n_groups(self) -> int:
