@@ -246,6 +246,11 @@ def _run_id(rng: random.Random) -> str:
     return "".join(rng.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
+def _launch(cmd: list[str], env: dict[str, str]) -> int:
+    """Run one sweep run in a new process (as `wandb agent` does); its exit code."""
+    return subprocess.run(cmd, env=env).returncode
+
+
 def _metric(run_dir: Path, name: str | None) -> float | None:
     from reallm.logging import summary_metrics
 
@@ -281,7 +286,7 @@ def run_sweep(path: str | os.PathLike, count: int | None = None, seed: int = 0, 
             json_file.parent.mkdir(parents=True, exist_ok=True)
             json_file.write_text(json.dumps(params))
         t0 = time.time()
-        rc = subprocess.run(cmd, env=env).returncode
+        rc = _launch(cmd, env)
         rec.update(returncode=rc, time_s=round(time.time() - t0, 1), metric=_metric(run_dir, metric))
         records.append(rec)
     if not dry_run:

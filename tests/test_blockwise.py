@@ -190,12 +190,13 @@ def test_resume_refuses_other_settings(phase1, uninterrupted, tmp_path):
 def test_original_stream_relative_loss_disk_cache(phase1, tmp_path):
     run_dir = tmp_path / "bw"
     run_blockwise(phase1, run_dir, student_inputs="original", loss="relative_mse", cache="disk",
-                  cache_dtype="bfloat16", epochs_per_block=1)
+                  cache_dtype="bfloat16", epochs_per_block=2, effective_batch=12)
     res = json.loads((run_dir / "results.json").read_text())
     assert res["student_inputs"] == "original" and res["loss"] == "relative_mse"
     for b in res["blocks"]:
         assert b["loss_after"] < b["loss_before"]
         assert b["loss_before"] == pytest.approx(b["relative_mse_before"])
+        assert b["steps"] == 2 * 3  # 8 micro-batches of 4 in groups of 3, 3 and 2, per epoch
     assert not list((run_dir / "cache").glob("*.bin"))  # the disk cache is removed at the end
 
 

@@ -246,8 +246,6 @@ def test_bad_sweep_file_is_one_line(tmp_path, capsys):
 def test_offline_sweep_runner(tiny_dir, tmp_path, monkeypatch, no_wandb_key):
     """`python -m reallm.sweep` runs the command `wandb agent` would run, offline, one folder per run.
     (The runs are executed in-process here, with the environment the runner gives them.)"""
-    import subprocess
-
     import reallm.sweep as sweep_mod
 
     sweep = tmp_path / "tiny.yaml"
@@ -262,7 +260,7 @@ def test_offline_sweep_runner(tiny_dir, tmp_path, monkeypatch, no_wandb_key):
                     "--logger=wandb", "${args}"]}))
     launched = []
 
-    def run_in_process(cmd, env):
+    def run_in_process(cmd, env):  # replaces reallm.sweep._launch (only the sweep's runs go through it)
         assert cmd[:3] == ["/usr/bin/env", sys.executable, str(ROOT / "train.py")]
         for key in ("WANDB_RUN_ID", "WANDB_RUN_GROUP", "WANDB_MODE"):
             monkeypatch.setenv(key, env[key])
@@ -270,10 +268,10 @@ def test_offline_sweep_runner(tiny_dir, tmp_path, monkeypatch, no_wandb_key):
         try:
             cli_main(cmd[3:])
         except SystemExit as e:
-            return subprocess.CompletedProcess(cmd, e.code or 0)
-        return subprocess.CompletedProcess(cmd, 0)
+            return e.code or 0
+        return 0
 
-    monkeypatch.setattr(sweep_mod.subprocess, "run", run_in_process)
+    monkeypatch.setattr(sweep_mod, "_launch", run_in_process)
     monkeypatch.chdir(tmp_path)
     (rec,) = sweep_mod.run_sweep(sweep)
     assert rec["returncode"] == 0 and len(launched) == 1

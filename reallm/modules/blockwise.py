@@ -355,10 +355,6 @@ class BlockwisePhase(ReALLMModule):
 
     def _finish_block(self, j: int) -> None:
         opt = self._optimizer(j)
-        if self._pending:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            self._pending = 0
         tpath, mpath = self._block_paths(j)
         tpath.parent.mkdir(parents=True, exist_ok=True)
         tensors = self._adapter_state(j)
@@ -421,10 +417,14 @@ class BlockwisePhase(ReALLMModule):
     def on_train_epoch_end(self) -> None:
         if self._current is None:
             return
+        if self._pending:  # the epoch's last, partial group of micro-batches
+            opt = self._optimizer(self._current)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            self._pending = 0
+            self._steps += 1
         self._epochs_done += 1
         if self._epochs_done >= self.epochs_per_block or self.trainer.fast_dev_run:
-            if self._pending:
-                self._steps += 1
             self._finish_block(self._current)
 
     # -- assembly ----------------------------------------------------------------------------------
