@@ -118,6 +118,12 @@ def logger_config(kind: str, wandb: Any, run_dir: str | os.PathLike, job_type: s
     for key in ("entity", "group"):
         if _get(wandb, key):
             init[key] = _get(wandb, key)
+    # what `wandb agent` (or reallm.sweep) hands a run through the environment, passed explicitly:
+    # W&B reads the environment once per process
+    if os.environ.get("WANDB_RUN_ID"):
+        init["id"] = os.environ["WANDB_RUN_ID"]
+    if "group" not in init and os.environ.get("WANDB_RUN_GROUP"):
+        init["group"] = os.environ["WANDB_RUN_GROUP"]
     if _get(wandb, "tags"):
         init["tags"] = list(_get(wandb, "tags"))
     # the CSV logger first: Lightning puts default checkpoint folders under the first logger

@@ -40,9 +40,9 @@ def test_phase_yaml_fast_dev_run(phase1, tmp_path, config):
     load_compressed(run_dir / "reallm")  # a loadable checkpoint, even from a shortened run
 
 
-@pytest.mark.parametrize("preset", ["vq-2bit-ft", "vq-3bit-ft"])
-def test_fine_tuning_presets_compress(phase1, tmp_path, preset):
-    """The presets made for phases 2-3 run phase 1 through the CLI and keep a rank-1 DoRA part."""
+@pytest.mark.parametrize(("preset", "rank", "dora"), [("vq-2bit-ft", 2, False), ("vq-3bit-ft", 1, True)])
+def test_fine_tuning_presets_compress(phase1, tmp_path, preset, rank, dora):
+    """The presets made for phases 2-3 run phase 1 through the CLI and keep a trainable part."""
     cli_main(["fit", "--config", str(ROOT / "configs" / "ae.yaml"),
               "--config", str(ROOT / "configs" / "methods" / f"{preset}.yaml"),
               "--model.init_args.model_name_or_path", str(phase1.base),
@@ -54,7 +54,7 @@ def test_fine_tuning_presets_compress(phase1, tmp_path, preset):
     from reallm import iter_reallm_layers
 
     layers = list(iter_reallm_layers(model))
-    assert layers and all(layer.rank == 1 and layer.magnitude is not None for _, layer in layers)
+    assert layers and all(layer.rank == rank and (layer.magnitude is not None) == dora for _, layer in layers)
     assert all(layer.config.lowrank_dtype == "int8" for _, layer in layers)
 
 

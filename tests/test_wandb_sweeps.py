@@ -15,7 +15,15 @@ import yaml
 from tiny_models import save_tiny_model_dir
 
 from reallm.cli import cli_main
-from reallm.logging import WANDB_LOGGER, WandbSettings, logger_config, resolve_mode, summary_metrics, upload_run
+from reallm.logging import (
+    WANDB_LOGGER,
+    WandbSettings,
+    flatten,
+    logger_config,
+    resolve_mode,
+    summary_metrics,
+    upload_run,
+)
 from reallm.sweep import SweepError, check_sweep, command_line, example_parameter_sets, load_sweep, program_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +46,8 @@ def no_wandb_key(monkeypatch, tmp_path):
     """No API key anywhere: W&B must go offline by itself."""
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    for key in ("WANDB_RUN_ID", "WANDB_RUN_GROUP", "WANDB_SWEEP_ID", "WANDB_PROJECT"):
+        monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
@@ -201,13 +211,17 @@ def test_sweep_parameters_are_accepted_by_the_cli(sweep, monkeypatch):
         for key, value in params.items():
             got = _dotted(printed, key)
             assert got == pytest.approx(value), (key, got, value)
+        # a null given as a dict entry (`--x.dict.key=null`) arrives as the string "None"
+        nones = [k for k, v in flatten(printed).items() if v == "None"]
+        assert not nones, f"{sweep.name}: the string 'None' at {nones}"
         comp = printed["model"]["init_args"].get("compression")
         if comp:
             config = CompressionConfig(**comp)  # validates
             if config.quantizer == "autoencoder":
                 from reallm.nn.codec import ae_spec
 
-                ae_spec(config)  # the autoencoder options are real and consistent
+                spec = ae_spec(config)  # the autoencoder options are real and consistent
+                assert spec.decoder_params_count() > 0  # the decoder width can be solved
 
 
 def test_a_wrong_parameter_name_is_caught(monkeypatch):
