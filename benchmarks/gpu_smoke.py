@@ -85,7 +85,8 @@ def main() -> int:
         _, t = timed(step, dev)
         times.append(t)
     grads = {n for n, p in layer.named_parameters() if p.grad is not None}
-    print(f"\nDoRA ReALLMLinear {4096 // k}×{11008 // k}, x (8, {2048 // k}, {11008 // k}), bf16 autocast: {1e3 * min(times[1:]):.1f} ms/step "
+    shape = f"{4096 // k}×{11008 // k}, x (8, {2048 // k}, {11008 // k})"
+    print(f"\nDoRA ReALLMLinear {shape}, bf16 autocast: {1e3 * min(times[1:]):.1f} ms/step "
           f"(first step incl. decode {1e3 * times[0]:.1f} ms); grads: {sorted(grads)}; "
           f"frozen buffers require grad: {any(b.requires_grad for b in layer.buffers())}")
     # CPU vs device agreement

@@ -38,7 +38,6 @@ from reallm.quant.scales import QuantizedScales, block_absmax, quantize_scales
 from reallm.quant.vq import assign, kmeans
 
 
-
 class CompressionError(ValueError):
     """A weight that cannot be compressed (NaN/Inf values, impossible shape or configuration)."""
 

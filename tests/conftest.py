@@ -35,3 +35,14 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared data directory {SHARED} is absent (real-data tests need ../shared)")
     return SHARED
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Numerical checks on small problems run single-threaded: fast and stable on a shared 2-core
+    machine (OpenMP barriers stall under oversubscription). The previous setting is restored after
+    the module. Use with `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

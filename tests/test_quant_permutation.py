@@ -11,16 +11,7 @@ from reallm.quant.permutation import (
     unpermute_columns,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These checks are about numbers, not speed: small problems run single-threaded, which keeps
-    them fast and stable on a shared 2-core machine (OpenMP barriers stall under oversubscription).
-    The previous setting is restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize(("p", "q", "row_block"), [(256, 96, 128), (300, 200, 128), (130, 64, 64), (50, 33, 7)])

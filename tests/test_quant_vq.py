@@ -7,16 +7,7 @@ from scipy.cluster.vq import kmeans2, vq
 
 from reallm.quant.vq import KMeansResult, assign, kmeans
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These checks are about numbers, not speed: small problems run single-threaded, which keeps
-    them fast and stable on a shared 2-core machine (OpenMP barriers stall under oversubscription).
-    The previous setting is restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _data(n, d, seed=0):
