@@ -6,7 +6,7 @@
 Paper sizes (method.md §4): patch P = 512 (64 patches per matrix), latent 16 × 16 × 16 (5 stages),
 ConvNeXt encoder of width 64, decoder budget c = 7.2e6 parameters (F solved from it), b_φ = 6 (QAT),
 latent VQ b = 3, d = 2, batch 2 patches per decoder, Adam. The training step is the phase's own
-(`reallm.nn.codec.training_step`, the latent VQ on, as in most of the schedule). With ``--groups G``, G
+(`reallm.nn.ae_recipe.training_step`, the latent VQ on, as in most of the schedule). With ``--groups G``, G
 matrices (G decoders) are trained together in one stack; the time per matrix-epoch is then the stack's
 epoch time / G. The projection is 224 × 2000 × (seconds per matrix-epoch) / N devices (the phase gives
 each device its share of the matrices; they never communicate).
@@ -27,8 +27,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from reallm.codecs import autoencoder as ae_format  # noqa: E402
 from reallm.config import CompressionConfig  # noqa: E402
-from reallm.nn import codec  # noqa: E402
+from reallm.training import autoencoder as ae_recipe  # noqa: E402
+from reallm.training import schedules  # noqa: E402
 
 
 def run_epoch(stack, data, sched, opt, lr, autocast, e: int, steps: int) -> None:
@@ -36,7 +38,7 @@ def run_epoch(stack, data, sched, opt, lr, autocast, e: int, steps: int) -> None
     for s in range(steps):
         opt.zero_grad(set_to_none=True)
         with autocast:
-            loss, _ = codec.training_step(stack, data, sched, e, s)
+            loss, _ = ae_recipe.training_step(stack, data, sched, e, s)
         loss.backward()
         opt.step()
         lr.step()
@@ -70,22 +72,22 @@ def main() -> int:
     ae = {"patch": args.patch, "n_stages": args.n_stages, "latent_channels": 16, "encoder_width": args.encoder_width,
           "encoder_blocks": 1, "decoder_params": args.decoder_params, "weight_bits": 6, "share": "matrix"}
     cfg = CompressionConfig(quantizer="autoencoder", bits=3, vq_dim=2, rank=0, autoencoder=ae)
-    spec = codec.ae_spec(cfg)
+    spec = ae_format.ae_spec(cfg)
     print(f"decoder: F = {spec.width()}, {spec.decoder_params_count():,} parameters (c = {args.decoder_params:.3g}); "
           f"latent per patch {spec.latent_hw[0]} × {spec.latent_hw[1]} × {spec.latent_channels}; "
           f"{(args.size // args.patch) ** 2} patches of {args.patch}² per matrix", flush=True)
-    sched = codec.TrainSchedule(epochs=10**6, batch_size=args.batch, vq_start=0.0, finetune=0.0, kmeans_iters=10)
+    sched = ae_recipe.TrainSchedule(epochs=10**6, batch_size=args.batch, vq_start=0.0, finetune=0.0, kmeans_iters=10)
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if args.precision == "bf16"
                 else contextlib.nullcontext())
     rows = []
     for G in args.groups:
         g = torch.Generator(device="cpu").manual_seed(G)
-        pms = [codec.prepare_matrix((torch.randn(args.size, args.size, generator=g) * 0.02).to(dev), cfg, f"m{k}")
+        pms = [ae_recipe.prepare_matrix((torch.randn(args.size, args.size, generator=g) * 0.02).to(dev), cfg, f"m{k}")
                for k in range(G)]
-        data = codec.GroupData([[pm] for pm in pms], spec, device=dev)
-        stack = codec.AEStack(spec, cfg.bits, cfg.vq_dim, G, list(range(G))).to(dev)
-        opt, lr = codec.make_optimizer(stack.parameters(), 1e-3, 10**6, 0.0)
-        codec.on_epoch_start(stack, data, sched, 0)  # the latent VQ codebook (k-means) is fitted here
+        data = ae_recipe.GroupData([[pm] for pm in pms], spec, device=dev)
+        stack = ae_recipe.AEStack(spec, cfg.bits, cfg.vq_dim, G, list(range(G))).to(dev)
+        opt, lr = schedules.adam_with_cosine(stack.parameters(), 1e-3, 10**6, 0.0)
+        ae_recipe.on_epoch_start(stack, data, sched, 0)  # the latent VQ codebook (k-means) is fitted here
         steps = data.steps_per_epoch(args.batch)
 
         try:

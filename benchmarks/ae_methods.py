@@ -68,8 +68,8 @@ def single_config_model(run_dir: Path, label: str):
     from transformers import AutoModelForCausalLM
 
     from reallm.container import ReALLMWeight
+    from reallm.hf import set_module
     from reallm.nn.dora import ReALLMLinear
-    from reallm.surgery import _set_module
 
     model = AutoModelForCausalLM.from_pretrained(MODEL).eval()
     found = []
@@ -85,7 +85,7 @@ def single_config_model(run_dir: Path, label: str):
         mod = model.get_submodule(name)
         layer = ReALLMLinear(w, mod.bias.detach() if mod.bias is not None else None)
         layer.stats = {"rel_frobenius_error": stats["rel_frobenius_error"]}
-        _set_module(model, name, layer)
+        set_module(model, name, layer)
     return model
 
 

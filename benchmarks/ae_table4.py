@@ -28,9 +28,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from reallm.codecs import autoencoder as ae_format  # noqa: E402
 from reallm.config import CompressionConfig  # noqa: E402
 from reallm.container import compress_weight, relative_error  # noqa: E402
-from reallm.nn import codec  # noqa: E402
+from reallm.training import autoencoder as ae_recipe  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -49,19 +50,19 @@ def structured_matrix(p: int = 256, q: int = 256, seed: int = 0) -> torch.Tensor
     return 0.02 * (W + 0.02 * torch.randn(p, q, generator=g))
 
 
-def train_ae(Ws: dict[str, torch.Tensor], cfg: CompressionConfig, sched: codec.TrainSchedule) -> dict:
+def train_ae(Ws: dict[str, torch.Tensor], cfg: CompressionConfig, sched: ae_recipe.TrainSchedule) -> dict:
     """One decoder for all of Ws (share=model); returns errors and bits from the stored containers."""
-    spec = codec.ae_spec(cfg)
-    pms = [codec.prepare_matrix(W, cfg, n) for n, W in Ws.items()]
-    data = codec.GroupData([pms], spec)
-    stack = codec.AEStack(spec, cfg.bits, cfg.vq_dim, 1, [cfg.seed], qat=sched.qat)
+    spec = ae_format.ae_spec(cfg)
+    pms = [ae_recipe.prepare_matrix(W, cfg, n) for n, W in Ws.items()]
+    data = ae_recipe.GroupData([pms], spec)
+    stack = ae_recipe.AEStack(spec, cfg.bits, cfg.vq_dim, 1, [cfg.seed], qat=sched.qat)
     t0 = time.time()
-    hist = codec.train_stacks([(stack, data)], sched)
-    res = codec.export_group(stack, data, 0)
+    hist = ae_recipe.train_stacks([(stack, data)], sched)
+    res = ae_recipe.export_group(stack, data, 0)
     errs, bits, n = [], 0.0, 0
     items: dict[str, float] = {}
     for pm in pms:
-        w = codec.build_container(pm, cfg, res)
+        w = ae_recipe.build_container(pm, cfg, res)
         errs.append(relative_error(Ws[pm.name], w.dequantize()))
         b = w.bits()
         bits += b["total"]
@@ -76,19 +77,17 @@ def data_free(Ws: dict[str, torch.Tensor], cfg: CompressionConfig) -> dict:
     """NF / VQ without decoder (a VQ codebook shared by all of Ws when codebook_scope == "model")."""
     from torch import nn
 
-    from reallm.surgery import fit_shared_codebooks
+    from reallm.surgery import fit_shared_tensors
 
-    cb = None
-    if cfg.quantizer == "vq" and cfg.codebook_scope == "model":
-        mods = []
-        for n, W in Ws.items():
-            lin = nn.Linear(W.shape[1], W.shape[0], bias=False)
-            lin.weight.data = W
-            mods.append((n, lin, cfg))
-        cb = fit_shared_codebooks(mods, progress=False)[cfg.key()]
+    mods = []
+    for n, W in Ws.items():
+        lin = nn.Linear(W.shape[1], W.shape[0], bias=False)
+        lin.weight.data = W
+        mods.append((n, lin, cfg))
+    cb = fit_shared_tensors(mods, progress=False).get(cfg.key())  # a model-wide codebook, if the config shares one
     errs, bits, n = [], 0.0, 0
     for name, W in Ws.items():
-        w = compress_weight(W, cfg, name=name, codebook=cb[0] if cb else None, shared_numel=cb[1] if cb else None)
+        w = compress_weight(W, cfg, name=name, shared=cb[0] if cb else None, shared_numel=cb[1] if cb else None)
         errs.append(relative_error(W, w.dequantize()))
         bits += w.bits()["total"]
         n += W.numel()
@@ -127,7 +126,7 @@ def main() -> int:
     W = {"structured": structured_matrix()}
     ae = {"patch": 64, "n_stages": 4, "latent_channels": 8, "encoder_width": 16, "encoder_blocks": 1,
           "decoder_params": 1.0e4, "kernels": [1, 3, 3, 3], "share": "model"}
-    sched = codec.TrainSchedule(epochs=args.epochs_structured, lr=3e-3, batch_size=4, vq_start=0.3, finetune=0.2,
+    sched = ae_recipe.TrainSchedule(epochs=args.epochs_structured, lr=3e-3, batch_size=4, vq_start=0.3, finetune=0.2,
                                 kmeans_iters=25)
     print(f"\n### Structured 256 × 256 matrix (smooth fields + 2 % noise), {args.epochs_structured} epochs, "
           f"patch 64, latent 4 × 4 × 8 per patch\n")
@@ -153,13 +152,13 @@ def main() -> int:
         return 0
     from transformers import AutoModelForCausalLM
 
-    from reallm.surgery import is_linear
+    from reallm.hf import is_linear
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     Ws = {n: m.weight.detach().float() for n, m in model.named_modules() if is_linear(m) and ".layers." in n}
     ae = {"patch": 32, "n_stages": 1, "latent_channels": 4, "encoder_width": 16, "encoder_blocks": 0,
           "decoder_width": 12, "kernels": [3], "share": "model"}
-    sched = codec.TrainSchedule(epochs=args.epochs_real, lr=3e-3, batch_size=32, vq_start=0.3, vq_refresh=10,
+    sched = ae_recipe.TrainSchedule(epochs=args.epochs_real, lr=3e-3, batch_size=32, vq_start=0.3, vq_refresh=10,
                                 commitment=0.0, finetune=0.2, kmeans_iters=25)
     print(f"\n### stories260K: its {len(Ws)} linear matrices ({sum(w.numel() for w in Ws.values())} weights), "
           f"one decoder shared by all, {args.epochs_real} epochs\n")

@@ -6,16 +6,16 @@ Python API (see README):
 
 from reallm.bits import bits_report, format_bits_table
 from reallm.checkpoint import (
-    CheckpointError,
     export_dense,
     load_compressed,
     save_adapters,
     save_compressed,
 )
 from reallm.config import CompressionConfig
-from reallm.container import CompressionError, ReALLMWeight, compress_weight
+from reallm.container import ReALLMWeight, compress_weight
+from reallm.errors import CheckpointError, CompressionError, UnsupportedModelError, UserError
 from reallm.nn.dora import ReALLMLinear
-from reallm.surgery import UnsupportedModelError, compress_, iter_reallm_layers, mark_only_adapters_trainable
+from reallm.surgery import compress_, iter_reallm_layers, mark_only_adapters_trainable
 
 __all__ = [
     "CheckpointError",
@@ -24,6 +24,7 @@ __all__ = [
     "ReALLMLinear",
     "ReALLMWeight",
     "UnsupportedModelError",
+    "UserError",
     "bits_report",
     "compress_",
     "compress_weight",

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from reallm.container import relative_error
-from reallm.surgery import iter_reallm_layers, linear_weight
+from reallm.hf import linear_weight
+from reallm.surgery import iter_reallm_layers
 
 
 def _original_weight(original: nn.Module | dict | None, name: str) -> torch.Tensor | None:

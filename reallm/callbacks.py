@@ -24,7 +24,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from reallm.modules.base import UserError
+from reallm.errors import UserError
 
 __all__ = ["EvalAfterFit", "NonFiniteError", "NonFiniteGuard", "RunArtifacts", "phase_model"]
 
@@ -241,7 +241,7 @@ class EvalAfterFit(L.Callback):
             return
         from reallm.datamodules.text import TextDataModule
         from reallm.eval.perplexity import perplexity
-        from reallm.modules.base import atomic_write_json
+        from reallm.files import atomic_write_json
 
         # the tokenizer of the base model (a stable path: its token windows are cached once for all
         # the runs of a sweep), else the one saved with the new checkpoint
@@ -319,6 +319,7 @@ class RunArtifacts(L.Callback):
                 self._original = (name, batch["weight"].detach().to("cpu", copy=True))
 
     def _heatmap_input(self, trainer, pl_module) -> tuple[str, Tensor, Tensor, Tensor | None] | None:
+        from reallm.hf import read_weight
         from reallm.surgery import iter_reallm_layers
 
         model = phase_model(trainer, pl_module)
@@ -332,7 +333,7 @@ class RunArtifacts(L.Callback):
         if self._original is not None and self._original[0] == name:
             W = self._original[1]
         else:
-            W = original_weight(pl_module.model_source(), name, layer.layout)
+            W = read_weight(pl_module.model_source(), name, layer.layout)
             if W is None:
                 return None
         with torch.no_grad():
@@ -368,23 +369,3 @@ class RunArtifacts(L.Callback):
         for run in wandb_runs(trainer):
             run.finish(exit_code=1)
 
-
-def original_weight(source: str, name: str, layout: str = "linear") -> Tensor | None:
-    """One original weight (p, q) read from the base model's safetensors (nothing else is loaded);
-    None when the base model cannot be read."""
-    from safetensors import safe_open
-
-    from reallm.modules.blocks import resolve_safetensors
-
-    try:
-        files = resolve_safetensors(source)
-    except (UserError, OSError, ValueError):
-        return None
-    key = f"{name}.weight"
-    candidates = [key] + [k for k in files if k.endswith(key)]
-    for k in candidates:
-        if k in files:
-            with safe_open(str(files[k]), framework="pt") as f:
-                W = f.get_tensor(k).float()
-            return W.T.contiguous() if layout == "conv1d" else W
-    return None

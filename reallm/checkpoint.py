@@ -32,8 +32,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from reallm.container import ReALLMWeight
+from reallm.errors import CheckpointError
+from reallm.files import (
+    atomic_save_safetensors,
+    atomic_write_text,
+    publish_dir,
+    sha256_file,
+    tensor_digest,
+)
+from reallm.hf import set_module
 from reallm.nn.dora import ReALLMLinear
-from reallm.surgery import _set_module, iter_reallm_layers
+from reallm.surgery import iter_reallm_layers
 
 FORMAT_NAME = "reallm"
 FORMAT_VERSION = 1
@@ -42,40 +51,9 @@ ADAPTER_FILE = "adapters.safetensors"
 META_FILE = "reallm.json"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as it is (names the file and the problem)."""
-
-
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _tensor_digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def meta_digest(meta: dict[str, Any]) -> str:
     """SHA-256 of reallm.json's content without its own `meta_sha256` field (canonical JSON)."""
     body = {k: v for k, v in meta.items() if k != "meta_sha256"}
@@ -89,29 +67,6 @@ def write_meta(directory: str | os.PathLike, meta: dict[str, Any]) -> Path:
     path = Path(directory) / META_FILE
     atomic_write_text(path, json.dumps(meta, indent=1, sort_keys=True))
     return path
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata=None) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _publish_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written temporary directory into place (replacing an older one)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def _dense_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -137,7 +92,7 @@ def _layer_record(name: str, layer: ReALLMLinear) -> tuple[dict[str, torch.Tenso
     weight = layer.container()
     tensors, meta = weight.to_dict()
     frozen = {k: v for k, v in tensors.items() if k.startswith("frozen.")}
-    meta["shared"] = {k: _tensor_digest(v) for k, v in weight.shared.items()}
+    meta["shared"] = {k: tensor_digest(v) for k, v in weight.shared.items()}
     meta["frozen_keys"] = sorted(frozen)  # every tensor the layer needs, checked on load
     meta["bias"] = layer.bias is not None
     meta["layout"] = layer.layout
@@ -232,7 +187,7 @@ def save_compressed(
             "extra": extra or {},
         }
         write_meta(tmp, meta)
-        _publish_dir(tmp, final)
+        publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -409,7 +364,7 @@ def load_compressed(
             model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"{directory / META_FILE}: layer {name!r} does not exist in the model") from None
-        _set_module(model, name, layer)
+        set_module(model, name, layer)
 
     dense = {k[len("dense."):]: v for k, v in frozen.items() if k.startswith("dense.")}
     for alias, target in meta.get("aliases", {}).items():
@@ -455,7 +410,7 @@ def export_dense(model: nn.Module, directory: str | os.PathLike, *, tokenizer=No
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _publish_dir(tmp, final)
+        publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

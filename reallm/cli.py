@@ -32,8 +32,9 @@ from lightning.pytorch.cli import LightningCLI
 import reallm.strategies  # noqa: F401  (registers --trainer.strategy ddp_matrices)
 from reallm.callbacks import EvalAfterFit, NonFiniteGuard, RunArtifacts
 from reallm.datamodules.base import BaseDataModule
+from reallm.errors import UserError
 from reallm.logging import WandbSettings, logger_config
-from reallm.modules.base import ReALLMModule, UserError
+from reallm.modules.base import ReALLMModule
 
 
 def default_run_dir(subcommand: str | None = None) -> str:
@@ -147,10 +148,6 @@ def _plain(cfg) -> dict:
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> ReALLMCLI | None:
     """Entry point of train.py. User errors become one line on stderr and exit code 1."""
-    from reallm.checkpoint import CheckpointError
-    from reallm.container import CompressionError
-    from reallm.surgery import UnsupportedModelError
-
     try:
         return ReALLMCLI(
             ReALLMModule,
@@ -163,7 +160,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> ReALLMCLI | Non
             run=run,
             auto_configure_optimizers=False,
         )
-    except (UserError, CheckpointError, CompressionError, UnsupportedModelError, OSError) as e:
+    except (UserError, OSError) as e:
         if os.environ.get("REALLM_DEBUG"):
             raise
         _close_progress_bars()

@@ -6,11 +6,12 @@
 counts every stored tensor at its stored precision (protocol.md, "Bit accounting"); `to_dict()` /
 `from_dict()` convert to a flat dict of tensors plus JSON-able metadata (safetensors-friendly).
 
-Encoding order of the frozen part (each stage optional; method.md §2–3):
-    R = W − L1 L2ᵀ → Hadamard rotation → column permutation per row block → absmax block scales
-    (row-major blocks of B0 values, double-quantized) → NF / RTN / VQ of the normalised values.
-VQ vectors are *horizontal*: d consecutive values of one row, i.e. d neighbouring columns after
-the permutation has put similar columns side by side.
+Encoding order of the frozen part (each stage optional; method.md §2–3), one pipeline for every
+stored format (it knows none by name; the format is a codec of `reallm.codecs`):
+    R = W − L1 L2ᵀ → Hadamard rotation → column permutation per row block → blocks of B0 values
+    (row-major flattening) → absmax block scales (double-quantized) → codec.encode (NF, RTN, VQ, ...).
+A codec that is not `blockwise` ("none") sees R itself; one without `absmax_scales` (RTN) sees the
+unnormalised blocks. Decoding runs the same stages backwards from codec.decode.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import torch
 from torch import Tensor
 
 from reallm import storage
+from reallm.codecs import PIPELINE_BIT_ITEMS, get_codec
 from reallm.config import CompressionConfig
+from reallm.errors import CompressionError
 from reallm.quant.hadamard import rotate, unrotate
-from reallm.quant.lowrank import lowrank_decompose
+from reallm.quant.lowrank import low_rank_svd, lowrank_decompose
 from reallm.quant.packing import pack_bits, unpack_bits
 from reallm.quant.permutation import (
     greedy_column_permutation,
@@ -33,13 +36,7 @@ from reallm.quant.permutation import (
     permute_columns,
     unpermute_columns,
 )
-from reallm.quant.scalar import nearest_level, nf_levels, rtn_dequantize, rtn_quantize
 from reallm.quant.scales import QuantizedScales, block_absmax, quantize_scales
-from reallm.quant.vq import assign, kmeans
-
-
-class CompressionError(ValueError):
-    """A weight that cannot be compressed (NaN/Inf values, impossible shape or configuration)."""
 
 
 @dataclass
@@ -47,11 +44,11 @@ class _EncodeState:
     """What alternating iterations reuse instead of recomputing (method.md §1)."""
 
     perm: Tensor | None = None  # (n_row_blocks, q) column order, computed on the first residual
-    codebook: Tensor | None = None  # (K, d) fp32, warm start for the next k-means
+    codec: dict[str, Any] = field(default_factory=dict)  # the codec's warm start (e.g. the last codebook)
 
 
 # ---------------------------------------------------------------------------------------------
-# frozen part: normalise → quantize → (stored tensors) → decode
+# frozen part: the shared pipeline around the format's codec (reallm.codecs)
 # ---------------------------------------------------------------------------------------------
 def _rotation_seeds(config: CompressionConfig, name: str) -> tuple[int, int]:
     salt = zlib.crc32(name.encode())
@@ -64,15 +61,22 @@ def _pad_to(flat: Tensor, multiple: int) -> Tensor:
     return torch.cat([flat, flat.new_zeros(pad)]) if pad else flat
 
 
-def normalize_residual(
-    R: Tensor, config: CompressionConfig, name: str, state: _EncodeState
-) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
-    """Rotation, permutation and block scales applied to R (p, q).
+def n_blocks_of(shape: tuple[int, int], block_size: int) -> int:
+    """Blocks of `block_size` values in the row-major flattening of a (p, q) matrix (last one padded)."""
+    return -(-shape[0] * shape[1] // block_size)
 
-    Returns the blocks to quantize (n_blocks, B0) — normalised by their dequantised absmax
-    scale, except for RTN which scales per block itself —, the stored tensors of these stages,
-    and the dequantised scales (n_blocks,) (None for RTN).
+
+def normalize_residual(
+    R: Tensor, config: CompressionConfig, name: str = "", state: _EncodeState | None = None
+) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+    """Rotation, permutation, blocks and block scales applied to R (p, q), as the format asks.
+
+    Returns the blocks to quantize (n_blocks, B0) — normalised by their dequantised absmax scale when
+    the format uses absmax scales —, the stored tensors of these stages, and the dequantised scales
+    (n_blocks,) (None without absmax scales). `state` keeps the permutation between calls.
     """
+    state = state if state is not None else _EncodeState()
+    codec = get_codec(config.quantizer)
     p, q = R.shape
     stored: dict[str, Tensor] = {}
     X = R
@@ -86,7 +90,7 @@ def normalize_residual(
         X = permute_columns(X, state.perm, config.permute_rows)
         stored["perm"] = pack_bits(state.perm.reshape(-1), index_bits(q))
     blocks = _pad_to(X.reshape(-1), config.block_size).view(-1, config.block_size)  # (n_blocks, B0)
-    if config.quantizer == "rtn":
+    if not codec.absmax_scales:
         return blocks, stored, None
     qs = quantize_scales(block_absmax(blocks.reshape(-1), config.block_size),
                          config.scale_group, config.scale_bits)
@@ -96,67 +100,31 @@ def normalize_residual(
     return blocks / safe[:, None], stored, s_hat
 
 
-def fit_codebook(vectors: Tensor, config: CompressionConfig, init: Tensor | None = None) -> Tensor:
-    """k-means codebook (K, d) for VQ, rounded to its fp16 storage and returned in fp32."""
-    res = kmeans(
-        vectors,
-        config.codebook_size,
-        iters=config.kmeans_iters,
-        tol=config.kmeans_tol,
-        init=config.kmeans_init,
-        seed=config.seed,
-        max_points=config.kmeans_max_points,
-        init_codebook=init,
-    )
-    return res.codebook.to(torch.float16).float()
-
-
 def encode_frozen(
     R: Tensor,
     config: CompressionConfig,
     name: str = "",
     *,
-    codebook: Tensor | None = None,
+    shared: dict[str, Tensor] | None = None,
     state: _EncodeState | None = None,
-) -> tuple[dict[str, Tensor], dict[str, Any], Tensor]:
-    """Compress the residual R (p, q). Returns (stored tensors, metadata, R̂ decoded from them).
+) -> tuple[dict[str, Tensor], dict[str, Any], Tensor, dict[str, Tensor]]:
+    """Compress the residual R (p, q) with the config's format.
 
-    `codebook` (K, d) fixes a shared VQ codebook instead of fitting one; `state` carries the
-    permutation and the last codebook between alternating iterations.
+    Returns (stored tensors, metadata, R̂ decoded from them, shared tensors used). `shared` holds
+    tensors fitted once for several matrices (`fit_shared`, e.g. a model-wide codebook); `state`
+    carries the permutation and the codec's warm start between alternating iterations.
     """
     state = state or _EncodeState()
-    p, q = R.shape
-    meta: dict[str, Any] = {}
-    if config.quantizer == "none":
-        stored = {"dense": R.to(torch.float16).contiguous()}
-        return stored, meta, decode_frozen(stored, meta, config, (p, q))
-    if config.quantizer == "autoencoder":
-        raise CompressionError(
-            "quantizer='autoencoder' is produced by the autoencoder phase (reallm.modules), "
-            "not by compress_weight"
-        )
-    blocks, stored, _ = normalize_residual(R, config, name, state)
-    b = config.bits
-    if config.quantizer == "rtn":
-        codes, lo, step = rtn_quantize(blocks, b)
-        stored.update(codes=pack_bits(codes.reshape(-1), b), rtn_lo=lo, rtn_step=step)
-    elif config.quantizer == "nf":
-        codes = nearest_level(blocks, nf_levels(b).to(blocks.device))
-        stored["codes"] = pack_bits(codes.reshape(-1), b)
-    else:  # vq: horizontal d-vectors inside each scale block
-        vectors = blocks.reshape(-1, config.vq_dim)  # (n_vectors, d)
-        if codebook is None:
-            codebook = fit_codebook(vectors, config, init=state.codebook)
-            state.codebook = codebook
-            stored["codebook"] = codebook.to(torch.float16)
-        else:
-            codebook = codebook.to(device=R.device, dtype=torch.float16).float()
-            meta["shared_codebook"] = True
-        codes = assign(vectors, codebook)
-        stored["codes"] = pack_bits(codes, config.code_width)
-    stored = {k: v.contiguous() for k, v in stored.items()}
-    shared = {"codebook": codebook.to(torch.float16)} if meta.get("shared_codebook") else None
-    return stored, meta, decode_frozen(stored, meta, config, (p, q), shared=shared)
+    codec = get_codec(config.quantizer)
+    if codec.produced_by is not None:
+        raise CompressionError(f"quantizer={config.quantizer!r} matrices are built by {codec.produced_by}")
+    if codec.blockwise:
+        X, stored, _ = normalize_residual(R, config, name, state)
+    else:
+        X, stored = R, {}
+    enc = codec.encode(X, config, shared=shared, state=state.codec)
+    stored = {k: v.contiguous() for k, v in {**stored, **enc.stored}.items()}
+    return stored, dict(enc.meta), decode_frozen(stored, enc.meta, config, R.shape, shared=enc.shared), enc.shared
 
 
 def decode_frozen(
@@ -168,17 +136,13 @@ def decode_frozen(
     shared: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """Q̂ (p, q) in fp32 from the stored tensors (the inverse of `encode_frozen`)."""
+    codec = get_codec(config.quantizer)
     p, q = shape
-    if config.quantizer == "none":
-        return stored["dense"].float()
-    n_values = p * q
-    n_blocks = -(-n_values // config.block_size)
-    B = config.block_size
-    b = config.bits
-    if config.quantizer == "rtn":
-        codes = unpack_bits(stored["codes"], b, n_blocks * B).view(n_blocks, B)
-        X = rtn_dequantize(codes, stored["rtn_lo"], stored["rtn_step"])
-    else:
+    n_blocks = n_blocks_of(shape, config.block_size)
+    X = codec.decode(stored, meta, config, shape, n_blocks, shared or {})
+    if not codec.blockwise:
+        return X
+    if codec.absmax_scales:
         qs = QuantizedScales(
             codes=stored["scale_codes"],
             group_max=stored["scale_group_max"],
@@ -186,23 +150,8 @@ def decode_frozen(
             group_size=config.scale_group,
             bits=config.scale_bits,
         )
-        s_hat = qs.dequantize()  # (n_blocks,)
-        if config.quantizer == "nf":
-            codes = unpack_bits(stored["codes"], b, n_blocks * B)
-            Y = nf_levels(b).to(s_hat.device)[codes]
-        elif config.quantizer == "vq":
-            codebook = stored["codebook"] if "codebook" in stored else (shared or {}).get("codebook")
-            if codebook is None:
-                raise CompressionError("VQ matrix without its codebook (shared codebook missing)")
-            d = config.vq_dim
-            codes = unpack_bits(stored["codes"], config.code_width, n_blocks * B // d)
-            Y = codebook.float()[codes]  # (n_vectors, d)
-        else:  # autoencoder: one decoder forward gives the normalised matrix
-            from reallm.nn.codec import decode_autoencoder  # lazy: optional component
-
-            Y = _pad_to(decode_autoencoder(stored, meta, config, shape, shared or {}).reshape(-1), B)
-        X = Y.reshape(n_blocks, B) * s_hat[:, None]
-    X = X.reshape(-1)[:n_values].view(p, q)
+        X = X * qs.dequantize()[:, None]  # (n_blocks, B0) × (n_blocks, 1)
+    X = X.reshape(-1)[: p * q].view(p, q)
     if config.permute:
         n_row_blocks = -(-p // config.permute_rows)
         perm = unpack_bits(stored["perm"], index_bits(q), n_row_blocks * q).view(n_row_blocks, q)
@@ -250,10 +199,7 @@ class ReALLMWeight:
         if self.rank == 0:
             dev = next(iter(self.frozen.values())).device
             return torch.zeros(p, 0, device=dev), torch.zeros(q, 0, device=dev)
-        dt = self.config.lowrank_dtype
-        L1 = storage.decode_stored(_sub(self.lowrank, "L1"), dt)
-        L2 = storage.decode_stored(_sub(self.lowrank, "L2"), dt)
-        return L1, L2
+        return decode_lowrank(self.lowrank, self.config.lowrank_dtype)
 
     def dequantize(self) -> Tensor:
         """The full reconstruction Q̂ + L1 L2ᵀ (p, q) in fp32."""
@@ -267,21 +213,31 @@ class ReALLMWeight:
     def bits(self, include_magnitude: bool | None = None) -> dict[str, float]:
         """Stored bits, itemised (protocol.md): every tensor at its stored precision.
 
-        Items: codes, codebook, scales, permutation, rotation, dense, lowrank, magnitude (the DoRA
-        magnitude p values, counted when the config keeps one), plus `total` and `per_weight`.
-        Shared tensors are charged in proportion numel / meta["shared_numel"].
+        Items: those of the format (`Codec.bit_items`: codes, codebook, dense, latent, decoder, ...),
+        of the shared pipeline (scales, permutation, rotation), lowrank, magnitude (the DoRA magnitude
+        p values, counted when the config keeps one), plus `total` and `per_weight`. Shared tensors
+        are charged in proportion numel / meta["shared_numel"]. A stored tensor that no item claims
+        is an error (it would otherwise go uncounted or be filed under a wrong item).
         """
         p, q = self.shape
         items: dict[str, float] = {}
+        item_of = bit_items_of(self.config)
 
         def add(item: str, nbits: float) -> None:
             items[item] = items.get(item, 0.0) + nbits
 
+        def item(key: str) -> str:
+            found = item_of.get(key.split(".")[0])
+            if found is None:
+                raise KeyError(f"format {self.config.quantizer!r} stores {key!r}, which no bit item claims "
+                               f"(add it to the codec's bit_items)")
+            return found
+
         for k, t in self.frozen.items():
-            add(_ITEM_OF.get(k.split(".")[0], "other"), _nbits(t))
+            add(item(k), _nbits(t))
         share = (p * q) / self.meta.get("shared_numel", p * q)
         for k, t in self.shared.items():
-            add(_ITEM_OF.get(k.split(".")[0], "other"), _nbits(t) * share)
+            add(item(k), _nbits(t) * share)
         add("lowrank", sum(_nbits(t) for t in self.lowrank.values()))
         dora = self.config.dora if include_magnitude is None else include_magnitude
         if dora and self.rank > 0:
@@ -333,21 +289,9 @@ class ReALLMWeight:
                             dict(self.meta), mv(self.shared))
 
 
-_ITEM_OF = {
-    "codes": "codes",
-    "codebook": "codebook",
-    "scale_codes": "scales",
-    "scale_group_max": "scales",
-    "scale_offset": "scales",
-    "rtn_lo": "scales",
-    "rtn_step": "scales",
-    "perm": "permutation",
-    "rotation_seeds": "rotation",
-    "dense": "dense",
-    "latent_codes": "latent",
-    "latent_codebook": "latent",
-    "decoder": "decoder",
-}
+def bit_items_of(config: CompressionConfig) -> dict[str, str]:
+    """Stored tensor name (its first dotted part) → bit item, for a config's format."""
+    return {**PIPELINE_BIT_ITEMS, **get_codec(config.quantizer).bit_items}
 
 
 def _nbits(t: Tensor) -> int:
@@ -358,10 +302,17 @@ def _sub(d: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix) + 1:]: v for k, v in d.items() if k.startswith(prefix + ".")}
 
 
-def _store_lowrank(L1: Tensor, L2: Tensor, dtype_name: str) -> dict[str, Tensor]:
+def store_lowrank(L1: Tensor, L2: Tensor, dtype_name: str) -> dict[str, Tensor]:
+    """The stored form of the factors L1 (p, r), L2 (q, r) ("L1.value", "L2.value", int8 scales)."""
     out = {f"L1.{k}": v for k, v in storage.encode_stored(L1, dtype_name).items()}
     out.update({f"L2.{k}": v for k, v in storage.encode_stored(L2, dtype_name).items()})
     return out
+
+
+def decode_lowrank(lowrank: dict[str, Tensor], dtype_name: str) -> tuple[Tensor, Tensor]:
+    """Inverse of `store_lowrank`: (L1 (p, r), L2 (q, r)) in fp32, exactly the stored values."""
+    return (storage.decode_stored(_sub(lowrank, "L1"), dtype_name),
+            storage.decode_stored(_sub(lowrank, "L2"), dtype_name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,8 +339,9 @@ def compress_weight(
     config: CompressionConfig,
     *,
     name: str = "",
-    codebook: Tensor | None = None,
+    shared: dict[str, Tensor] | None = None,
     shared_numel: int | None = None,
+    codebook: Tensor | None = None,
 ) -> ReALLMWeight:
     """Compress one weight W (p, q) with `config` (data-free; method.md §1–3).
 
@@ -397,58 +349,60 @@ def compress_weight(
         W: the weight in nn.Linear layout (out × in); any float dtype and device.
         config: the compression configuration.
         name: the layer name (salts the rotation seeds; named in errors).
-        codebook: a shared VQ codebook (K, d) to use instead of fitting one
-            (config.codebook_scope == "model").
-        shared_numel: weights of all matrices sharing that codebook (for the bit accounting).
+        shared: tensors shared by several matrices, fitted once by `fit_shared_tensors`
+            (config.codebook_scope == "model"), e.g. {"codebook": (K, d) fp16}.
+        shared_numel: weights of all matrices sharing them (for the bit accounting).
+        codebook: shorthand for shared={"codebook": codebook}.
     """
     check_weight(W, name)
-    if config.quantizer == "autoencoder":
-        raise CompressionError("quantizer='autoencoder' matrices are built by the autoencoder phase")
+    codec = get_codec(config.quantizer)
+    if codec.produced_by is not None:
+        raise CompressionError(f"quantizer={config.quantizer!r} matrices are built by {codec.produced_by}")
+    if codebook is not None:
+        shared = {**(shared or {}), "codebook": codebook}
     W = W.detach().float()
     p, q = W.shape
     r = config.resolve_rank(p, q)
     state = _EncodeState()
 
-    def quantize(R: Tensor) -> tuple[Tensor, tuple[dict[str, Tensor], dict[str, Any]]]:
-        stored, meta, R_hat = encode_frozen(R, config, name, codebook=codebook, state=state)
-        return R_hat, (stored, meta)
+    def quantize(R: Tensor) -> tuple[Tensor, tuple[dict[str, Tensor], dict[str, Any], dict[str, Tensor]]]:
+        stored, meta, R_hat, used = encode_frozen(R, config, name, shared=shared, state=state)
+        return R_hat, (stored, meta, used)
 
     if r == 0:
-        R_hat, (frozen, meta) = quantize(W)
+        R_hat, (frozen, meta, used) = quantize(W)
         lowrank: dict[str, Tensor] = {}
     else:
         result = lowrank_decompose(
             W, r, config.lowrank_init, quantize,
             iters=config.lowrank_iters, randomized=config.randomized_svd, seed=config.seed,
         )
-        frozen, meta = result.q_state
+        frozen, meta, used = result.q_state
         meta = dict(meta, lowrank_errors=[round(e, 6) for e in result.errors],
                     lowrank_best_iter=result.best_iter)
-        lowrank = _store_lowrank(result.L1, result.L2, config.lowrank_dtype)
+        lowrank = store_lowrank(result.L1, result.L2, config.lowrank_dtype)
     meta["rank"] = r
-    shared: dict[str, Tensor] = {}
-    if meta.pop("shared_codebook", False):
-        shared["codebook"] = codebook.to(device=W.device, dtype=torch.float16)
+    used = {k: v.to(W.device) for k, v in used.items()}
+    if used:
         meta["shared_numel"] = int(shared_numel or p * q)
-    return ReALLMWeight((p, q), config, frozen, lowrank, meta, shared)
+    return ReALLMWeight((p, q), config, frozen, lowrank, meta, used)
 
 
 @torch.no_grad()
-def codebook_training_vectors(W: Tensor, config: CompressionConfig, name: str = "") -> Tensor:
-    """The normalised d-vectors of W's residual after the initial low-rank part (for a codebook
-    shared by several matrices, fitted before any of them is encoded)."""
+def shared_training_vectors(W: Tensor, config: CompressionConfig, name: str = "") -> Tensor:
+    """The normalised vectors (N, vector_dim) of W's residual after the initial low-rank part, which
+    tensors shared by several matrices (a model-wide codebook) are fitted on before any of them is
+    encoded."""
     check_weight(W, name)
     W = W.detach().float()
     p, q = W.shape
     r = config.resolve_rank(p, q)
     R = W
     if r and config.lowrank_init != "zero":
-        from reallm.quant.lowrank import low_rank_svd
-
         L1, L2 = low_rank_svd(W, r, randomized=config.randomized_svd, seed=config.seed)
         R = W - L1 @ L2.T
-    blocks, _, _ = normalize_residual(R, config, name, _EncodeState())
-    return blocks.reshape(-1, config.vq_dim)
+    blocks, _, _ = normalize_residual(R, config, name)
+    return blocks.reshape(-1, get_codec(config.quantizer).vector_dim(config))
 
 
 def relative_error(W: Tensor, W_hat: Tensor) -> float:

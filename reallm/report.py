@@ -184,8 +184,9 @@ def write_figures(rows: list[dict[str, Any]], out: str | Path, heatmap_layer: st
 
 def _heatmaps(rows: list[dict[str, Any]], out: Path, layer: str | None, limit: int) -> list[Path]:
     from reallm import plots
-    from reallm.callbacks import original_weight
-    from reallm.checkpoint import CheckpointError, load_layer
+    from reallm.checkpoint import load_layer
+    from reallm.errors import CheckpointError
+    from reallm.hf import read_weight
 
     written = []
     for r in [r for r in rows if r["checkpoint_dir"] and r["matrices"]][:limit]:
@@ -195,7 +196,7 @@ def _heatmaps(rows: list[dict[str, Any]], out: Path, layer: str | None, limit: i
         except CheckpointError as e:
             print(f"warning: no heat map for {r['label']}: {e}", file=sys.stderr)
             continue
-        W = original_weight(r["model"], name, lay.layout) if r.get("model") else None
+        W = read_weight(r["model"], name, lay.layout) if r.get("model") else None
         if W is None:
             print(f"warning: no heat map for {r['label']}: the base model {r.get('model')!r} cannot be read",
                   file=sys.stderr)

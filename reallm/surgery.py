@@ -15,70 +15,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from reallm.codecs import get_codec
 from reallm.config import CompressionConfig
-from reallm.container import (
-    CompressionError,
-    codebook_training_vectors,
-    compress_weight,
-    fit_codebook,
-    relative_error,
-)
+from reallm.container import compress_weight, relative_error, shared_training_vectors
+from reallm.errors import CompressionError
+from reallm.hf import find_decoder_blocks, is_linear, linear_weight, set_module
 from reallm.nn.dora import ReALLMLinear
-
-try:  # GPT-2 style layers: weight stored (in, out), y = x W + b
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = ()  # type: ignore[assignment]
 
 FilterFn = Callable[[str, nn.Module], bool]
 ConfigSpec = CompressionConfig | Mapping[str, CompressionConfig | None]
-
-
-class UnsupportedModelError(ValueError):
-    """The model has no recognisable stack of decoder blocks."""
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The weight in nn.Linear layout (out × in), whatever the layer type."""
-    if isinstance(module, nn.Linear):
-        return module.weight
-    return module.weight.T  # Conv1D keeps (in, out)
-
-
-def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList holding the transformer blocks (model.model.layers, transformer.h, ...).
-
-    Found structurally: the longest nn.ModuleList whose length equals `config.num_hidden_layers`
-    (or, without a config, the longest ModuleList of modules that contain linear layers).
-    """
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
-            continue
-        if n_layers is not None and len(mod) != n_layers:
-            continue
-        if not any(is_linear(m) for m in mod[0].modules()):
-            continue
-        if best is None or len(mod) > len(best[1]):
-            best = (name, mod)
-    if best is None:
-        kind = type(model).__name__
-        raise UnsupportedModelError(
-            f"unsupported architecture {kind}: no list of decoder blocks with linear layers was found"
-        )
-    return best
-
-
-def decoder_block_index(name: str, blocks_prefix: str) -> int | None:
-    """Index of the decoder block a module name belongs to (None outside the blocks)."""
-    if not name.startswith(blocks_prefix + "."):
-        return None
-    return int(name[len(blocks_prefix) + 1:].split(".")[0])
 
 
 def default_filter(blocks_prefix: str) -> FilterFn:
@@ -100,12 +45,6 @@ def iter_reallm_layers(model: nn.Module) -> Iterator[tuple[str, ReALLMLinear]]:
     for name, mod in model.named_modules():
         if isinstance(mod, ReALLMLinear):
             yield name, mod
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 @dataclass
@@ -137,16 +76,17 @@ def select_layers(
 
 
 @torch.no_grad()
-def fit_shared_codebooks(
+def fit_shared_tensors(
     targets: list[tuple[str, nn.Module, CompressionConfig]],
     device: torch.device | str | None = None,
     progress: bool = True,
-) -> dict[str, tuple[torch.Tensor, int]]:
-    """One k-means codebook per config with codebook_scope="model", fitted on the pooled
-    normalised residual vectors of all its matrices. Returns {config key: (codebook, numel)}."""
+) -> dict[str, tuple[dict[str, torch.Tensor], int]]:
+    """Tensors shared by every matrix of a config whose format shares them (`Codec.can_share`, e.g. one
+    VQ codebook for `codebook_scope: model`), fitted on the pooled normalised residual vectors of all
+    its matrices. Returns {config key: (shared tensors, weights of the sharing matrices)}."""
     groups: dict[str, list[tuple[str, nn.Module, CompressionConfig]]] = {}
     for t in targets:
-        if t[2].quantizer == "vq" and t[2].codebook_scope == "model":
+        if get_codec(t[2].quantizer).can_share(t[2]):
             groups.setdefault(t[2].key(), []).append(t)
     out = {}
     for key, members in groups.items():
@@ -157,13 +97,14 @@ def fit_shared_codebooks(
         gen = torch.Generator().manual_seed(cfg.seed)
         for name, mod, _ in tqdm(members, desc="shared codebook: vectors", disable=not progress):
             W = linear_weight(mod).detach().to(device or mod.weight.device)
-            vec = codebook_training_vectors(W, cfg, name).cpu()
+            vec = shared_training_vectors(W, cfg, name).cpu()
             take = max(1, round(budget * W.numel() / numel))  # proportional subsample
             if vec.shape[0] > take:
                 vec = vec[torch.randperm(vec.shape[0], generator=gen)[:take]]
             pooled.append(vec)
         vectors = torch.cat(pooled).to(device or "cpu")
-        out[key] = (fit_codebook(vectors, cfg).cpu(), numel)
+        shared = get_codec(cfg.quantizer).fit_shared(vectors, cfg)
+        out[key] = ({k: v.cpu() for k, v in shared.items()}, numel)
     return out
 
 
@@ -198,7 +139,7 @@ def compress_(
     targets = select_layers(model, config, filter_fn)
     if not targets:
         raise CompressionError("no layer matched the filter / config patterns: nothing to compress")
-    shared = fit_shared_codebooks(targets, device, progress)
+    shared = fit_shared_tensors(targets, device, progress)
     summary = CompressionSummary()
     bar = tqdm(targets, desc="compressing", unit="matrix", disable=not progress)
     for name, mod, cfg in bar:
@@ -207,16 +148,16 @@ def compress_(
         W = linear_weight(mod).detach()
         home = W.device
         if layer is None:
-            codebook, numel = shared.get(cfg.key(), (None, None))
+            tensors, numel = shared.get(cfg.key(), (None, None))
             Wd = W.to(device) if device is not None else W
-            weight = compress_weight(Wd, cfg, name=name, codebook=codebook, shared_numel=numel)
+            weight = compress_weight(Wd, cfg, name=name, shared=tensors, shared_numel=numel)
             bias = mod.bias.detach() if mod.bias is not None else None
             layer = ReALLMLinear(weight.to(home), bias, cache_frozen=cache_frozen)
         layer.layout = "linear" if isinstance(mod, nn.Linear) else "conv1d"
         layer.stats.setdefault("rel_frobenius_error", relative_error(W, layer.dequantize().to(home)))
         layer.stats.setdefault("orig_dtype", str(W.dtype).replace("torch.", ""))
         layer.to(home)
-        _set_module(model, name, layer)
+        set_module(model, name, layer)
         del mod, W
         summary.layers[name] = {
             "shape": [layer.out_features, layer.in_features],

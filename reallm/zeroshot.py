@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from reallm.modules.base import UserError
+from reallm.errors import UserError
 
 PAPER_TASKS = ("arc_challenge", "arc_easy", "piqa", "winogrande")
 METRIC = "acc"
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     ap.add_argument("--out", help="a run directory: writes <out>/results.json (phase zero_shot)")
     args = ap.parse_args(argv)
-    from reallm.checkpoint import CheckpointError
+    from reallm.errors import CheckpointError
 
     try:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             tok = args.tokenizer or (args.checkpoint if _has_tokenizer(args.checkpoint)
                                      else read_meta(args.checkpoint).get("base_model"))
         else:
-            from reallm.modules.base import load_hf_model
+            from reallm.hf import load_hf_model
 
             model = load_hf_model(args.model, "float32").to(device)
             tok = args.tokenizer or args.model
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(format_table(result))
     if args.out:
-        from reallm.modules.base import atomic_write_json, git_sha
+        from reallm.files import atomic_write_json, git_sha
 
         atomic_write_json(Path(args.out) / "results.json", {
             "phase": "zero_shot", "model": args.model, "checkpoint": args.checkpoint, "git_sha": git_sha(),

@@ -18,10 +18,12 @@ from tiny_models import ALL, sample_ids, save_tiny_model_dir
 
 from reallm import load_compressed, save_compressed
 from reallm.cli import cli_main
+from reallm.codecs import autoencoder as ae_format
 from reallm.config import CompressionConfig
-from reallm.nn import codec
+from reallm.hf import linear_weight, set_module
 from reallm.nn.dora import ReALLMLinear
-from reallm.surgery import _set_module, iter_reallm_layers, linear_weight, select_layers
+from reallm.surgery import iter_reallm_layers, select_layers
+from reallm.training import autoencoder as ae_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
@@ -119,7 +121,8 @@ def test_decoders_after_the_phase_take_at_most_2_pow_b_values(adaptive_run):
     model = load_compressed(adaptive_run[0] / "reallm")
     for _, layer in ae_layers(model):
         shared = layer._shared_tensors()
-        dec = codec.unpack_decoder(layer.meta["decoder"], {k: v for k, v in shared.items() if k.startswith("decoder.")})
+        dec = ae_format.unpack_decoder(layer.meta["decoder"],
+                                       {k: v for k, v in shared.items() if k.startswith("decoder.")})
         for _, conv in dec.quant_convs():
             assert conv.weight_bits == 6
             for row in conv.weight.detach().reshape(conv.weight.shape[0], -1):
@@ -147,18 +150,18 @@ def test_save_load_identical_logits(tmp_path):
     targets = select_layers(model, cfg)
     groups: dict[str, list] = {}
     for name, mod, c in targets:
-        groups.setdefault(codec.group_key(c, name, "model.layers"), []).append(
-            codec.prepare_matrix(linear_weight(mod), c, name))
-    spec = codec.ae_spec(cfg)
+        groups.setdefault(ae_recipe.group_key(c, name, "model.layers"), []).append(
+            ae_recipe.prepare_matrix(linear_weight(mod), c, name))
+    spec = ae_format.ae_spec(cfg)
     keys = sorted(groups)
-    data = codec.GroupData([groups[k] for k in keys], spec)
-    stack = codec.AEStack(spec, 3, 2, len(keys), list(range(len(keys))))
-    codec.train_stacks([(stack, data)], codec.TrainSchedule(epochs=2, batch_size=4, kmeans_iters=3))
+    data = ae_recipe.GroupData([groups[k] for k in keys], spec)
+    stack = ae_recipe.AEStack(spec, 3, 2, len(keys), list(range(len(keys))))
+    ae_recipe.train_stacks([(stack, data)], ae_recipe.TrainSchedule(epochs=2, batch_size=4, kmeans_iters=3))
     for g, k in enumerate(keys):
-        res = codec.export_group(stack, data, g)
+        res = ae_recipe.export_group(stack, data, g)
         for pm in groups[k]:
             mod = model.get_submodule(pm.name)
-            _set_module(model, pm.name, ReALLMLinear(codec.build_container(pm, cfg, res), mod.bias))
+            set_module(model, pm.name, ReALLMLinear(ae_recipe.build_container(pm, cfg, res), mod.bias))
     with torch.no_grad():
         for _, layer in iter_reallm_layers(model):
             layer.lora_B.add_(0.01)  # adapters away from their initial values

@@ -18,12 +18,12 @@ from phase_helpers import (  # noqa: F401 (_one_thread is an autouse fixture)
 from safetensors.torch import load_file
 
 from reallm.checkpoint import load_compressed, read_meta
+from reallm.hf import find_decoder_blocks
 from reallm.modules import BlockwisePhase, UserError
 from reallm.modules.blocks import (
     ActivationCache,
     call_block,
     capture_block_inputs,
-    decoder_blocks,
     load_teacher_block,
 )
 
@@ -56,7 +56,7 @@ def test_teacher_blocks_equal_original_block_outputs(tmp_path, attn):
     model.save_pretrained(tmp_path / "base")
     ids = torch.randint(0, 512, (5, 24), generator=torch.Generator().manual_seed(0))
     outputs: list[torch.Tensor] = []
-    prefix, blocks = decoder_blocks(model)
+    prefix, blocks = find_decoder_blocks(model)
     hooks = [b.register_forward_hook(lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o))
              for b in blocks]
     with torch.no_grad():
@@ -78,7 +78,7 @@ def test_teacher_blocks_equal_original_block_outputs(tmp_path, attn):
 def test_teacher_loading_reads_one_block(tmp_path):
     model = tiny_llama_512(layers=2)
     model.save_pretrained(tmp_path / "base")
-    prefix, blocks = decoder_blocks(model)
+    prefix, blocks = find_decoder_blocks(model)
     teacher = load_teacher_block(str(tmp_path / "base"), 1, model.config, prefix, like=blocks[1])
     for k, v in blocks[1].state_dict().items():
         assert torch.equal(teacher.state_dict()[k], v), k

@@ -1,6 +1,6 @@
-"""The patch-autoencoder codec (reallm.nn.codec): stored containers decode to what was trained, the
-decoder takes at most 2^b_φ values per scale group, bits equal saved bytes, vmapped stacks equal the
-individual modules, edge patches store no latent for the padding."""
+"""The patch autoencoder (format: reallm.codecs.autoencoder; recipe: reallm.training.autoencoder): stored
+containers decode to what was trained, the decoder takes at most 2^b_φ values per scale group, bits equal
+saved bytes, vmapped stacks equal the individual modules, edge patches store no latent for the padding."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from reallm.codecs import autoencoder as ae_format
 from reallm.config import CompressionConfig
 from reallm.container import ReALLMWeight, relative_error
-from reallm.nn import codec
 from reallm.nn.patches import patches_to_matrix
 from reallm.nn.ste import LatentVQ
+from reallm.training import autoencoder as ae_recipe
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,11 +42,11 @@ def config(**kw) -> CompressionConfig:
 def trained(cfg: CompressionConfig, shapes=((40, 24), (24, 33)), epochs: int = 4, qat: bool = True, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     Ws = {f"m{i}": torch.randn(*s, generator=g) * (0.1 + i) for i, s in enumerate(shapes)}
-    spec = codec.ae_spec(cfg)
-    pms = [codec.prepare_matrix(W, cfg, n) for n, W in Ws.items()]
-    data = codec.GroupData([pms], spec)
-    stack = codec.AEStack(spec, cfg.bits, cfg.vq_dim, 1, [seed], qat=qat)
-    hist = codec.train_stacks([(stack, data)], codec.TrainSchedule(epochs=epochs, lr=3e-3, batch_size=4,
+    spec = ae_format.ae_spec(cfg)
+    pms = [ae_recipe.prepare_matrix(W, cfg, n) for n, W in Ws.items()]
+    data = ae_recipe.GroupData([pms], spec)
+    stack = ae_recipe.AEStack(spec, cfg.bits, cfg.vq_dim, 1, [seed], qat=qat)
+    hist = ae_recipe.train_stacks([(stack, data)], ae_recipe.TrainSchedule(epochs=epochs, lr=3e-3, batch_size=4,
                                                                    kmeans_iters=5))
     return Ws, pms, data, stack, hist
 
@@ -54,8 +55,8 @@ def trained(cfg: CompressionConfig, shapes=((40, 24), (24, 33)), epochs: int = 4
 def group():
     cfg = config()
     Ws, pms, data, stack, hist = trained(cfg)
-    res = codec.export_group(stack, data, 0)
-    weights = {pm.name: codec.build_container(pm, cfg, res) for pm in pms}
+    res = ae_recipe.export_group(stack, data, 0)
+    weights = {pm.name: ae_recipe.build_container(pm, cfg, res) for pm in pms}
     return cfg, Ws, pms, data, stack, hist, res, weights
 
 
@@ -67,8 +68,9 @@ def test_container_decodes_to_the_trained_reconstruction(group):
         x, w, m, idx = data.batch(idx, "cpu")
         recon = stack.decode(stack.latent(x, m, idx))[0]  # (n, 1, P, P)
     for name, shape, (a, b) in data.members[0]:
-        Y = patches_to_matrix(recon[a:b], shape, codec.ae_spec(cfg).patch_hw)
-        Y_stored = codec.decode_autoencoder(weights[name].frozen, weights[name].meta, cfg, shape, weights[name].shared)
+        Y = patches_to_matrix(recon[a:b], shape, ae_format.ae_spec(cfg).patch_hw)
+        w = weights[name]
+        Y_stored = ae_format.decode_autoencoder(w.frozen, w.meta, cfg, shape, w.shared)
         assert torch.allclose(Y, Y_stored, atol=1e-5), float((Y - Y_stored).abs().max())
     # the training loss is the relative squared Frobenius error of W
     errs = [relative_error(Ws[n], w.dequantize()) ** 2 for n, w in weights.items()]
@@ -79,13 +81,13 @@ def test_training_reduces_the_error_on_a_structured_matrix():
     cfg = config(permute=False)
     i, j = torch.meshgrid(torch.arange(48.0), torch.arange(48.0), indexing="ij")
     W = torch.sin(i / 5) * torch.cos(j / 7) + 0.3 * torch.sin((i + j) / 9)  # smooth "image"
-    spec = codec.ae_spec(cfg)
-    pm = codec.prepare_matrix(W, cfg, "w")
-    data = codec.GroupData([[pm]], spec)
-    stack = codec.AEStack(spec, 3, 2, 1, [0])
-    sched = codec.TrainSchedule(epochs=40, lr=5e-3, batch_size=9, kmeans_iters=5)
-    hist = codec.train_stacks([(stack, data)], sched)
-    w = codec.build_container(pm, cfg, codec.export_group(stack, data, 0))
+    spec = ae_format.ae_spec(cfg)
+    pm = ae_recipe.prepare_matrix(W, cfg, "w")
+    data = ae_recipe.GroupData([[pm]], spec)
+    stack = ae_recipe.AEStack(spec, 3, 2, 1, [0])
+    sched = ae_recipe.TrainSchedule(epochs=40, lr=5e-3, batch_size=9, kmeans_iters=5)
+    hist = ae_recipe.train_stacks([(stack, data)], sched)
+    w = ae_recipe.build_container(pm, cfg, ae_recipe.export_group(stack, data, 0))
     err = relative_error(W, w.dequantize())
     assert hist[-1] < 0.2 * hist[0] and err < 0.3, (hist[0], hist[-1], err)
 
@@ -93,7 +95,8 @@ def test_training_reduces_the_error_on_a_structured_matrix():
 def test_decoder_weights_take_at_most_2_pow_b_values_per_channel(group):
     cfg, *_, res, weights = group
     for w in weights.values():
-        dec = codec.unpack_decoder(w.meta["decoder"], {k: v for k, v in w.shared.items() if k.startswith("decoder.")})
+        dec = ae_format.unpack_decoder(w.meta["decoder"],
+                                       {k: v for k, v in w.shared.items() if k.startswith("decoder.")})
         for name, conv in dec.quant_convs():
             flat = conv.weight.detach().reshape(conv.weight.shape[0], -1)
             for row in flat:  # one fp16 scale per output channel: one scale group
@@ -104,8 +107,8 @@ def test_decoder_weights_take_at_most_2_pow_b_values_per_channel(group):
 def test_bits_equal_saved_bytes(tmp_path, share):
     cfg = config(autoencoder={"share": share})
     Ws, pms, data, stack, _ = trained(cfg, shapes=((64, 48),), epochs=1)
-    res = codec.export_group(stack, data, 0)
-    w = codec.build_container(pms[0], cfg, res)
+    res = ae_recipe.export_group(stack, data, 0)
+    w = ae_recipe.build_container(pms[0], cfg, res)
     tensors, meta = w.to_dict()
     tensors.update({f"shared.{k}": v for k, v in w.shared.items()})
     path = tmp_path / "m.safetensors"
@@ -131,12 +134,12 @@ def test_round_trip_through_dict(group):
 
 
 def test_latent_mask_stores_no_padding():
-    spec = codec.AESpec.from_dict({**AE, "patch": 32})
-    m = codec.latent_mask((172, 64), spec)
+    spec = ae_format.AESpec.from_dict({**AE, "patch": 32})
+    m = ae_format.latent_mask((172, 64), spec)
     assert m.shape == (12, 1, 16, 16)  # 6 x 2 patches of 32²
     assert int(m.sum()) == 86 * 32  # ⌈172/2⌉ x ⌈64/2⌉ positions, not 96 x 32
-    assert codec.latent_numel((172, 64), spec) == 86 * 32 * 4
-    m = codec.latent_mask((33, 70), codec.AESpec.from_dict({**AE, "patch": [16, 32], "n_stages": 2}))
+    assert ae_format.latent_numel((172, 64), spec) == 86 * 32 * 4
+    m = ae_format.latent_mask((33, 70), ae_format.AESpec.from_dict({**AE, "patch": [16, 32], "n_stages": 2}))
     assert int(m.sum()) == 9 * 18
 
 
@@ -144,14 +147,14 @@ def test_vector_layout_matches_latent_vq():
     z = torch.randn(3, 8, 5, 6)
     for d in (1, 2, 4):
         vq = LatentVQ(bits=2, dim=d)
-        v = codec.to_vectors(z, d)  # (3, 8/d, 5, 6, d)
+        v = ae_format.to_vectors(z, d)  # (3, 8/d, 5, 6, d)
         assert torch.equal(v.reshape(-1, d), vq.to_vectors(z))
-        assert torch.equal(codec.from_vectors(v), z)
+        assert torch.equal(ae_format.from_vectors(v), z)
 
 
 def test_vmapped_stack_equals_individual_modules():
-    spec = codec.AESpec.from_dict(AE)
-    stack = codec.AEStack(spec, 3, 2, 3, [1, 2, 3])
+    spec = ae_format.AESpec.from_dict(AE)
+    stack = ae_recipe.AEStack(spec, 3, 2, 3, [1, 2, 3])
     x = torch.randn(3, 2, 1, 16, 16)
     with torch.no_grad():
         z = stack.encode(x)
@@ -164,32 +167,32 @@ def test_vmapped_stack_equals_individual_modules():
 
 def test_spec_validation():
     with pytest.raises(ValueError, match="not divisible"):
-        codec.AESpec.from_dict({**AE, "patch": 18, "n_stages": 2})
+        ae_format.AESpec.from_dict({**AE, "patch": 18, "n_stages": 2})
     with pytest.raises(ValueError, match="unknown autoencoder options"):
-        codec.AESpec.from_dict({**AE, "latent": 3})
+        ae_format.AESpec.from_dict({**AE, "latent": 3})
     with pytest.raises(ValueError, match="multiple of vq_dim"):
-        codec.ae_spec(config(vq_dim=4, autoencoder={"latent_channels": 2}))
+        ae_format.ae_spec(config(vq_dim=4, autoencoder={"latent_channels": 2}))
     with pytest.raises(ValueError, match="share"):
-        codec.AESpec.from_dict({**AE, "share": "layer"})
-    spec = codec.AESpec.from_dict({**AE, "decoder_width": None, "decoder_params": 20000})
+        ae_format.AESpec.from_dict({**AE, "share": "layer"})
+    spec = ae_format.AESpec.from_dict({**AE, "decoder_width": None, "decoder_params": 20000})
     assert abs(spec.decoder_params_count() - 20000) / 20000 < 0.05
 
 
 def test_group_keys():
     cfg = config(autoencoder={"share": "type_blocks:2"})
-    k = lambda n: codec.group_key(cfg, n, "model.layers")  # noqa: E731
+    k = lambda n: ae_recipe.group_key(cfg, n, "model.layers")  # noqa: E731
     assert k("model.layers.0.self_attn.q_proj") == k("model.layers.1.self_attn.q_proj")
     assert k("model.layers.0.self_attn.q_proj") != k("model.layers.2.self_attn.q_proj")
     assert k("model.layers.0.self_attn.q_proj") != k("model.layers.0.self_attn.k_proj")
     m = config(autoencoder={"share": "matrix"})
-    assert codec.group_key(m, "a.0.q") != codec.group_key(m, "a.1.q")
-    assert codec.stack_key(m) == codec.stack_key(config(autoencoder={"share": "model"}))
+    assert ae_recipe.group_key(m, "a.0.q") != ae_recipe.group_key(m, "a.1.q")
+    assert ae_recipe.stack_key(m) == ae_recipe.stack_key(config(autoencoder={"share": "model"}))
 
 
 def test_lowrank_and_rotation_paths():
     cfg = config(rank=2, rotation="hadamard", permute=False)
     Ws, pms, data, stack, _ = trained(cfg, shapes=((32, 32),), epochs=1)
-    w = codec.build_container(pms[0], cfg, codec.export_group(stack, data, 0))
+    w = ae_recipe.build_container(pms[0], cfg, ae_recipe.export_group(stack, data, 0))
     assert w.rank == 2 and "rotation_seeds" in w.frozen and w.bits()["lowrank"] > 0
     assert w.dequantize().shape == (32, 32) and math.isfinite(relative_error(Ws["m0"], w.dequantize()))
 
@@ -199,12 +202,12 @@ def test_codec_on_cuda():
     cfg = config()
     g = torch.Generator().manual_seed(0)
     W = torch.randn(40, 24, generator=g).cuda()
-    spec = codec.ae_spec(cfg)
-    pm = codec.prepare_matrix(W, cfg, "m")
-    data = codec.GroupData([[pm]], spec)
-    stack = codec.AEStack(spec, 3, 2, 1, [0]).cuda()
-    codec.train_stacks([(stack, data)], codec.TrainSchedule(epochs=3, batch_size=4, kmeans_iters=3))
-    w = codec.build_container(pm, cfg, codec.export_group(stack, data, 0))
+    spec = ae_format.ae_spec(cfg)
+    pm = ae_recipe.prepare_matrix(W, cfg, "m")
+    data = ae_recipe.GroupData([[pm]], spec)
+    stack = ae_recipe.AEStack(spec, 3, 2, 1, [0]).cuda()
+    ae_recipe.train_stacks([(stack, data)], ae_recipe.TrainSchedule(epochs=3, batch_size=4, kmeans_iters=3))
+    w = ae_recipe.build_container(pm, cfg, ae_recipe.export_group(stack, data, 0))
     assert w.frozen["latent_codes"].is_cuda and w.dequantize().is_cuda
     cpu = w.to("cpu").dequantize()
     assert torch.allclose(cpu, w.dequantize().cpu(), atol=1e-4)

@@ -105,9 +105,10 @@ def test_phase2_and_phase3_checkpoints_evaluate(phase1, phase2, tmp_path):
         assert res["phase"] == "eval" and math.isfinite(res["perplexity"]["tinystories_valid"]["value"])
     e2e = json.loads((tmp_path / "e2e" / "results.json").read_text())
     ev = json.loads((tmp_path / "eval3" / "results.json").read_text())
-    # the evaluation of the written checkpoint reproduces the last validation of the run
-    assert ev["perplexity"]["tinystories_valid"]["value"] == pytest.approx(
-        e2e["perplexity"]["tinystories_valid"]["value"], rel=1e-6)
+    # the evaluation of the written checkpoint reproduces the last validation of the run: the same mean
+    # token NLL up to fp32 summation order (this tiny run's NLL is ≈ 63 nats, so compare in log space)
+    assert math.log(ev["perplexity"]["tinystories_valid"]["value"]) == pytest.approx(
+        math.log(e2e["perplexity"]["tinystories_valid"]["value"]), abs=1e-5)
 
 
 def test_ddp_two_processes_fast_dev_run(phase1, tmp_path):

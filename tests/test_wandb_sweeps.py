@@ -218,7 +218,7 @@ def test_sweep_parameters_are_accepted_by_the_cli(sweep, monkeypatch):
         if comp:
             config = CompressionConfig(**comp)  # validates
             if config.quantizer == "autoencoder":
-                from reallm.nn.codec import ae_spec
+                from reallm.codecs.autoencoder import ae_spec
 
                 spec = ae_spec(config)  # the autoencoder options are real and consistent
                 assert spec.decoder_params_count() > 0  # the decoder width can be solved

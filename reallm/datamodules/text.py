@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from reallm.datamodules.base import BaseDataModule
+from reallm.hf import load_tokenizer
 
 __all__ = [
     "PRESETS",
@@ -216,18 +217,6 @@ def load_texts(source: str | TextSource, role: str = "eval") -> Sequence[str]:
 # --------------------------------------------------------------------------------------------------
 # tokenization and windows (pure functions, no Lightning)
 # --------------------------------------------------------------------------------------------------
-def load_tokenizer(model_name_or_path: str | None):
-    """``AutoTokenizer.from_pretrained(model_name_or_path)`` with a clear error when no model is given."""
-    if not model_name_or_path:
-        raise ValueError(
-            "no tokenizer: set model_name_or_path (a Hugging Face model id or a local model directory "
-            "with its tokenizer, e.g. ../shared/models/stories260K)"
-        )
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_name_or_path)
-
-
 def tokenize(tokenizer, text: str, add_bos: bool = True) -> list[int]:
     """Token ids of ``text`` as one sequence, with the tokenizer's BOS once at the start (if it has one)."""
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]

@@ -61,8 +61,8 @@ class WeightDataModule(BaseDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.model is not None:
             return
-        from reallm.modules.base import UserError, load_hf_model
-        from reallm.surgery import find_decoder_blocks, is_linear
+        from reallm.errors import UserError
+        from reallm.hf import find_decoder_blocks, is_linear, load_hf_model
 
         if not self.model_name_or_path:
             raise UserError("the weight datamodule needs a model: pass --model.init_args.model_name_or_path")
@@ -76,7 +76,7 @@ class WeightDataModule(BaseDataModule):
 
     def weight(self, name: str) -> torch.Tensor:
         """The current weight of a layer in nn.Linear layout (p, q)."""
-        from reallm.surgery import linear_weight
+        from reallm.hf import linear_weight
 
         return linear_weight(self.model.get_submodule(name)).detach()
 

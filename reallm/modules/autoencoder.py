@@ -5,7 +5,7 @@
 1. ``setup``: every matrix × every candidate configuration is prepared. Candidates without a decoder
    (VQ, NF, ...) are compressed at once (data-free; a model-wide VQ codebook is fitted per candidate).
    Autoencoder candidates are grouped (matrices sharing one decoder and latent codebook, ``share`` in
-   the config), groups of identical networks are stacked (`reallm.nn.codec.AEStack`, vmapped), and
+   the config), groups of identical networks are stacked (`reallm.nn.ae_recipe.AEStack`, vmapped), and
    the groups are divided among the devices (longest-processing-time first).
 2. ``fit``: a Lightning epoch is an autoencoder epoch; a step trains every stack of this device on one
    mini-batch of patches per group (Adam, cosine schedule with warm-up, MSE weighted so that it is the
@@ -41,15 +41,18 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from reallm.adaptive import AdaptiveConfig, Candidate, choose, evaluate_fixed
-from reallm.checkpoint import _tensor_digest, atomic_save_safetensors, atomic_write_text
+from reallm.codecs import autoencoder as ae_format
 from reallm.config import CompressionConfig
 from reallm.container import ReALLMWeight, compress_weight, relative_error
 from reallm.datamodules.weights import WeightDataModule
-from reallm.modules.base import UserError
+from reallm.errors import UserError
+from reallm.files import atomic_save_safetensors, atomic_write_text, tensor_digest
+from reallm.hf import find_decoder_blocks
 from reallm.modules.compress import CompressPhase
-from reallm.nn import codec
 from reallm.nn.patches import patch_grid
-from reallm.surgery import find_decoder_blocks, fit_shared_codebooks
+from reallm.surgery import fit_shared_tensors
+from reallm.training import autoencoder as ae_recipe
+from reallm.training import schedules
 
 __all__ = ["AutoencoderPhase", "PatchDataModule", "assign_groups"]
 
@@ -129,7 +132,7 @@ def _merge(base: CompressionConfig, overrides: dict[str, Any], label: str = "mai
     try:
         cfg = CompressionConfig.from_dict({**base.to_dict(), **changes})
         if cfg.quantizer == "autoencoder":
-            codec.ae_spec(cfg)
+            ae_format.ae_spec(cfg)
         return cfg
     except (TypeError, ValueError) as e:
         raise UserError(f"configuration {label!r}: {e}") from None
@@ -156,7 +159,7 @@ class AutoencoderPhase(CompressPhase):
         compression: CompressionConfig | None = None,
         layer_configs: dict[str, CompressionConfig | None] | None = None,
         adaptive: AdaptiveConfig | None = None,
-        schedule: codec.TrainSchedule | None = None,
+        schedule: ae_recipe.TrainSchedule | None = None,
         max_groups_per_stack: int = 64,
         patches_on_device: bool | None = None,
         method: str = "custom",
@@ -185,15 +188,15 @@ class AutoencoderPhase(CompressPhase):
         """
         super().__init__(model_name_or_path, compression, layer_configs, method, run_dir, checkpoint, seed)
         self.adaptive = adaptive
-        self.schedule = schedule or codec.TrainSchedule()
+        self.schedule = schedule or ae_recipe.TrainSchedule()
         self.max_groups_per_stack = max_groups_per_stack
         self.patches_on_device = patches_on_device
         self.automatic_optimization = False
         # DDP needs one registered parameter; the stacks are kept outside the module's parameters
         # because each device trains different decoders (no gradient is ever synchronised).
         self._ddp_anchor = nn.Parameter(torch.zeros(1))
-        self._stacks: list[tuple[codec.AEStack, codec.GroupData, list[tuple[str, str]]]] = []
-        self._prepared: dict[tuple[str, str], codec.PreparedMatrix] = {}
+        self._stacks: list[tuple[ae_recipe.AEStack, ae_recipe.GroupData, list[tuple[str, str]]]] = []
+        self._prepared: dict[tuple[str, str], ae_recipe.PreparedMatrix] = {}
         self._steps = 1
         self._epoch_losses: list[torch.Tensor] = []
         self._summary: dict[str, Any] = {}
@@ -240,13 +243,13 @@ class AutoencoderPhase(CompressPhase):
         by_label: dict[str, list] = {}
         for _, n, lab, c in plain:
             by_label.setdefault(lab, []).append((n, dm.model.get_submodule(n), c))
-        codebooks = {lab: fit_shared_codebooks(t, device=device, progress=False) for lab, t in by_label.items()}
+        shared = {lab: fit_shared_tensors(t, device=device, progress=False) for lab, t in by_label.items()}
         for k, (i, n, lab, c) in enumerate(plain):
             if k % world != rank or _load_container(self._cand_base(lab, i), n, c.key()) is not None:
                 continue
             W = dm.weight(n).to(device)
-            cb, numel = codebooks[lab].get(c.key(), (None, None))
-            weight = compress_weight(W, c, name=n, codebook=cb, shared_numel=numel)
+            tensors, numel = shared[lab].get(c.key(), (None, None))
+            weight = compress_weight(W, c, name=n, shared=tensors, shared_numel=numel)
             self._save_candidate(lab, i, n, W, weight, c)
 
         # autoencoder candidates: groups → ranks → stacks
@@ -254,11 +257,11 @@ class AutoencoderPhase(CompressPhase):
         for i, n in self._targets:
             for lab, c in self._cands[n].items():
                 if c.quantizer == "autoencoder":
-                    groups.setdefault((lab, codec.group_key(c, n, self._blocks_prefix)), []).append((i, n))
+                    groups.setdefault((lab, ae_recipe.group_key(c, n, self._blocks_prefix)), []).append((i, n))
         cost, patches = {}, {}
         for gid, members in groups.items():
             c = self._cands[members[0][1]][gid[0]]
-            spec = codec.ae_spec(c)
+            spec = ae_format.ae_spec(c)
             patches[gid] = sum(math.prod(patch_grid(tuple(dm.weight(n).shape), spec.patch_hw)) for _, n in members)
             cost[gid] = patches[gid] * spec.decoder_params_count()
         bs = self.sched.batch_size
@@ -272,7 +275,7 @@ class AutoencoderPhase(CompressPhase):
             c = self._cands[members[0][1]][gid[0]]
             done = all(_load_container(self._cand_base(gid[0], i), n, c.key()) is not None for i, n in members)
             if not done:
-                mine.setdefault(codec.stack_key(c), []).append(gid)
+                mine.setdefault(ae_recipe.stack_key(c), []).append(gid)
         self._stacks = []
         for skey in sorted(mine):
             gids = sorted(mine[skey])
@@ -286,20 +289,20 @@ class AutoencoderPhase(CompressPhase):
             row = []
             for _, n in groups[gid]:
                 c = self._cands[n][gid[0]]
-                pm = codec.prepare_matrix(dm.weight(n).to(device), c, n)
+                pm = ae_recipe.prepare_matrix(dm.weight(n).to(device), c, n)
                 self._prepared[(gid[0], n)] = pm
                 row.append(pm)
             members.append(row)
         c0 = self._cands[groups[gids[0]][0][1]][gids[0][0]]
-        spec = codec.ae_spec(c0)
+        spec = ae_format.ae_spec(c0)
         size = sum(pm.target.numel() for row in members for pm in row) * 4 * 2
         on_device = self.patches_on_device if self.patches_on_device is not None else size < (2 << 30)
-        data = codec.GroupData(members, spec, device=device if on_device else "cpu")
+        data = ae_recipe.GroupData(members, spec, device=device if on_device else "cpu")
         for row in members:  # the patches hold the data now; keep only what the containers need
             for pm in row:
                 pm.target = pm.weight = None
-        seeds = [codec._seed_of(self.compression.seed, *gid) for gid in gids]
-        stack = codec.AEStack(spec, c0.bits, c0.vq_dim, len(gids), seeds, qat=self.sched.qat)
+        seeds = [ae_recipe.seed_of(self.compression.seed, *gid) for gid in gids]
+        stack = ae_recipe.AEStack(spec, c0.bits, c0.vq_dim, len(gids), seeds, qat=self.sched.qat)
         self._stacks.append((stack, data, gids))
 
     def _save_candidate(self, label: str, index: int, name: str, W: torch.Tensor, weight: ReALLMWeight,
@@ -319,13 +322,13 @@ class AutoencoderPhase(CompressPhase):
             stack.to(device)
         params = [p for stack, _, _ in self._stacks for p in stack.parameters()] or [self._ddp_anchor]
         total = max(1, self.sched.epochs * self._steps)
-        opt, sched = codec.make_optimizer(params, self.sched.lr, total, self.sched.warmup)
+        opt, sched = schedules.adam_with_cosine(params, self.sched.lr, total, self.sched.warmup)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_epoch_start(self) -> None:
         self._epoch_losses = []
         for stack, data, _ in self._stacks:
-            info = codec.on_epoch_start(stack, data, self.sched, self.current_epoch)
+            info = ae_recipe.on_epoch_start(stack, data, self.sched, self.current_epoch)
             if "kmeans_inertia" in info:
                 self.log("latent_kmeans_inertia", info["kmeans_inertia"], on_epoch=True, batch_size=1)
 
@@ -338,7 +341,7 @@ class AutoencoderPhase(CompressPhase):
         opt.zero_grad()
         per_group = []
         for stack, data, _ in self._stacks:
-            loss, per = codec.training_step(stack, data, self.sched, self.current_epoch, step)
+            loss, per = ae_recipe.training_step(stack, data, self.sched, self.current_epoch, step)
             # a plain backward: each device's decoders are its own, no gradient is synchronised
             loss.backward()
             per_group.append(per)
@@ -361,11 +364,11 @@ class AutoencoderPhase(CompressPhase):
         for stack, data, gids in self._stacks:
             stack.eval()
             for g, gid in enumerate(gids):
-                res = codec.export_group(stack, data, g)
+                res = ae_recipe.export_group(stack, data, g)
                 for name, _shape, _ in data.members[g]:
                     pm = self._prepared[(gid[0], name)]
                     cfg = self._cands[name][gid[0]]
-                    weight = codec.build_container(pm, cfg, res)
+                    weight = ae_recipe.build_container(pm, cfg, res)
                     W = dm.weight(name).to(weight.frozen["latent_codes"].device)
                     self._save_candidate(gid[0], index_of[name], name, W, weight, cfg,
                                          {"group": gid[1], "group_size": len(data.members[g])})
@@ -391,7 +394,7 @@ class AutoencoderPhase(CompressPhase):
                 own, shared_bits = _own_bits(weight)
                 rid = None
                 if weight.shared:
-                    rid = lab + "|" + "|".join(_tensor_digest(weight.shared[k]) for k in sorted(weight.shared))
+                    rid = lab + "|" + "|".join(tensor_digest(weight.shared[k]) for k in sorted(weight.shared))
                     shared_costs[rid] = shared_bits
                 numel = weight.shape[0] * weight.shape[1]
                 err = stats["rel_frobenius_error"]

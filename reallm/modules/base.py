@@ -2,60 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
-from reallm.checkpoint import atomic_write_text
+from reallm.errors import UserError
+from reallm.files import atomic_write_json, git_sha
+from reallm.hf import load_hf_model
 
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line by the CLI, exit code 1."""
-
-
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def load_hf_model(model_name_or_path: str, dtype: str | None = None) -> torch.nn.Module:
-    """A Hugging Face causal LM from a hub id or a local directory, with a clear error."""
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {"dtype": getattr(torch, dtype)} if dtype and dtype != "auto" else {"dtype": "auto"}
-    try:
-        return AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load model {model_name_or_path!r}: {first}") from None
-
-
-def atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(payload, indent=1, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    if hasattr(o, "__dataclass_fields__"):
-        import dataclasses
-
-        return dataclasses.asdict(o)
-    return str(o)
+__all__ = ["ReALLMModule", "UserError", "atomic_write_json", "load_hf_model"]
 
 
 class ReALLMModule(L.LightningModule):

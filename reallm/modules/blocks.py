@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -24,17 +23,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from reallm.modules.base import UserError
+from reallm.errors import UserError
+from reallm.hf import resolve_safetensors
 
 __all__ = [
     "ActivationCache",
-    "decoder_blocks",
     "BlockCall",
     "call_block",
     "capture_block_inputs",
     "iter_batches",
     "load_teacher_block",
-    "resolve_safetensors",
 ]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,29 +42,6 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise UserError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}")
     return _DTYPES[name]
-
-
-def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(prefix, blocks) of a model, compressed or not (`surgery.find_decoder_blocks` looks for
-    nn.Linear layers, which a compressed model no longer has)."""
-    from reallm.nn.dora import ReALLMLinear
-    from reallm.surgery import UnsupportedModelError, find_decoder_blocks, is_linear
-
-    try:
-        return find_decoder_blocks(model)
-    except UnsupportedModelError:
-        pass
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0 or (n_layers is not None and len(mod) != n_layers):
-            continue
-        if any(is_linear(m) or isinstance(m, ReALLMLinear) for m in mod[0].modules()):
-            if best is None or len(mod) > len(best[1]):
-                best = (name, mod)
-    if best is None:
-        raise UnsupportedModelError(f"unsupported architecture {type(model).__name__}: no list of decoder blocks")
-    return best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,57 +221,6 @@ class ActivationCache:
 # ---------------------------------------------------------------------------------------------
 # teacher loading
 # ---------------------------------------------------------------------------------------------
-def resolve_safetensors(source: str) -> dict[str, Path]:
-    """tensor name → safetensors file of the base model (a local directory or a hub id).
-
-    Handles single files (`model.safetensors`) and sharded ones (`model.safetensors.index.json`).
-    A hub id is resolved with huggingface_hub (files downloaded to its cache, as transformers does).
-    """
-    d = Path(source).expanduser()
-    index_name, single_name = "model.safetensors.index.json", "model.safetensors"
-    unreachable: list[str] = []  # hub files neither cached nor downloadable (offline)
-    if d.is_dir():
-        fetch = lambda name: d / name if (d / name).is_file() else None  # noqa: E731
-    else:
-        try:
-            from huggingface_hub import hf_hub_download
-            from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
-        except ImportError as e:  # pragma: no cover
-            raise UserError(f"cannot resolve base model {source!r}: huggingface_hub missing ({e})") from None
-
-        def fetch(name: str) -> Path | None:
-            try:
-                return Path(hf_hub_download(source, name))
-            except LocalEntryNotFoundError:  # offline and not in the cache: unknown whether it exists
-                unreachable.append(name)
-                return None
-            except EntryNotFoundError:
-                return None
-            except Exception as e:  # unknown repo, gated, ...
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise UserError(f"cannot fetch {name} of base model {source!r}: {first}") from None
-
-    index = fetch(index_name)
-    if index is not None:
-        weight_map = json.loads(Path(index).read_text())["weight_map"]
-        files = {f: fetch(f) for f in sorted(set(weight_map.values()))}
-        missing = [f for f, p in files.items() if p is None]
-        if missing:
-            raise UserError(f"base model {source!r}: shard {missing[0]} listed in {index_name} is missing")
-        return {k: files[f] for k, f in weight_map.items()}
-    single = fetch(single_name)
-    if single is None and unreachable:
-        raise UserError(f"base model {source!r}: {single_name} is not in the local Hugging Face cache and "
-                        f"the Hub cannot be reached")
-    if single is None:
-        raise UserError(f"base model {source!r} has no {single_name} (block-wise distillation reads the "
-                        f"original blocks from safetensors files)")
-    from safetensors import safe_open
-
-    with safe_open(str(single), framework="pt") as f:
-        return {k: Path(single) for k in f.keys()}
-
-
 def _block_key_prefixes(prefix: str, index: int, base_model_prefix: str | None) -> list[str]:
     # "model.layers" → "model.layers.3."; checkpoints of the bare base model (GPT-2's "h.3.") drop
     # the head model's attribute prefix

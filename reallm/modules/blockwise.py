@@ -40,17 +40,18 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from reallm.checkpoint import ADAPTER_FILE, atomic_save_safetensors, read_meta
-from reallm.modules.base import ReALLMModule, UserError, atomic_write_json
+from reallm.checkpoint import ADAPTER_FILE, read_meta
+from reallm.errors import UserError
+from reallm.files import atomic_save_safetensors, atomic_write_json
+from reallm.hf import find_decoder_blocks, resolve_safetensors
+from reallm.modules.base import ReALLMModule
 from reallm.modules.blocks import (
     ActivationCache,
     BlockCall,
     call_block,
     capture_block_inputs,
-    decoder_blocks,
     iter_batches,
     load_teacher_block,
-    resolve_safetensors,
     torch_dtype,
 )
 from reallm.surgery import iter_reallm_layers, mark_only_adapters_trainable
@@ -175,7 +176,7 @@ class BlockwisePhase(ReALLMModule):
             model.config.use_cache = False
         mark_only_adapters_trainable(model)
         object.__setattr__(self, "_model", model)  # not registered (see __init__)
-        self._prefix, blocks = decoder_blocks(model)
+        self._prefix, blocks = find_decoder_blocks(model)
         object.__setattr__(self, "_blocks", blocks)  # not registered either
         self._layers = [[(n, l) for n, l in iter_reallm_layers(model) if n.startswith(f"{self._prefix}.{j}.")]
                         for j in range(len(self._blocks))]
@@ -439,12 +440,12 @@ class BlockwisePhase(ReALLMModule):
             return
         from reallm.bits import bits_report
         from reallm.checkpoint import save_compressed
-        from reallm.modules.compress import _maybe_tokenizer
+        from reallm.hf import maybe_tokenizer
 
         finished = sorted(j for j, r in self._records.items() if "loss_after" in r)
         self.model.to("cpu")
         out = save_compressed(self.model, self.require_run_dir() / "reallm", base_model=self.model_source(),
-                              tokenizer=_maybe_tokenizer(str(self.checkpoint)) or _maybe_tokenizer(self.model_source()),
+                              tokenizer=maybe_tokenizer(str(self.checkpoint), self.model_source()),
                               frozen_from=self.checkpoint,
                               extra={"phase": self.phase, "from_checkpoint": str(Path(self.checkpoint).absolute()),
                                      "finished_blocks": finished})

@@ -18,12 +18,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from reallm.bits import bits_report, format_bits_table
-from reallm.checkpoint import atomic_save_safetensors, atomic_write_text, save_compressed
+from reallm.checkpoint import save_compressed
 from reallm.config import CompressionConfig
 from reallm.container import ReALLMWeight, compress_weight, relative_error
-from reallm.modules.base import ReALLMModule, UserError
+from reallm.errors import UserError
+from reallm.files import atomic_save_safetensors, atomic_write_text
+from reallm.hf import maybe_tokenizer, set_module
+from reallm.modules.base import ReALLMModule
 from reallm.nn.dora import ReALLMLinear
-from reallm.surgery import _set_module, fit_shared_codebooks, resolve_config
+from reallm.surgery import fit_shared_tensors, resolve_config
 
 
 class CompressPhase(ReALLMModule):
@@ -59,7 +62,7 @@ class CompressPhase(ReALLMModule):
             self.compression = self.compression.replace(seed=seed)
         self.layer_configs = layer_configs or {}
         self.automatic_optimization = False
-        self._shared: dict[str, tuple[torch.Tensor, int]] = {}
+        self._shared: dict[str, tuple[dict[str, torch.Tensor], int]] = {}
         self.save_hyperparameters(ignore=["run_dir"])
 
     # -- configuration ----------------------------------------------------------------------
@@ -82,7 +85,7 @@ class CompressPhase(ReALLMModule):
         if not targets:
             raise UserError("no layer selected: every layer config resolved to None")
         # shared codebooks are fitted identically on every rank (deterministic), before any matrix
-        self._shared = fit_shared_codebooks(targets, device=self.device, progress=self.global_rank == 0)
+        self._shared = fit_shared_tensors(targets, device=self.device, progress=self.global_rank == 0)
 
     def _partial_paths(self, index: int) -> tuple[Path, Path]:
         return self.partial_dir / f"{index:05d}.safetensors", self.partial_dir / f"{index:05d}.json"
@@ -116,8 +119,8 @@ class CompressPhase(ReALLMModule):
         cfg = self.config_for(name)
         if cfg is None or self._is_done(index, name):
             return None
-        codebook, numel = self._shared.get(cfg.key(), (None, None))
-        weight = compress_weight(W.to(self.device), cfg, name=name, codebook=codebook, shared_numel=numel)
+        tensors, numel = self._shared.get(cfg.key(), (None, None))
+        weight = compress_weight(W.to(self.device), cfg, name=name, shared=tensors, shared_numel=numel)
         err = relative_error(W.to(self.device), weight.dequantize())
         tensors, meta = weight.to_dict()
         tensors.update({f"shared.{k}": v for k, v in weight.shared.items()})
@@ -151,10 +154,10 @@ class CompressPhase(ReALLMModule):
             layer = ReALLMLinear(weight, bias)
             layer.layout = "linear" if isinstance(mod, torch.nn.Linear) else "conv1d"
             layer.stats = dict(weight.meta.pop("stats", {}))
-            _set_module(model, name, layer)
+            set_module(model, name, layer)
             done += 1
         out = save_compressed(model, self.require_run_dir() / "reallm", base_model=self.model_source(),
-                              tokenizer=_maybe_tokenizer(self.model_source()),
+                              tokenizer=maybe_tokenizer(self.model_source()),
                               extra={"method": self.method, "compression": self.compression.to_dict()})
         report = bits_report(model)
         print(format_bits_table(report), flush=True)  # the per-matrix accounting, on stdout
@@ -169,11 +172,3 @@ class CompressPhase(ReALLMModule):
             "complete": done == sum(1 for n in dm.names if self.config_for(n) is not None),
         })
 
-
-def _maybe_tokenizer(source: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError):
-        return None

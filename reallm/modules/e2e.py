@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.text import Perplexity
 
-from reallm.modules.base import ReALLMModule, UserError
+from reallm.errors import UserError
+from reallm.modules.base import ReALLMModule
 
 _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -254,10 +255,10 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
             return
         from reallm.bits import bits_report
         from reallm.checkpoint import save_compressed
-        from reallm.modules.compress import _maybe_tokenizer
+        from reallm.hf import maybe_tokenizer
 
         out = save_compressed(model, self.require_run_dir() / "reallm", base_model=self.model_source(),
-                              tokenizer=_maybe_tokenizer(str(self.checkpoint)) or _maybe_tokenizer(self.model_source()),
+                              tokenizer=maybe_tokenizer(str(self.checkpoint), self.model_source()),
                               frozen_from=self.checkpoint,
                               extra={"phase": self.phase, "from_checkpoint": str(Path(self.checkpoint).absolute())})
         rep = bits_report(model)

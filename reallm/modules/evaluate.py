@@ -8,7 +8,9 @@ import torch
 from torch import nn
 from torchmetrics.text import Perplexity
 
-from reallm.modules.base import ReALLMModule, UserError, load_hf_model
+from reallm.errors import UserError
+from reallm.hf import load_hf_model
+from reallm.modules.base import ReALLMModule
 
 
 def load_model_for_eval(model_name_or_path: str | None, checkpoint: str | None, dtype: str | None) -> nn.Module:

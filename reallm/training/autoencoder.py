@@ -1,41 +1,28 @@
-"""The patch-autoencoder codec of ReALLM (method.md §4): from weight matrices to stored containers and back.
+"""The patch autoencoder's training recipe (method.md §4), plain functions and ``nn.Module`` s, no Lightning.
 
     W (p, q) ─ low-rank ─► R = W − L1 L2ᵀ ─ normalize_residual ─► Y (p, q), values in [−1, 1]
       Y ─ P0 × P1 patches ─► E_ψ ─► latent (e2, h, w) per patch ─ VQ (b bits, dim d) ─► codes
       codes ─ codebook ─► D_φ (b_φ-bit convs) ─► Ŷ patches ─► Ŷ (p, q) ─ × block scales ─► R̂
 
-Plain functions and ``nn.Module`` s, no Lightning (the phase is ``reallm.modules.autoencoder``):
-
-- :class:`AESpec`: the architecture and storage options, parsed from ``CompressionConfig.autoencoder``
-  (latent VQ bits b = ``config.bits``, dimension d = ``config.vq_dim``).
 - :func:`prepare_matrix`: low-rank part + normalisation of one matrix: the AE's target, its loss weights
   (block scale² / mean W², so that the loss *is* the relative squared Frobenius error of W) and the
   stored pre-processing tensors.
 - :class:`GroupData` / :class:`AEStack`: the patches of G groups (a group = matrices sharing one
   decoder) and G encoder/decoder pairs of one architecture trained *together*: parameters are stacked
   and the forward pass is ``torch.func.vmap`` over ``functional_call`` (no Python loop over decoders).
-- :class:`TrainSchedule` + :func:`train_stacks`: the training recipe (Adam, cosine with warm-up, latent
-  VQ switched on after a float warm-up and refreshed by k-means, then a final stage where codes are
-  frozen and only decoder + latent codebook train, i.e. exactly what is stored).
-- :func:`export_group` / :func:`build_container`: stored containers (``quantizer="autoencoder"``):
-  ``frozen`` holds the block scales (+ permutation / rotation seeds) and ``latent_codes`` (bit-packed at
-  b·d); ``shared`` holds ``decoder.<conv>.{codes,scale,bias}`` (codes bit-packed at b_φ) and the group's
-  ``latent_codebook`` (fp16), charged to the group's matrices through ``meta["shared_numel"]``.
-- :func:`decode_autoencoder`: the inverse, called by ``reallm.container.decode_frozen``: one decoder
-  forward gives the normalised matrix Ŷ (p, q).
-
-Latent positions whose 2^n × 2^n footprint lies entirely in the zero padding of edge patches are not
-stored: they are zero in training and decoding, so a 172-wide matrix costs latent bits for ⌈172/2^n⌉
-columns, not for the padded patch width.
+- :class:`TrainSchedule` + :func:`train_stacks`: the recipe (Adam, cosine with warm-up, latent VQ switched
+  on after a float warm-up and refreshed by k-means, then a final stage where codes are frozen and only
+  decoder + latent codebook train, i.e. exactly what is stored).
+- :func:`export_group` / :func:`build_container`: the stored containers of a trained group, in the format
+  of `reallm.codecs.autoencoder` (which decodes them).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import zlib
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,160 +30,33 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from reallm.codecs.autoencoder import AESpec, ae_spec, from_vectors, latent_mask, pack_decoder, to_vectors
 from reallm.config import CompressionConfig
-from reallm.container import ReALLMWeight, _EncodeState, _store_lowrank, normalize_residual
-from reallm.nn.autoencoder import (
-    DEFAULT_KERNELS,
-    PatchEncoder,
-    PixelShuffleDecoder,
-    decoder_from_state,
-    decoder_param_count,
-    export_decoder,
-    quantize_decoder_,
-    solve_decoder_width,
-)
-from reallm.nn.patches import matrix_to_patches, patch_grid, patches_to_matrix
+from reallm.container import ReALLMWeight, decode_lowrank, normalize_residual, store_lowrank
+from reallm.nn.autoencoder import PixelShuffleDecoder, quantize_decoder_
+from reallm.nn.patches import matrix_to_patches
 from reallm.nn.ste import straight_through
 from reallm.quant.lowrank import lowrank_decompose
-from reallm.quant.packing import pack_bits, unpack_bits
+from reallm.quant.packing import pack_bits
 from reallm.quant.vq import kmeans
+from reallm.training.schedules import adam_with_cosine
 
 __all__ = [
-    "AESpec",
-    "PreparedMatrix",
-    "GroupData",
     "AEStack",
-    "TrainSchedule",
+    "GroupData",
     "GroupResult",
-    "ae_spec",
-    "prepare_matrix",
-    "latent_mask",
-    "train_stacks",
-    "cosine_warmup",
-    "make_optimizer",
-    "export_group",
+    "PreparedMatrix",
+    "TrainSchedule",
     "build_container",
-    "decode_autoencoder",
+    "export_group",
     "group_key",
+    "on_epoch_start",
+    "prepare_matrix",
+    "seed_of",
     "stack_key",
+    "train_stacks",
+    "training_step",
 ]
-
-_DECODE_CHUNK_ELEMS = 1 << 26  # activations per decoder chunk when decoding a matrix (256 MB in fp32)
-
-
-# ---------------------------------------------------------------------------------------------
-# options
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class AESpec:
-    """Architecture and storage of the patch autoencoder of one config (``config.autoencoder``).
-
-    Args:
-        patch: patch size P, or [P0, P1] (512 in the paper; 32 suits stories260K's 64–172 sides).
-            Each side must be a multiple of 2**n_stages.
-        n_stages: encoder down-sampling / decoder up-sampling stages (5 in the paper: 512 → 16).
-        latent_channels: e2, channels of the latent (a multiple of the latent VQ dimension d).
-        encoder_width: channels of the ConvNeXt encoder (64 in the paper; not stored).
-        encoder_blocks: ConvNeXt blocks per encoder stage.
-        decoder_params: the decoder's parameter budget c (7.2e6 in the paper); F is solved from it.
-        decoder_width: F directly (overrides decoder_params).
-        kernels: decoder conv kernel per stage (the last one repeats).
-        reduction: C_next = max(round(C / reduction), min_channels).
-        min_channels: floor of the decoder's channel widths.
-        weight_bits: b_φ, bits of every decoder conv weight (NF levels, fp16 absmax scale per output
-            channel); None stores an fp16 decoder.
-        levels: "nf" or "uniform" decoder weight levels.
-        share: which matrices share one decoder and one latent codebook: "matrix" (one each),
-            "model" (every matrix compressed with this config), "type" (same layer kind, e.g. all
-            q_proj), or "type_blocks:K" (same kind within consecutive groups of K blocks).
-    """
-
-    patch: int | list[int] = 512
-    n_stages: int = 5
-    latent_channels: int = 16
-    encoder_width: int = 64
-    encoder_blocks: int = 1
-    decoder_params: float | None = 7.2e6
-    decoder_width: int | None = None
-    kernels: list[int] = field(default_factory=lambda: list(DEFAULT_KERNELS))
-    reduction: float = 1.2
-    min_channels: int = 12
-    weight_bits: int | None = 6
-    levels: str = "nf"
-    share: str = "matrix"
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> AESpec:
-        d = dict(d or {})
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown autoencoder options: {sorted(unknown)} (known: {sorted(names)})")
-        spec = cls(**d)
-        spec.validate()
-        return spec
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def patch_hw(self) -> tuple[int, int]:
-        p = self.patch
-        return (int(p), int(p)) if isinstance(p, int) else (int(p[0]), int(p[1]))
-
-    @property
-    def factor(self) -> int:
-        return 2**self.n_stages
-
-    @property
-    def latent_hw(self) -> tuple[int, int]:
-        p0, p1 = self.patch_hw
-        return p0 // self.factor, p1 // self.factor
-
-    def validate(self) -> None:
-        p0, p1 = self.patch_hw
-        if p0 % self.factor or p1 % self.factor:
-            raise ValueError(f"autoencoder patch {(p0, p1)} is not divisible by 2**n_stages = {self.factor}")
-        if self.decoder_width is None and not self.decoder_params:
-            raise ValueError("autoencoder: give decoder_params (c) or decoder_width (F)")
-        if self.share not in ("matrix", "model", "type") and not self.share.startswith("type_blocks:"):
-            raise ValueError(f"autoencoder share must be matrix, model, type or type_blocks:K, got {self.share!r}")
-        if self.weight_bits is not None and not 2 <= self.weight_bits <= 8:
-            raise ValueError(f"autoencoder weight_bits (b_φ) must be in 2..8 or None, got {self.weight_bits}")
-
-    def width(self) -> int:
-        """F, solved from c when not given (method.md §4)."""
-        if self.decoder_width is not None:
-            return int(self.decoder_width)
-        return solve_decoder_width(float(self.decoder_params), self.latent_channels, self.n_stages,
-                                   self.kernels, self.reduction, self.min_channels)
-
-    def decoder_kwargs(self) -> dict[str, Any]:
-        return {"latent_channels": self.latent_channels, "width": self.width(), "n_stages": self.n_stages,
-                "kernels": tuple(self.kernels), "reduction": self.reduction, "min_channels": self.min_channels,
-                "weight_bits": self.weight_bits, "levels": self.levels}
-
-    def build_encoder(self) -> PatchEncoder:
-        return PatchEncoder(self.n_stages, self.encoder_width, self.latent_channels, self.encoder_blocks)
-
-    def build_decoder(self) -> PixelShuffleDecoder:
-        return PixelShuffleDecoder(**self.decoder_kwargs())
-
-    def decoder_params_count(self) -> int:
-        kw = self.decoder_kwargs()
-        return decoder_param_count(kw["width"], self.latent_channels, self.n_stages, self.kernels,
-                                   self.reduction, self.min_channels)
-
-
-def ae_spec(config: CompressionConfig) -> AESpec:
-    """The :class:`AESpec` of an autoencoder config, checked against the latent VQ (b, d)."""
-    spec = AESpec.from_dict(config.autoencoder)
-    b, d = config.bits, config.vq_dim
-    if b < 1 or d < 1 or b * d > 16:
-        raise ValueError(f"latent VQ needs bits >= 1, vq_dim >= 1 and bits·vq_dim <= 16, got {b}, {d}")
-    if spec.latent_channels % d:
-        raise ValueError(f"latent_channels e2={spec.latent_channels} must be a multiple of vq_dim d={d}")
-    return spec
 
 
 def group_key(config: CompressionConfig, name: str, blocks_prefix: str | None = None) -> str:
@@ -230,6 +90,8 @@ def _block_index(name: str, blocks_prefix: str | None) -> int | None:
         if part.isdigit():
             return int(part)
     return None
+
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,12 +135,12 @@ def prepare_matrix(W: Tensor, config: CompressionConfig, name: str = "") -> Prep
         method = "zero" if config.lowrank_init == "zero" else "svd"
         res = lowrank_decompose(W, r, method, lambda X: (X, None), randomized=config.randomized_svd,
                                 seed=config.seed)
-        lowrank = _store_lowrank(res.L1, res.L2, config.lowrank_dtype)
-        L1, L2 = (t.float() for t in _stored_factors(lowrank, config))
+        lowrank = store_lowrank(res.L1, res.L2, config.lowrank_dtype)
+        L1, L2 = decode_lowrank(lowrank, config.lowrank_dtype)
         R = W - L1 @ L2.T  # the residual against the factors exactly as stored
         if config.lowrank_init == "alternating":
             meta["lowrank_note"] = "alternating runs as svd for the autoencoder"
-    blocks, frozen, s_hat = normalize_residual(R, config, name, _EncodeState())
+    blocks, frozen, s_hat = normalize_residual(R, config, name)
     Y = blocks.reshape(-1)[: p * q].view(p, q).clone()  # (p, q) in [-1, 1]
     B = config.block_size
     s = s_hat[:, None].expand(-1, B).reshape(-1)[: p * q].view(p, q)  # (p, q) scale of each entry
@@ -286,44 +148,6 @@ def prepare_matrix(W: Tensor, config: CompressionConfig, name: str = "") -> Prep
     return PreparedMatrix(name, (p, q), Y, weight, {k: v.contiguous() for k, v in frozen.items()}, lowrank, meta)
 
 
-def _stored_factors(lowrank: dict[str, Tensor], config: CompressionConfig) -> tuple[Tensor, Tensor]:
-    from reallm import storage
-
-    sub = lambda pre: {k[len(pre) + 1:]: v for k, v in lowrank.items() if k.startswith(pre + ".")}  # noqa: E731
-    return (storage.decode_stored(sub("L1"), config.lowrank_dtype),
-            storage.decode_stored(sub("L2"), config.lowrank_dtype))
-
-
-def latent_mask(shape: tuple[int, int], spec: AESpec, device: torch.device | str | None = None) -> Tensor:
-    """Bool (n_patches, 1, h, w): latent positions whose footprint touches the matrix (stored ones)."""
-    p, q = shape
-    f = spec.factor
-    h, w = spec.latent_hw
-    nr, nc = patch_grid((p, q), spec.patch_hw)
-    full = torch.zeros(nr * h, nc * w, device=device)
-    full[: -(-p // f), : -(-q // f)] = 1.0
-    return matrix_to_patches(full, (h, w))[0] > 0.5  # (n_patches, 1, h, w)
-
-
-def latent_numel(shape: tuple[int, int], spec: AESpec) -> int:
-    """Stored latent coordinates of a (p, q) matrix: ⌈p/2^n⌉ · ⌈q/2^n⌉ · e2."""
-    f = spec.factor
-    return -(-shape[0] // f) * -(-shape[1] // f) * spec.latent_channels
-
-
-# ---------------------------------------------------------------------------------------------
-# latent vectors (the layout of reallm.nn.ste.LatentVQ: channels [g·d, (g+1)·d) at one position)
-# ---------------------------------------------------------------------------------------------
-def to_vectors(z: Tensor, d: int) -> Tensor:
-    """(..., B, e2, h, w) -> (..., B, e2/d, h, w, d)."""
-    *lead, B, C, H, W = z.shape
-    return z.reshape(*lead, B, C // d, d, H, W).movedim(-3, -1)
-
-
-def from_vectors(v: Tensor) -> Tensor:
-    """Inverse of :func:`to_vectors`: (..., B, g, h, w, d) -> (..., B, g·d, h, w)."""
-    *lead, B, G, H, W, d = v.shape
-    return v.movedim(-1, -3).reshape(*lead, B, G * d, H, W)
 
 
 def nearest_codes(v: Tensor, codebook: Tensor, chunk_elems: int = 1 << 24) -> Tensor:
@@ -418,7 +242,7 @@ class GroupData:
 # ---------------------------------------------------------------------------------------------
 # G autoencoders of one architecture, trained together
 # ---------------------------------------------------------------------------------------------
-def _seed_of(*parts: Any) -> int:
+def seed_of(*parts: Any) -> int:
     return zlib.crc32("|".join(map(str, parts)).encode()) % (1 << 31)
 
 
@@ -633,28 +457,6 @@ class TrainSchedule:
         return vq, frozen
 
 
-def cosine_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """LambdaLR factor: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
-    total = max(1, total_steps)
-    warm = max(0, min(warmup_steps, total - 1))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        t = min(1.0, (step - warm) / max(1, total - warm))
-        return 0.5 * (1.0 + math.cos(math.pi * t))
-
-    return factor
-
-
-def make_optimizer(params: Iterable[Tensor], lr: float, total_steps: int, warmup: float):
-    """Adam + LambdaLR(cosine with warm-up), stepped once per training step."""
-    params = [p for p in params if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_warmup(total_steps, int(round(warmup * total_steps))))
-    return opt, sched
-
-
 def on_epoch_start(stack: AEStack, data: GroupData, sched: TrainSchedule, epoch: int) -> dict[str, float]:
     """Stage switches at the start of an epoch (the same code for the phase and the plain loop):
     latent VQ on at ``vq_start`` (k-means codebook), refreshed every ``vq_refresh`` epochs, codes frozen
@@ -693,7 +495,7 @@ def train_stacks(stacks: Sequence[tuple[AEStack, GroupData]], sched: TrainSchedu
     Returns the mean training loss of each epoch."""
     steps = max(d.steps_per_epoch(sched.batch_size) for _, d in stacks)
     params = [p for s, _ in stacks for p in s.parameters()]
-    opt, lr_sched = make_optimizer(params, sched.lr, steps * sched.epochs, sched.warmup)
+    opt, lr_sched = adam_with_cosine(params, sched.lr, steps * sched.epochs, sched.warmup)
     history = []
     for epoch in range(sched.epochs):
         for stack, data in stacks:
@@ -728,29 +530,6 @@ class GroupResult:
     shared_numel: int
 
 
-def pack_decoder(decoder: PixelShuffleDecoder) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """``export_decoder`` with the codes bit-packed at b_φ (so that bits = saved bytes): tensors are
-    ``decoder.<conv>.codes`` (uint8 stream), ``decoder.<conv>.scale`` / ``.bias`` (fp16)."""
-    meta, tensors = export_decoder(decoder)
-    out = {}
-    for key, t in tensors.items():
-        conv, _, kind = key.rpartition(".")
-        bits = meta["convs"][conv]["bits"]
-        out[f"decoder.{key}"] = pack_bits(t.reshape(-1), bits) if kind == "codes" else t
-    return meta, out
-
-
-def unpack_decoder(meta: dict[str, Any], tensors: dict[str, Tensor], device=None) -> PixelShuffleDecoder:
-    """Inverse of :func:`pack_decoder` (``tensors`` with or without the ``decoder.`` prefix)."""
-    plain = {}
-    for key, t in tensors.items():
-        key = key[len("decoder."):] if key.startswith("decoder.") else key
-        conv, _, kind = key.rpartition(".")
-        if kind == "codes":
-            info = meta["convs"][conv]
-            t = unpack_bits(t, info["bits"], math.prod(info["shape"])).view(info["shape"]).to(torch.uint8)
-        plain[key] = t
-    return decoder_from_state(meta, plain, device=device)
 
 
 @torch.no_grad()
@@ -788,38 +567,3 @@ def build_container(pm: PreparedMatrix, config: CompressionConfig, result: Group
     return ReALLMWeight(pm.shape, config, frozen, dict(pm.lowrank), meta, dict(result.shared))
 
 
-# ---------------------------------------------------------------------------------------------
-# decoding (container.decode_frozen, quantizer "autoencoder")
-# ---------------------------------------------------------------------------------------------
-def decode_autoencoder(
-    stored: dict[str, Tensor],
-    meta: dict[str, Any],
-    config: CompressionConfig,
-    shape: tuple[int, int],
-    shared: dict[str, Tensor],
-) -> Tensor:
-    """Ŷ (p, q), the normalised matrix in the rotated / permuted domain (before the block scales), by
-    one forward pass of the stored decoder over the latent decoded from the stored codes."""
-    spec = ae_spec(config)
-    d, width = config.vq_dim, config.bits * config.vq_dim
-    src = {**shared, **stored}
-    codes_packed = src.get("latent_codes")
-    codebook = src.get("latent_codebook")
-    if codes_packed is None or codebook is None or "decoder" not in meta:
-        raise KeyError("autoencoder matrix without latent_codes / latent_codebook / decoder meta")
-    device = codes_packed.device
-    decoder = unpack_decoder(meta["decoder"], {k: v for k, v in src.items() if k.startswith("decoder.")}, device)
-    decoder.eval()
-    mask = latent_mask(shape, spec, device)  # (n, 1, h, w)
-    n, _, h, w = mask.shape
-    groups = spec.latent_channels // d
-    keep = mask.expand(-1, groups, -1, -1)  # (n, e2/d, h, w)
-    codes = unpack_bits(codes_packed, width, int(keep.sum()))
-    vec = torch.zeros(n, groups, h, w, d, device=device)
-    vec[keep] = codebook.float().to(device)[codes]
-    z = from_vectors(vec)  # (n, e2, h, w)
-    p0, p1 = spec.patch_hw
-    chunk = max(1, _DECODE_CHUNK_ELEMS // (max(decoder.channels) * p0 * p1))  # bounds the largest activation
-    with torch.no_grad():
-        out = torch.cat([decoder(z[s:s + chunk]) for s in range(0, n, chunk)])  # (n, 1, P0, P1)
-    return patches_to_matrix(out, shape, spec.patch_hw)

@@ -1,0 +1,110 @@
+"""The contract every stored format of the frozen part fulfils (a "codec").
+
+The encoding pipeline (`reallm.container`) is the same for every format and knows none by name:
+
+    R = W − L1 L2ᵀ → Hadamard rotation → column permutation per row block → blocks of B0 values
+    (row-major flattening, zero padded) → absmax block scales (double-quantised) → **codec.encode**
+
+and decoding runs it backwards from **codec.decode**. A codec says which of the shared stages it
+wants (`blockwise`, `absmax_scales`), what it stores (`encode` → tensors, `bit_items` → where their
+bits are reported), and whether several matrices can share tensors it fits once (`fit_shared`,
+e.g. a model-wide VQ codebook). Adding a format is one module in `reallm/codecs/` that defines a
+`Codec` subclass and decorates it with `@register` (the package imports every module in it), a
+preset in `configs/methods/`, and a row in `tests/test_codec_contract.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor
+
+if TYPE_CHECKING:  # the config imports the registry, never the other way round at run time
+    from reallm.config import CompressionConfig
+
+__all__ = ["Codec", "Encoded", "PIPELINE_BIT_ITEMS"]
+
+# stored tensors written by the shared pipeline stages (not by a codec), and their bit items
+PIPELINE_BIT_ITEMS: dict[str, str] = {
+    "scale_codes": "scales",
+    "scale_group_max": "scales",
+    "scale_offset": "scales",
+    "perm": "permutation",
+    "rotation_seeds": "rotation",
+}
+
+
+@dataclass
+class Encoded:
+    """What `Codec.encode` returns.
+
+    stored: tensors of this matrix, in their stored dtype (packed codes, codebooks, ...).
+    meta: JSON-able facts the decoder needs beyond the config (kept in the checkpoint's metadata).
+    shared: tensors used but owned by several matrices (a model-wide codebook); the container keeps
+        them by reference and the checkpoint stores them once.
+    """
+
+    stored: dict[str, Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    shared: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Codec:
+    """One stored format. Subclasses set the class attributes and implement encode / decode."""
+
+    #: the `CompressionConfig.quantizer` value that selects this format
+    name: ClassVar[str] = ""
+    #: one line for `--help` and the docs
+    summary: ClassVar[str] = ""
+    #: True: the pipeline applies rotation, permutation and the B0-block layout before `encode`, and
+    #: `encode` / `decode` see blocks (n_blocks, B0); False: they see the residual (p, q) itself
+    blockwise: ClassVar[bool] = True
+    #: the pipeline divides each block by its double-quantised absmax scale (needs `blockwise`)
+    absmax_scales: ClassVar[bool] = True
+    #: stored tensor name → bit-accounting item (protocol.md); every key `encode` can store, and every
+    #: shared key, must be listed (tests/test_codec_contract.py checks it)
+    bit_items: ClassVar[dict[str, str]] = {}
+    #: None when `compress_weight` can encode this format; otherwise who produces it (one line)
+    produced_by: ClassVar[str | None] = None
+
+    # -- configuration ----------------------------------------------------------------------
+    def validate(self, config: CompressionConfig) -> None:
+        """Raise ValueError (one sentence, without the "invalid compression config" prefix) for a
+        config this format cannot serve."""
+
+    def nominal_bits(self, config: CompressionConfig) -> float:
+        """The paper's "bits" b of this format."""
+        return float(config.bits)
+
+    def vector_dim(self, config: CompressionConfig) -> int:
+        """Values per stored code (blocks are cut into vectors of this length)."""
+        return 1
+
+    def code_width(self, config: CompressionConfig) -> int:
+        """Bits of one stored code."""
+        return config.bits * self.vector_dim(config)
+
+    # -- shared tensors (codebook_scope="model") ------------------------------------------------
+    def can_share(self, config: CompressionConfig) -> bool:
+        """Whether matrices compressed with `config` share tensors fitted once by `fit_shared`."""
+        return False
+
+    def fit_shared(self, vectors: Tensor, config: CompressionConfig) -> dict[str, Tensor]:
+        """Shared tensors fitted on the pooled vectors (N, vector_dim) of every sharing matrix."""
+        raise NotImplementedError(f"format {self.name!r} shares nothing between matrices")
+
+    # -- encode / decode ------------------------------------------------------------------------
+    def encode(self, X: Tensor, config: CompressionConfig, *, shared: dict[str, Tensor] | None = None,
+               state: dict[str, Any] | None = None) -> Encoded:
+        """Stored form of X: blocks (n_blocks, B0), normalised by their scales when `absmax_scales`;
+        the residual (p, q) when not `blockwise`. `shared` holds tensors fitted by `fit_shared`;
+        `state` is a dict the codec may use to warm-start the next call on the same matrix (the
+        alternating low-rank iterations call encode repeatedly)."""
+        raise NotImplementedError(f"format {self.name!r} is produced by {self.produced_by}")
+
+    def decode(self, stored: dict[str, Tensor], meta: dict[str, Any], config: CompressionConfig,
+               shape: tuple[int, int], n_blocks: int, shared: dict[str, Tensor]) -> Tensor:
+        """Inverse of `encode`, fp32: blocks (n_blocks, B0) before the scales are applied (blockwise
+        formats), or the matrix (p, q)."""
+        raise NotImplementedError

@@ -1,0 +1,32 @@
+"""`nf`: NormalFloat-b scalar quantisation of absmax-normalised blocks (QLoRA, LQ-LoRA; method.md §3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from reallm.codecs import register
+from reallm.codecs.base import Codec, Encoded
+from reallm.quant.packing import pack_bits, unpack_bits
+from reallm.quant.scalar import nearest_level, nf_levels
+
+
+@register
+class NormalFloat(Codec):
+    name = "nf"
+    summary = "NormalFloat-b levels per value, absmax block scales (QLoRA, LQ-LoRA)"
+    bit_items = {"codes": "codes"}
+
+    def validate(self, config) -> None:
+        if not 1 <= config.bits <= 8:
+            raise ValueError(f"nf supports 1..8 bits, got bits={config.bits}")
+
+    def encode(self, X: Tensor, config, *, shared=None, state=None) -> Encoded:
+        codes = nearest_level(X, nf_levels(config.bits).to(X.device))  # (n_blocks, B0)
+        return Encoded({"codes": pack_bits(codes.reshape(-1), config.bits)})
+
+    def decode(self, stored: dict[str, Tensor], meta: dict[str, Any], config, shape, n_blocks, shared) -> Tensor:
+        B = config.block_size
+        codes = unpack_bits(stored["codes"], config.bits, n_blocks * B)
+        return nf_levels(config.bits).to(codes.device)[codes].view(n_blocks, B)

@@ -1,0 +1,33 @@
+"""`rtn`: asymmetric round-to-nearest int-b with a min and a step per block (a weak baseline)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from reallm.codecs import register
+from reallm.codecs.base import Codec, Encoded
+from reallm.quant.packing import pack_bits, unpack_bits
+from reallm.quant.scalar import rtn_dequantize, rtn_quantize
+
+
+@register
+class RoundToNearest(Codec):
+    name = "rtn"
+    summary = "asymmetric int-b with min / step per block (baseline)"
+    absmax_scales = False  # the block's own min and step replace the absmax scale
+    bit_items = {"codes": "codes", "rtn_lo": "scales", "rtn_step": "scales"}
+
+    def validate(self, config) -> None:
+        if not 1 <= config.bits <= 8:
+            raise ValueError(f"rtn supports 1..8 bits, got bits={config.bits}")
+
+    def encode(self, X: Tensor, config, *, shared=None, state=None) -> Encoded:
+        codes, lo, step = rtn_quantize(X, config.bits)  # X (n_blocks, B0) unnormalised
+        return Encoded({"codes": pack_bits(codes.reshape(-1), config.bits), "rtn_lo": lo, "rtn_step": step})
+
+    def decode(self, stored: dict[str, Tensor], meta: dict[str, Any], config, shape, n_blocks, shared) -> Tensor:
+        B = config.block_size
+        codes = unpack_bits(stored["codes"], config.bits, n_blocks * B).view(n_blocks, B)
+        return rtn_dequantize(codes, stored["rtn_lo"], stored["rtn_step"])

@@ -1,0 +1,81 @@
+"""`vq`: k-means vector quantisation of horizontal d-vectors of absmax-normalised blocks (method.md §3).
+
+Vectors are d consecutive values of the row-major stream, i.e. d neighbouring columns of one row
+(after the column permutation has put similar columns side by side). The codebook (K = 2^(b·d)
+codewords, fp16) is fitted per matrix, or once for every matrix of a config (`codebook_scope:
+model`, a shared tensor whose bits are divided among the matrices).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from reallm.codecs import register
+from reallm.codecs.base import Codec, Encoded
+from reallm.quant.packing import pack_bits, unpack_bits
+from reallm.quant.vq import assign, kmeans
+
+
+def fit_codebook(vectors: Tensor, config, init: Tensor | None = None) -> Tensor:
+    """k-means codebook (K, d) of `vectors` (N, d), rounded to its fp16 storage, returned in fp32."""
+    res = kmeans(
+        vectors,
+        config.codebook_size,
+        iters=config.kmeans_iters,
+        tol=config.kmeans_tol,
+        init=config.kmeans_init,
+        seed=config.seed,
+        max_points=config.kmeans_max_points,
+        init_codebook=init,
+    )
+    return res.codebook.to(torch.float16).float()
+
+
+@register
+class VectorQuantizer(Codec):
+    name = "vq"
+    summary = "k-means codebook of 2^(b·d) d-vectors, absmax block scales (AQLM-/QuIP#-like, ReALLM without decoder)"
+    bit_items = {"codes": "codes", "codebook": "codebook"}
+
+    def validate(self, config) -> None:
+        if config.vq_dim not in (1, 2, 4, 8):
+            raise ValueError(f"vq_dim must be 1, 2, 4 or 8, got {config.vq_dim}")
+        if not 1 <= config.bits * config.vq_dim <= 16:
+            raise ValueError(f"b·d must be in 1..16 (codebook of 2^(b·d) codewords), got "
+                             f"bits={config.bits} × vq_dim={config.vq_dim}")
+
+    def vector_dim(self, config) -> int:
+        return config.vq_dim
+
+    def can_share(self, config) -> bool:
+        return config.codebook_scope == "model"
+
+    def fit_shared(self, vectors: Tensor, config) -> dict[str, Tensor]:
+        return {"codebook": fit_codebook(vectors, config).to(torch.float16)}
+
+    def encode(self, X: Tensor, config, *, shared=None, state=None) -> Encoded:
+        vectors = X.reshape(-1, config.vq_dim)  # (n_vectors, d)
+        stored: dict[str, Tensor] = {}
+        if shared and "codebook" in shared:
+            codebook = shared["codebook"].to(device=X.device, dtype=torch.float16).float()
+            used = {"codebook": shared["codebook"].to(device=X.device, dtype=torch.float16)}
+        else:
+            warm = state.get("codebook") if state is not None else None
+            codebook = fit_codebook(vectors, config, init=warm)  # (K, d) fp32 of fp16 values
+            if state is not None:
+                state["codebook"] = codebook
+            stored["codebook"] = codebook.to(torch.float16)
+            used = {}
+        stored["codes"] = pack_bits(assign(vectors, codebook), self.code_width(config))
+        return Encoded(stored, shared=used)
+
+    def decode(self, stored: dict[str, Tensor], meta: dict[str, Any], config, shape, n_blocks, shared) -> Tensor:
+        codebook = stored.get("codebook", shared.get("codebook"))
+        if codebook is None:
+            raise KeyError("VQ matrix without its codebook (shared codebook missing)")
+        n_vectors = n_blocks * config.block_size // config.vq_dim
+        codes = unpack_bits(stored["codes"], self.code_width(config), n_vectors)
+        return codebook.float()[codes].view(n_blocks, config.block_size)  # (n_vectors, d) → blocks

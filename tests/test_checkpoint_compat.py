@@ -1,0 +1,45 @@
+"""Checkpoints written by earlier versions of this project still load, and compute what they computed.
+
+`tests/data/checkpoints_v1/` holds one tiny checkpoint per stored format, written by the code of commit
+7e332a8 (before the codec registry; see `generate.py` there), with the logits that code computed.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reallm import load_compressed
+from reallm.bits import bits_report
+from reallm.checkpoint import read_meta
+from tests.tiny_models import sample_ids
+
+DATA = Path(__file__).parent / "data" / "checkpoints_v1"
+NAMES = sorted(p.name for p in DATA.iterdir() if p.is_dir())
+
+
+def test_every_stored_format_has_an_old_checkpoint():
+    quantizers = {rec["config"]["quantizer"] for n in NAMES for rec in read_meta(DATA / n)["layers"].values()}
+    assert quantizers == {"none", "nf", "rtn", "vq", "autoencoder"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_old_checkpoint_loads_with_the_same_logits(name, single_thread):
+    """One thread, as when they were written: the decoder convolutions then sum in the same order."""
+    model = load_compressed(DATA / name)
+    expected = load_file(DATA / f"{name}.expected_logits.safetensors")["logits"]
+    with torch.no_grad():
+        logits = model(sample_ids()).logits
+    assert torch.equal(logits, expected)  # same decode, same arithmetic: bit-identical
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_old_checkpoint_bits_are_the_recorded_ones(name):
+    """The bit accounting of today's codecs equals what the old code wrote into reallm.json."""
+    meta = read_meta(DATA / name)
+    report = {m["name"]: m for m in bits_report(load_compressed(DATA / name))["matrices"]}
+    for layer, rec in meta["layers"].items():
+        assert report[layer]["bits"] == pytest.approx(rec["bits"]["per_weight"], rel=1e-12)
+        assert report[layer]["items"] == pytest.approx(
+            {k: v for k, v in rec["bits"].items() if k not in ("total", "per_weight")}, rel=1e-12)
