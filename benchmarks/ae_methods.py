@@ -68,8 +68,7 @@ def single_config_model(run_dir: Path, label: str):
     from transformers import AutoModelForCausalLM
 
     from reallm.container import ReALLMWeight
-    from reallm.hf import set_module
-    from reallm.nn.dora import ReALLMLinear
+    from reallm.surgery import swap_in
 
     model = AutoModelForCausalLM.from_pretrained(MODEL).eval()
     found = []
@@ -82,10 +81,7 @@ def single_config_model(run_dir: Path, label: str):
     for name, w, stats in found:
         if w.shared:
             w.meta["shared_numel"] = total  # every matrix uses this candidate's shared pieces
-        mod = model.get_submodule(name)
-        layer = ReALLMLinear(w, mod.bias.detach() if mod.bias is not None else None)
-        layer.stats = {"rel_frobenius_error": stats["rel_frobenius_error"]}
-        set_module(model, name, layer)
+        swap_in(model, name, w, stats={"rel_frobenius_error": stats["rel_frobenius_error"]})
     return model
 
 

@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from reallm import storage
 from reallm.container import ReALLMWeight
 from reallm.errors import CheckpointError
 from reallm.files import (
@@ -41,7 +42,7 @@ from reallm.files import (
     tensor_digest,
 )
 from reallm.hf import set_module
-from reallm.nn.dora import ReALLMLinear
+from reallm.nn.dora import ReALLMLinear, RuntimeMode
 from reallm.surgery import iter_reallm_layers
 
 FORMAT_NAME = "reallm"
@@ -282,8 +283,9 @@ def _need(tensors: dict[str, torch.Tensor], key: str, file: Path) -> torch.Tenso
 
 def _build_layer(name: str, rec: dict[str, Any], frozen: dict[str, torch.Tensor],
                  adapter_tensors: dict[str, torch.Tensor], frozen_path: Path, adapter_path: Path,
-                 cache_frozen: bool = True) -> ReALLMLinear:
-    """One ReALLMLinear from its reallm.json record and the loaded tensor files."""
+                 mode: RuntimeMode = "resident") -> ReALLMLinear:
+    """One ReALLMLinear from its reallm.json record and the loaded tensor files (nothing is decoded: the
+    DoRA magnitude comes from the adapters file)."""
     prefix = f"{name}.frozen."
     tensors = {k[len(name) + 1:]: v for k, v in frozen.items() if k.startswith(prefix)}
     shared = {k: _need(frozen, f"shared.{digest}", frozen_path) for k, digest in rec["shared"].items()}
@@ -299,7 +301,14 @@ def _build_layer(name: str, rec: dict[str, Any], frozen: dict[str, torch.Tensor]
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{frozen_path}: layer {name!r} cannot be rebuilt ({e})") from None
     bias = _need(frozen, f"{name}.bias", frozen_path) if rec.get("bias") else None
-    layer = ReALLMLinear(weight, bias, cache_frozen=cache_frozen, lora_scale=rec.get("lora_scale", 1.0))
+    magnitude = None
+    if weight.config.dora and weight.rank:
+        parts = {k[len("magnitude."):]: v for k, v in sub.items() if k.startswith("magnitude.")}
+        if not parts:
+            raise CheckpointError(f"{adapter_path}: missing tensor '{name}.magnitude.value'")
+        magnitude = storage.decode_stored(parts, weight.config.magnitude_dtype)
+    layer = ReALLMLinear(weight, bias, mode=mode, lora_scale=rec.get("lora_scale", 1.0), magnitude=magnitude,
+                         name=name)
     layer.layout = rec.get("layout", "linear")
     layer.stats = dict(rec.get("stats", {}))
     try:
@@ -329,16 +338,22 @@ def load_compressed(
     *,
     adapters: str = "default",
     device: torch.device | str | None = None,
-    cache_frozen: bool = True,
+    mode: RuntimeMode = "resident",
 ) -> nn.Module:
     """Rebuild a compressed model from a checkpoint directory (no base weights needed).
+
+    The model's skeleton is built with its parameters on the meta device (no memory), the compressed
+    linears are filled with their stored tensors only (nothing is decoded), and the other parameters
+    (embeddings, norms, head) are assigned from the file at their stored dtype.
 
     Args:
         directory: the checkpoint directory written by `save_compressed`.
         adapters: the adapter set to load ("default" or a name given to `save_adapters`).
         device: where to put the model (default CPU).
-        cache_frozen: passed to every ReALLMLinear.
+        mode: runtime mode of every compressed linear: "resident" (packed in memory, decoded on the fly)
+            or "cache" (decoded once into a dense copy in the compute dtype); see `reallm.nn.dora`.
     """
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
@@ -356,10 +371,11 @@ def load_compressed(
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{directory / 'config.json'}: cannot read the model config ({e})") from None
     dtype = getattr(torch, meta["dtype"]) if meta.get("dtype") else None
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    with init_empty_weights(include_buffers=False):  # parameters on "meta"; buffers (RoPE tables) real
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
 
     for name, rec in meta["layers"].items():
-        layer = _build_layer(name, rec, frozen, adapter_tensors, frozen_path, adapter_path, cache_frozen)
+        layer = _build_layer(name, rec, frozen, adapter_tensors, frozen_path, adapter_path, mode)
         try:
             model.get_submodule(name)
         except AttributeError:
@@ -374,7 +390,12 @@ def load_compressed(
     missing = sorted(expected_dense - set(dense))
     if missing:
         raise CheckpointError(f"{frozen_path}: missing tensor 'dense.{missing[0]}' ({len(missing)} missing)")
-    model.load_state_dict(dense, strict=False)
+    model.load_state_dict(dense, strict=False, assign=True)  # the file's tensors, at their stored dtype
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()  # the skeleton's head and embedding are two meta tensors until tied again
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{frozen_path}: missing tensor 'dense.{left[0]}' ({len(left)} missing)")
     if device is not None:
         model.to(device)
     model.eval()

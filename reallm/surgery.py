@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 from reallm.codecs import get_codec
 from reallm.config import CompressionConfig
-from reallm.container import compress_weight, relative_error, shared_training_vectors
+from reallm.container import ReALLMWeight, compress_weight, relative_error, shared_training_vectors
 from reallm.errors import CompressionError
 from reallm.hf import find_decoder_blocks, is_linear, linear_weight, set_module
-from reallm.nn.dora import ReALLMLinear
+from reallm.nn.dora import ReALLMLinear, RuntimeMode
 
 FilterFn = Callable[[str, nn.Module], bool]
 ConfigSpec = CompressionConfig | Mapping[str, CompressionConfig | None]
@@ -39,6 +39,19 @@ def resolve_config(spec: ConfigSpec, name: str) -> CompressionConfig | None:
         if fnmatch.fnmatchcase(name, pattern):
             return cfg
     return None
+
+
+def swap_in(model: nn.Module, name: str, weight: ReALLMWeight, *, mode: RuntimeMode = "resident",
+            stats: dict | None = None) -> ReALLMLinear:
+    """Replace the linear layer `name` of `model` by a ReALLMLinear holding `weight` (its bias and layout
+    taken from the layer it replaces). Returns the new layer."""
+    old = model.get_submodule(name)
+    bias = old.bias.detach() if getattr(old, "bias", None) is not None else None
+    layer = ReALLMLinear(weight, bias, mode=mode, name=name)
+    layer.layout = "linear" if isinstance(old, nn.Linear) else "conv1d"
+    layer.stats = dict(stats or {})
+    set_module(model, name, layer)
+    return layer
 
 
 def iter_reallm_layers(model: nn.Module) -> Iterator[tuple[str, ReALLMLinear]]:
@@ -116,7 +129,7 @@ def compress_(
     *,
     device: torch.device | str | None = None,
     progress: bool = True,
-    cache_frozen: bool = True,
+    mode: RuntimeMode = "resident",
     skip: Callable[[str], ReALLMLinear | None] | None = None,
     on_layer: Callable[[str, ReALLMLinear], None] | None = None,
 ) -> CompressionSummary:
@@ -130,7 +143,8 @@ def compress_(
         device: where to run the compression of each matrix (e.g. "cuda" for a model kept on
             CPU); the result is moved back next to the original layer.
         progress: show a progress bar.
-        cache_frozen: passed to every ReALLMLinear.
+        mode: runtime mode of every new ReALLMLinear ("resident": packed in memory, decoded on the fly;
+            "cache": a dense copy in the compute dtype).
         skip: name -> an already compressed layer to reuse (resuming an interrupted run), or None.
         on_layer: called after each layer is replaced (e.g. to save progress).
     Returns:
@@ -151,13 +165,13 @@ def compress_(
             tensors, numel = shared.get(cfg.key(), (None, None))
             Wd = W.to(device) if device is not None else W
             weight = compress_weight(Wd, cfg, name=name, shared=tensors, shared_numel=numel)
-            bias = mod.bias.detach() if mod.bias is not None else None
-            layer = ReALLMLinear(weight.to(home), bias, cache_frozen=cache_frozen)
-        layer.layout = "linear" if isinstance(mod, nn.Linear) else "conv1d"
+            layer = swap_in(model, name, weight.to(home), mode=mode)
+        else:
+            layer.layout = "linear" if isinstance(mod, nn.Linear) else "conv1d"
+            set_module(model, name, layer)
         layer.stats.setdefault("rel_frobenius_error", relative_error(W, layer.dequantize().to(home)))
         layer.stats.setdefault("orig_dtype", str(W.dtype).replace("torch.", ""))
         layer.to(home)
-        set_module(model, name, layer)
         del mod, W
         summary.layers[name] = {
             "shape": [layer.out_features, layer.in_features],

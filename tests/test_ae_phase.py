@@ -20,9 +20,8 @@ from reallm import load_compressed, save_compressed
 from reallm.cli import cli_main
 from reallm.codecs import autoencoder as ae_format
 from reallm.config import CompressionConfig
-from reallm.hf import linear_weight, set_module
-from reallm.nn.dora import ReALLMLinear
-from reallm.surgery import iter_reallm_layers, select_layers
+from reallm.hf import linear_weight
+from reallm.surgery import iter_reallm_layers, select_layers, swap_in
 from reallm.training import autoencoder as ae_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,8 +159,7 @@ def test_save_load_identical_logits(tmp_path):
     for g, k in enumerate(keys):
         res = ae_recipe.export_group(stack, data, g)
         for pm in groups[k]:
-            mod = model.get_submodule(pm.name)
-            set_module(model, pm.name, ReALLMLinear(ae_recipe.build_container(pm, cfg, res), mod.bias))
+            swap_in(model, pm.name, ae_recipe.build_container(pm, cfg, res))
     with torch.no_grad():
         for _, layer in iter_reallm_layers(model):
             layer.lora_B.add_(0.01)  # adapters away from their initial values

@@ -20,6 +20,7 @@ from phase_helpers import (  # noqa: F401 (_one_thread is an autouse fixture)
     text_datamodule,
     trainer,
 )
+from safetensors.torch import load_file
 
 from reallm.checkpoint import load_compressed, read_meta
 from reallm.modules import BlockwisePhase, EndToEndPhase, UserError
@@ -111,19 +112,29 @@ def test_phase2_and_phase3_checkpoints_evaluate(phase1, phase2, tmp_path):
         math.log(e2e["perplexity"]["tinystories_valid"]["value"]), abs=1e-5)
 
 
-def test_ddp_two_processes_fast_dev_run(phase1, tmp_path):
-    """Two CPU processes (gloo) run the end-to-end phase with fast_dev_run through the CLI."""
+def test_ddp_two_processes_resident_gives_the_adapters_of_the_dense_cache(phase1, tmp_path):
+    """Two CPU processes (gloo) run the end-to-end phase through the CLI, once with the compressed linears
+    resident (decoded on the fly, the default) and once with the dense cache (the former runtime): the
+    trained adapters agree."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "e2e.yaml"),
-           "--model.init_args.checkpoint", str(phase1.checkpoint), "--trainer.accelerator", "cpu",
-           "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.fast_dev_run", "true",
-           "--run_dir", str(tmp_path / "ddp"), *data_args(phase1)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((tmp_path / "ddp" / "results.json").read_text())
-    assert res["phase"] == "e2e" and res["optimizer_steps"] == 1
-    assert int(res["config"]["trainer"]["devices"]) == 2
-    load_compressed(tmp_path / "ddp" / "reallm")
+    adapters = {}
+    for runtime in ("resident", "cache"):
+        run = tmp_path / f"ddp-{runtime}"
+        cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "e2e.yaml"),
+               "--model.init_args.checkpoint", str(phase1.checkpoint), "--trainer.accelerator", "cpu",
+               "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.fast_dev_run", "true",
+               "--model.init_args.runtime", runtime, "--run_dir", str(run), *data_args(phase1)]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = json.loads((run / "results.json").read_text())
+        assert res["phase"] == "e2e" and res["optimizer_steps"] == 1 and res["runtime"]["mode"] == runtime
+        assert int(res["config"]["trainer"]["devices"]) == 2
+        load_compressed(run / "reallm")
+        adapters[runtime] = load_file(run / "reallm" / "adapters.safetensors")
+    start = load_file(phase1.checkpoint / "adapters.safetensors")
+    assert any(not torch.equal(start[k], adapters["resident"][k]) for k in start)  # the step changed them
+    for k, v in adapters["cache"].items():
+        torch.testing.assert_close(adapters["resident"][k].float(), v.float(), rtol=1e-4, atol=1e-5)
 
 
 def test_bad_arguments_are_user_errors(phase1, tmp_path):

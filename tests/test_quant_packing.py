@@ -70,3 +70,18 @@ def test_errors():
         pack_bits(torch.tensor([0.5]), 4)
     with pytest.raises(ValueError):
         unpack_bits(torch.zeros(2, dtype=torch.uint8), 8, 3)
+
+
+@pytest.mark.parametrize("width", list(range(1, 17)))
+def test_lut_decode_equals_table_of_unpacked_codes(width):
+    """decode_codes reads whole bit fields through a table; it must equal table[unpack_bits(...)] for
+    every width (fast widths and the fallback), any start, any length, any vector dimension."""
+    from reallm.quant.lut import decode_codes
+
+    g = torch.Generator().manual_seed(width)
+    codes = torch.randint(0, 1 << width, (3001,), generator=g)
+    packed = pack_bits(codes, width)
+    for d in (1, 2, 4):
+        table = torch.randn(1 << width, d, generator=g)
+        for start, n in ((0, 3001), (1, 100), (7, 2990), (2999, 2), (1234, 0)):
+            assert torch.equal(decode_codes(packed, width, n, table, start=start), table[codes[start:start + n]])

@@ -267,6 +267,23 @@ class PatchAutoencoder(Codec):
     def validate(self, config) -> None:
         ae_spec(config)
 
+    def decode_macs_per_weight(self, meta: dict[str, Any], config) -> float:
+        """The decoder's multiply-adds per output value: each conv's MACs at its resolution (the stem at
+        the latent's, stage i at 2^i times it, the head at the patch's), over the patch's values."""
+        convs = meta.get("decoder", {}).get("convs", {})
+        n_stages = int(meta.get("decoder", {}).get("config", {}).get("n_stages", 0))
+        total = 0.0
+        for name, info in convs.items():
+            c_out, c_in, kh, kw = info["shape"]
+            if name == "stem":
+                level = 0
+            elif name.startswith("stages."):
+                level = int(name.split(".")[1])
+            else:  # the head, at the patch resolution
+                level = n_stages
+            total += c_out * c_in * kh * kw * 4.0 ** (level - n_stages)  # resolution relative to the patch
+        return total
+
     def code_width(self, config) -> int:  # latent codes: one per d latent coordinates
         return config.bits * config.vq_dim
 

@@ -85,6 +85,11 @@ class Codec:
         """Bits of one stored code."""
         return config.bits * self.vector_dim(config)
 
+    def decode_macs_per_weight(self, meta: dict[str, Any], config: CompressionConfig) -> float:
+        """Multiply-adds `decode` spends per weight (the runtime caches formats that cost much more than
+        a matmul; table lookups, unpacking and scaling count as about one)."""
+        return 1.0
+
     # -- shared tensors (codebook_scope="model") ------------------------------------------------
     def can_share(self, config: CompressionConfig) -> bool:
         """Whether matrices compressed with `config` share tensors fitted once by `fit_shared`."""
@@ -106,5 +111,13 @@ class Codec:
     def decode(self, stored: dict[str, Tensor], meta: dict[str, Any], config: CompressionConfig,
                shape: tuple[int, int], n_blocks: int, shared: dict[str, Tensor]) -> Tensor:
         """Inverse of `encode`, fp32: blocks (n_blocks, B0) before the scales are applied (blockwise
-        formats), or the matrix (p, q)."""
-        raise NotImplementedError
+        formats), or the matrix (p, q). Implement this or `decode_range` (each defaults to the other)."""
+        return self.decode_range(stored, meta, config, shape, shared, 0, n_blocks if self.blockwise else shape[0])
+
+    def decode_range(self, stored: dict[str, Tensor], meta: dict[str, Any], config: CompressionConfig,
+                     shape: tuple[int, int], shared: dict[str, Tensor], start: int, stop: int) -> Tensor:
+        """Part of `decode`: blocks [start, stop) (blockwise formats) or rows [start, stop), fp32. The
+        resident runtime decodes a matrix in such row tiles, so that no whole dense copy is made; a format
+        that can read its stored tensors by range overrides this (the default decodes all and slices)."""
+        n_blocks = -(-shape[0] * shape[1] // config.block_size)
+        return self.decode(stored, meta, config, shape, n_blocks, shared)[start:stop]

@@ -8,7 +8,8 @@ from torch import Tensor
 
 from reallm.codecs import register
 from reallm.codecs.base import Codec, Encoded
-from reallm.quant.packing import pack_bits, unpack_bits
+from reallm.quant.lut import decode_codes
+from reallm.quant.packing import pack_bits
 from reallm.quant.scalar import nearest_level, nf_levels
 
 
@@ -26,7 +27,8 @@ class NormalFloat(Codec):
         codes = nearest_level(X, nf_levels(config.bits).to(X.device))  # (n_blocks, B0)
         return Encoded({"codes": pack_bits(codes.reshape(-1), config.bits)})
 
-    def decode(self, stored: dict[str, Tensor], meta: dict[str, Any], config, shape, n_blocks, shared) -> Tensor:
+    def decode_range(self, stored: dict[str, Tensor], meta: dict[str, Any], config, shape, shared, start: int,
+                     stop: int) -> Tensor:
         B = config.block_size
-        codes = unpack_bits(stored["codes"], config.bits, n_blocks * B)
-        return nf_levels(config.bits).to(codes.device)[codes].view(n_blocks, B)
+        levels = nf_levels(config.bits).to(stored["codes"].device)[:, None]  # (2^b, 1)
+        return decode_codes(stored["codes"], config.bits, (stop - start) * B, levels, start=start * B).view(-1, B)

@@ -28,5 +28,6 @@ class Dense16(Codec):
     def encode(self, X: Tensor, config, *, shared=None, state=None) -> Encoded:
         return Encoded({"dense": X.to(torch.float16).contiguous()})
 
-    def decode(self, stored: dict[str, Tensor], meta: dict[str, Any], config, shape, n_blocks, shared) -> Tensor:
-        return stored["dense"].float()  # (p, q)
+    def decode_range(self, stored: dict[str, Tensor], meta: dict[str, Any], config, shape, shared, start: int,
+                     stop: int) -> Tensor:
+        return stored["dense"][start:stop].float()  # rows (stop − start, q)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from reallm.codecs import register
 from reallm.codecs.base import Codec, Encoded
-from reallm.quant.packing import pack_bits, unpack_bits
+from reallm.quant.lut import decode_codes
+from reallm.quant.packing import pack_bits
 from reallm.quant.scalar import rtn_dequantize, rtn_quantize
 
 
@@ -27,7 +29,9 @@ class RoundToNearest(Codec):
         codes, lo, step = rtn_quantize(X, config.bits)  # X (n_blocks, B0) unnormalised
         return Encoded({"codes": pack_bits(codes.reshape(-1), config.bits), "rtn_lo": lo, "rtn_step": step})
 
-    def decode(self, stored: dict[str, Tensor], meta: dict[str, Any], config, shape, n_blocks, shared) -> Tensor:
+    def decode_range(self, stored: dict[str, Tensor], meta: dict[str, Any], config, shape, shared, start: int,
+                     stop: int) -> Tensor:
         B = config.block_size
-        codes = unpack_bits(stored["codes"], config.bits, n_blocks * B).view(n_blocks, B)
-        return rtn_dequantize(codes, stored["rtn_lo"], stored["rtn_step"])
+        index = torch.arange(1 << config.bits, dtype=torch.float32, device=stored["codes"].device)[:, None]
+        codes = decode_codes(stored["codes"], config.bits, (stop - start) * B, index, start=start * B)
+        return rtn_dequantize(codes.view(-1, B), stored["rtn_lo"][start:stop], stored["rtn_step"][start:stop])

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from reallm.codecs import register
 from reallm.codecs.base import Codec, Encoded
-from reallm.quant.packing import pack_bits, unpack_bits
+from reallm.quant.lut import decode_codes
+from reallm.quant.packing import pack_bits
 from reallm.quant.vq import assign, kmeans
 
 
@@ -72,10 +73,12 @@ class VectorQuantizer(Codec):
         stored["codes"] = pack_bits(assign(vectors, codebook), self.code_width(config))
         return Encoded(stored, shared=used)
 
-    def decode(self, stored: dict[str, Tensor], meta: dict[str, Any], config, shape, n_blocks, shared) -> Tensor:
+    def decode_range(self, stored: dict[str, Tensor], meta: dict[str, Any], config, shape, shared, start: int,
+                     stop: int) -> Tensor:
         codebook = stored.get("codebook", shared.get("codebook"))
         if codebook is None:
             raise KeyError("VQ matrix without its codebook (shared codebook missing)")
-        n_vectors = n_blocks * config.block_size // config.vq_dim
-        codes = unpack_bits(stored["codes"], self.code_width(config), n_vectors)
-        return codebook.float()[codes].view(n_blocks, config.block_size)  # (n_vectors, d) → blocks
+        per_block = config.block_size // config.vq_dim  # vectors per block
+        values = decode_codes(stored["codes"], self.code_width(config), (stop - start) * per_block,
+                              codebook.float().to(stored["codes"].device), start=start * per_block)
+        return values.view(stop - start, config.block_size)  # (n_vectors, d) → blocks

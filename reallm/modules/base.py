@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 
 from reallm.errors import UserError
 from reallm.files import atomic_write_json, git_sha
-from reallm.hf import load_hf_model
+from reallm.nn.dora import RuntimeMode
 
-__all__ = ["ReALLMModule", "UserError", "atomic_write_json", "load_hf_model"]
+__all__ = ["ReALLMModule"]
 
 
 class ReALLMModule(L.LightningModule):
@@ -46,6 +47,7 @@ class ReALLMModule(L.LightningModule):
         self.run_dir = Path(run_dir) if run_dir else None
         self.method = method
         self.seed = seed
+        self.runtime: RuntimeMode = "resident"  # how compressed linears run (phases that load one set it)
         self.resolved_config: dict[str, Any] = {}  # set by the CLI before the run
         self._t0 = time.time()
 
@@ -59,6 +61,18 @@ class ReALLMModule(L.LightningModule):
 
             return read_meta(self.checkpoint).get("base_model") or str(self.checkpoint)
         raise UserError("give --model.init_args.model_name_or_path or --model.init_args.checkpoint")
+
+    def load_checkpoint_model(self, adapters: str = "default") -> torch.nn.Module:
+        """The compressed model of `self.checkpoint`, its linears in the phase's runtime mode."""
+        from reallm.checkpoint import load_compressed
+
+        return load_compressed(self.checkpoint, adapters=adapters, mode=self.runtime)
+
+    def runtime_info(self, model: torch.nn.Module) -> dict[str, Any]:
+        """How the compressed linears of `model` ran (results.json `runtime`)."""
+        from reallm.nn.dora import runtime_report
+
+        return runtime_report(model)
 
     def require_run_dir(self) -> Path:
         if self.run_dir is None:

@@ -54,6 +54,7 @@ from reallm.modules.blocks import (
     load_teacher_block,
     torch_dtype,
 )
+from reallm.nn.dora import RuntimeMode
 from reallm.surgery import iter_reallm_layers, mark_only_adapters_trainable
 
 LossKind = Literal["mse", "relative_mse"]
@@ -91,6 +92,7 @@ class BlockwisePhase(ReALLMModule):
         cache_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         activation_dir: str | None = None,
         teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        runtime: RuntimeMode = "resident",
         seed: int = 0,
     ) -> None:
         """
@@ -116,6 +118,9 @@ class BlockwisePhase(ReALLMModule):
             activation_dir: folder of the disk cache (default `run_dir/cache`; its files are
                 deleted at the end).
             teacher_dtype: dtype the original blocks are loaded in.
+            runtime: how the compressed linears run: "resident" (the stored form only, decoded in row
+                tiles at every forward; the memory-efficient default) or "cache" (decoded once into a dense
+                copy in the compute dtype; faster when memory allows).
             seed: seed of the step order (one permutation per block and epoch).
         """
         super().__init__(model_name_or_path, checkpoint, run_dir, method, seed)
@@ -129,6 +134,7 @@ class BlockwisePhase(ReALLMModule):
             raise UserError(f"student_inputs must be 'student' or 'original', got {student_inputs!r}")
         if cache not in ("cpu", "disk"):
             raise UserError(f"cache must be 'cpu' or 'disk', got {cache!r}")
+        self.runtime = runtime
         self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
         self.effective_batch, self.epochs_per_block = int(effective_batch), int(epochs_per_block)
         self.loss_kind, self.student_inputs = loss, student_inputs
@@ -168,9 +174,7 @@ class BlockwisePhase(ReALLMModule):
     def configure_model(self) -> None:
         if self._model is not None:
             return
-        from reallm.checkpoint import load_compressed
-
-        model = load_compressed(self.checkpoint)
+        model = self.load_checkpoint_model()
         model.eval()  # no dropout: the blocks are trained in eval mode (deterministic)
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
@@ -454,6 +458,7 @@ class BlockwisePhase(ReALLMModule):
         self.write_results({
             "bits": {"nominal": rep["nominal"], "decoder_linears": rep["decoder_linears"],
                      "whole_model": rep["whole_model"]},
+            "runtime": self.runtime_info(self.model),
             "blocks": [{k: v for k, v in self._records[j].items() if k != "fingerprint"} for j in finished],
             "loss_before": [self._records[j]["loss_before"] for j in finished],
             "loss_after": [self._records[j]["loss_after"] for j in finished],

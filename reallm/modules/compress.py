@@ -23,10 +23,9 @@ from reallm.config import CompressionConfig
 from reallm.container import ReALLMWeight, compress_weight, relative_error
 from reallm.errors import UserError
 from reallm.files import atomic_save_safetensors, atomic_write_text
-from reallm.hf import maybe_tokenizer, set_module
+from reallm.hf import maybe_tokenizer
 from reallm.modules.base import ReALLMModule
-from reallm.nn.dora import ReALLMLinear
-from reallm.surgery import fit_shared_tensors, resolve_config
+from reallm.surgery import fit_shared_tensors, resolve_config, swap_in
 
 
 class CompressPhase(ReALLMModule):
@@ -149,12 +148,7 @@ class CompressPhase(ReALLMModule):
                 if self.trainer.fast_dev_run or self.trainer.limit_train_batches != 1.0:
                     continue  # a shortened run: assemble what was done
                 raise RuntimeError(f"matrix {name} was not compressed (run interrupted?)")
-            mod = model.get_submodule(name)
-            bias = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
-            layer = ReALLMLinear(weight, bias)
-            layer.layout = "linear" if isinstance(mod, torch.nn.Linear) else "conv1d"
-            layer.stats = dict(weight.meta.pop("stats", {}))
-            set_module(model, name, layer)
+            swap_in(model, name, weight, stats=weight.meta.pop("stats", {}))
             done += 1
         out = save_compressed(model, self.require_run_dir() / "reallm", base_model=self.model_source(),
                               tokenizer=maybe_tokenizer(self.model_source()),

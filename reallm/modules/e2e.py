@@ -27,6 +27,7 @@ from torchmetrics.text import Perplexity
 
 from reallm.errors import UserError
 from reallm.modules.base import ReALLMModule
+from reallm.nn.dora import RuntimeMode
 
 _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -123,6 +124,7 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
         min_lr_ratio: float = 0.0,
         autocast: Literal["auto", "bf16", "none"] = "auto",
         gradient_checkpointing: bool = False,
+        runtime: RuntimeMode = "resident",
         seed: int = 0,
     ) -> None:
         """
@@ -141,6 +143,9 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
                 "bf16" always (CPU too); "none" never (or use --trainer.precision).
             gradient_checkpointing: recompute the blocks' activations in the backward pass
                 (Hugging Face gradient checkpointing, non-reentrant).
+            runtime: how the compressed linears run: "resident" (the stored form only, decoded in row
+                tiles at every forward; the memory-efficient default) or "cache" (decoded once into a dense
+                copy in the compute dtype; faster when memory allows).
             seed: recorded in results.json (seed_everything seeds the run).
         """
         super().__init__(model_name_or_path, checkpoint, run_dir, method, seed)
@@ -151,6 +156,7 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
         if autocast not in ("auto", "bf16", "none"):
             raise UserError(f"autocast must be 'auto', 'bf16' or 'none', got {autocast!r}")
         self.adapters = adapters
+        self.runtime = runtime
         self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
         self.warmup_ratio, self.min_lr_ratio = warmup_ratio, min_lr_ratio
         self.autocast_mode = autocast
@@ -165,10 +171,9 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        from reallm.checkpoint import load_compressed
         from reallm.surgery import mark_only_adapters_trainable
 
-        model = load_compressed(self.checkpoint, adapters=self.adapters)
+        model = self.load_checkpoint_model(self.adapters)
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
         if mark_only_adapters_trainable(model) == 0:
@@ -239,9 +244,7 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
             return self.model if self.global_rank == 0 else None
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        from reallm.checkpoint import load_compressed
-
-        fresh = load_compressed(self.checkpoint, adapters=self.adapters) if self.global_rank == 0 else None
+        fresh = self.load_checkpoint_model(self.adapters) if self.global_rank == 0 else None
         with FSDP.summon_full_params(self.trainer.strategy.model, writeback=False), torch.no_grad():
             if fresh is not None:
                 for name, p in self.model.named_parameters():
@@ -268,6 +271,7 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
             "bits": {"nominal": rep["nominal"], "decoder_linears": rep["decoder_linears"],
                      "whole_model": rep["whole_model"]},
             "perplexity": self.perplexity,
+            "runtime": self.runtime_info(self.model),
             "validation_history": self.validation_history,
             "train_loss": {"first": sum(losses[:k]) / k if losses else None,
                            "last": sum(losses[-k:]) / k if losses else None, "steps": len(losses)},

@@ -11,14 +11,16 @@ from torchmetrics.text import Perplexity
 from reallm.errors import UserError
 from reallm.hf import load_hf_model
 from reallm.modules.base import ReALLMModule
+from reallm.nn.dora import RuntimeMode
 
 
-def load_model_for_eval(model_name_or_path: str | None, checkpoint: str | None, dtype: str | None) -> nn.Module:
+def load_model_for_eval(model_name_or_path: str | None, checkpoint: str | None, dtype: str | None,
+                        runtime: RuntimeMode = "resident") -> nn.Module:
     """The model a phase works on: a ReALLM checkpoint when given, else the base model."""
     if checkpoint:
         from reallm.checkpoint import load_compressed
 
-        return load_compressed(checkpoint)
+        return load_compressed(checkpoint, mode=runtime)
     if not model_name_or_path:
         raise UserError("give --model.init_args.model_name_or_path or --model.init_args.checkpoint")
     return load_hf_model(model_name_or_path, dtype)
@@ -42,6 +44,7 @@ class EvaluatePhase(ReALLMModule):
         zero_shot_include_path: str | None = None,
         zero_shot_limit: float | None = None,
         zero_shot_batch_size: int = 8,
+        runtime: RuntimeMode = "resident",
         seed: int = 0,
     ) -> None:
         """
@@ -58,10 +61,14 @@ class EvaluatePhase(ReALLMModule):
             zero_shot_include_path: a folder of local lm-eval task YAMLs (offline tasks).
             zero_shot_limit: at most this many documents per task (or a fraction < 1); None: all.
             zero_shot_batch_size: lm-eval batch size.
+            runtime: how the compressed linears run: "resident" (the stored form only, decoded in row
+                tiles at every forward; the memory-efficient default) or "cache" (decoded once into a dense
+                copy in the compute dtype; faster when memory allows).
             seed: recorded in results.json.
         """
         super().__init__(model_name_or_path, checkpoint, run_dir, method, seed)
         self.load_dtype = dtype
+        self.runtime = runtime
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.zero_shot_tasks = list(zero_shot_tasks) if zero_shot_tasks else None
@@ -77,7 +84,7 @@ class EvaluatePhase(ReALLMModule):
 
             self.method = read_meta(self.checkpoint).get("extra", {}).get("method", self.method)
         if self.model is None:
-            self.model = load_model_for_eval(self.model_name_or_path, self.checkpoint, self.load_dtype)
+            self.model = load_model_for_eval(self.model_name_or_path, self.checkpoint, self.load_dtype, self.runtime)
             self.model.eval()
 
     def setup(self, stage: str) -> None:
@@ -117,6 +124,7 @@ class EvaluatePhase(ReALLMModule):
             payload["bits"] = {"nominal": rep["nominal"], "decoder_linears": rep["decoder_linears"],
                                "whole_model": rep["whole_model"]}
             payload["compressed_matrices"] = len(layers)
+            payload["runtime"] = self.runtime_info(self.model)
         if self.prompt:
             from transformers import AutoTokenizer
 

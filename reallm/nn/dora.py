@@ -2,23 +2,46 @@
 
     W_ft = m ⊙ (Q̂ + s·B A) / ‖Q̂ + s·B A‖_row        (norm detached, DoRA §4.3)
 
-Q̂ is decoded from the container's buffers once and cached while frozen; the matmul against it
-keeps no gradient or activation for Q̂ (`FrozenMatmul` returns only the input gradient).
-B (p, r) and A (r, q) start from L1 and L2ᵀ, m from the row norms of Q̂ + L1 L2ᵀ, so the initial
-output is x (Q̂ + L1 L2ᵀ)ᵀ. B, A and m are computed with exactly their stored precision.
+The frozen part is kept in its stored form (packed codes, fp16 codebooks, scale codes, permutation,
+...): that is all a layer holds in memory, in the dtypes it was stored with. How Q̂ is computed is the
+layer's runtime mode:
+
+- ``"resident"`` (default): every forward decodes Q̂ in row tiles, multiplies, and frees each tile; the
+  backward decodes again instead of saving it (the frozen matmul returns only the input gradient), and
+  the DoRA row norms come from the same tiles. A format whose decoder costs more than
+  ``AUTO_CACHE_MACS_PER_WEIGHT`` per weight (a large patch-autoencoder decoder) is cached instead,
+  automatically (`effective_mode` says which; `runtime_report` lists them).
+- ``"cache"``: Q̂ decoded once and kept densely in the compute dtype (fast when memory allows).
+
+In both modes the row norms ‖Q̂ + sBA‖ are cached while the adapters do not change (evaluation,
+generation, gradient accumulation). Stored floating-point tensors are kept as raw bytes, so `.to(dtype)`,
+`.half()`, precision plugins and FSDP mixed precision (which cast only floating tensors) never change
+them: only device moves apply. B (p, r), A (r, q) and m (p,) are parameters, computed with exactly their
+stored precision (`reallm.storage`).
 """
 
 from __future__ import annotations
+
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from reallm import storage
-from reallm.container import ReALLMWeight, decode_frozen
+from reallm.codecs import get_codec
+from reallm.container import ReALLMWeight, decode_frozen, decode_frozen_rows, row_tiles, tile_plan
+from reallm.errors import UserError
+
+RuntimeMode = Literal["resident", "cache"]
+RUNTIME_MODES = ("resident", "cache")
+# a format whose decode costs more multiply-adds per weight than a matmul of this many tokens is cached
+# in "resident" mode (decoding it at every step would cost more than the step's matmuls)
+AUTO_CACHE_MACS_PER_WEIGHT = 64.0
+TILE_ELEMS = 1 << 22  # values per decoded row tile (16 MiB in fp32)
 
 
 class FrozenMatmul(torch.autograd.Function):
-    """y = x Wᵀ for a frozen W: backward returns only dL/dx = dL/dy · W (no grad for W)."""
+    """y = x Wᵀ for a frozen dense W: backward returns only dL/dx = dL/dy · W (no grad for W)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:  # x (..., q), weight (p, q)
@@ -31,28 +54,83 @@ class FrozenMatmul(torch.autograd.Function):
         return grad_out @ weight.to(grad_out.dtype), None
 
 
-def _buffer_name(key: str, prefix: str = "frozen__") -> str:
+class ResidentMatmul(torch.autograd.Function):
+    """y = x Q̂ᵀ with Q̂ decoded tile by tile from the layer's stored tensors, never whole.
+
+    Also returns the DoRA row norms ‖Q̂ + s·B A‖ (p,) from the same tiles when `lowrank` = (B, A) is given
+    (detached fp32 factors; an empty tensor otherwise). Backward decodes the tiles again and returns only
+    the input gradient: nothing of Q̂ is saved between forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: ReALLMLinear, lowrank: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        ctx.layer = layer
+        y = x.new_empty(*x.shape[:-1], layer.out_features)  # (..., p)
+        norms = torch.empty(layer.out_features if lowrank else 0, device=x.device, dtype=torch.float32)
+        for r0, r1, Q in layer.frozen_tiles():  # Q (r1 − r0, q) fp32
+            y[..., r0:r1] = x @ Q.to(x.dtype).T
+            if lowrank is not None:
+                B, A = lowrank
+                norms[r0:r1] = torch.linalg.vector_norm(Q + layer.lora_scale * (B[r0:r1] @ A), dim=1)
+        ctx.mark_non_differentiable(norms)
+        return y, norms
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, _grad_norms: Tensor):  # grad_y (..., p)
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        layer = ctx.layer
+        grad_x = grad_y.new_zeros(*grad_y.shape[:-1], layer.in_features)  # (..., q)
+        for r0, r1, Q in layer.frozen_tiles():
+            grad_x += grad_y[..., r0:r1] @ Q.to(grad_y.dtype)
+        return grad_x, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# stored tensors as buffers that no dtype cast can touch
+# ---------------------------------------------------------------------------------------------
+def _buffer_name(key: str, prefix: str) -> str:
     return prefix + key.replace(".", "__")
 
 
-def _buffers_with(module: nn.Module, prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):].replace("__", "."): v for k, v in module._buffers.items()
-            if k.startswith(prefix) and v is not None}
+def _register_stored(module: nn.Module, prefix: str, tensors: dict[str, Tensor]) -> dict[str, tuple]:
+    """Register `tensors` as buffers `<prefix><name>`: integer tensors as they are, floating ones as their
+    raw bytes (uint8, 1-D). Returns {name: (dtype, shape)} to read them back with `_read_stored`."""
+    specs = {}
+    for k, t in tensors.items():
+        t = t.detach()
+        specs[k] = (t.dtype, tuple(t.shape))
+        if t.is_floating_point():
+            t = t.contiguous().reshape(-1).view(torch.uint8)  # bytes: .to(dtype) / .half() skip them
+        module.register_buffer(_buffer_name(k, prefix), t)
+    return specs
+
+
+def _read_stored(module: nn.Module, prefix: str, specs: dict[str, tuple]) -> dict[str, Tensor]:
+    """The stored tensors in their stored dtype and shape (views of the buffers, no copy)."""
+    out = {}
+    for k, (dtype, shape) in specs.items():
+        t = module._buffers[_buffer_name(k, prefix)]
+        out[k] = t.view(dtype).view(shape) if t.dtype != dtype else t
+    return out
 
 
 class ReALLMLinear(nn.Module):
     """Drop-in replacement for nn.Linear whose weight is a ReALLM container.
 
-    Buffers hold every frozen tensor of the container (names `frozen__*`, `shared__*`);
-    parameters are `lora_A` (r, q), `lora_B` (p, r) and, with DoRA, `magnitude` (p,).
+    Buffers hold every stored tensor of the frozen part (names `frozen__*`, `shared__*`, floating ones as
+    raw bytes) and the original bias; parameters are `lora_A` (r, q), `lora_B` (p, r) and, with DoRA,
+    `magnitude` (p,).
 
     Args:
         weight: the compressed weight.
-        bias: the original bias (kept frozen, at its dtype), or None.
-        cache_frozen: keep the decoded Q̂ in memory while frozen (one decode per layer); False
-            decodes it at every forward (memory-bound use).
+        bias: the original bias (kept frozen, at its stored dtype), or None.
+        mode: "resident" or "cache" (see the module docstring).
         lora_scale: s in the formula above (1 keeps the decomposition's product).
-        cache_dtype: dtype of the cached Q̂ (None: float32); bfloat16 halves memory on GPUs.
+        magnitude: the DoRA magnitude m (p,) as stored (from an adapters file); None computes it from the
+            decoded weight (a new compression: m = ‖Q̂ + L1 L2ᵀ‖_row, so the initial output is exactly
+            x (Q̂ + L1 L2ᵀ)ᵀ). Ignored when the config keeps no magnitude.
+        name: the layer's name in its model (named in errors).
     """
 
     def __init__(
@@ -60,27 +138,28 @@ class ReALLMLinear(nn.Module):
         weight: ReALLMWeight,
         bias: Tensor | None = None,
         *,
-        cache_frozen: bool = True,
+        mode: RuntimeMode = "resident",
         lora_scale: float = 1.0,
-        cache_dtype: torch.dtype | None = None,
+        magnitude: Tensor | None = None,
+        name: str = "",
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.config = weight.config
         self.meta = dict(weight.meta)
         self.shared_keys = sorted(weight.shared)
-        self.cache_frozen = cache_frozen
-        self.cache_dtype = cache_dtype
         self.lora_scale = lora_scale
+        self.name = name
         self.layout = "linear"  # "conv1d" for GPT-2 style layers (set by surgery)
         self.stats: dict = {}  # filled by surgery: rel_frobenius_error, original dtype, ...
-        for k, t in weight.frozen.items():
-            self.register_buffer(_buffer_name(k), t)
-        for k, t in weight.shared.items():
-            # shared with other layers: the checkpoint stores it once, under meta["shared_key"]
-            self.register_buffer(_buffer_name(k, "shared__"), t)
+        self._frozen_specs = _register_stored(self, "frozen__", weight.frozen)
+        # shared with other layers (a model-wide codebook, a decoder): the checkpoint stores it once
+        self._shared_specs = _register_stored(self, "shared__", weight.shared)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self._cache: Tensor | None = None
+        self._cache: Tensor | None = None  # dense Q̂ (p, q) in the compute dtype ("cache" mode)
+        self._norm_cache: tuple[Any, Tensor] | None = None  # (adapter versions, row norms (p,))
+        self.mode: RuntimeMode = "resident"
+        self.set_mode(mode)
 
         L1, L2 = weight.lowrank_factors()  # (p, r), (q, r), exactly the stored values
         self.rank = L1.shape[1]
@@ -91,29 +170,60 @@ class ReALLMLinear(nn.Module):
             self.register_parameter("lora_B", None)
             self.register_parameter("lora_A", None)
         if self.config.dora and self.rank:
-            with torch.no_grad():
-                norm = self._row_norm(self._frozen_weight(), self._lowrank_product())
-            self.magnitude = nn.Parameter(storage.round_to_storage(norm, self.config.magnitude_dtype))
+            if magnitude is None:
+                with torch.no_grad():
+                    B, A = self._factors()
+                    magnitude = self._row_norms(B.detach().float(), A.detach().float())
+            self.magnitude = nn.Parameter(storage.round_to_storage(magnitude, self.config.magnitude_dtype))
         else:
             self.register_parameter("magnitude", None)
 
-    # -- container view -------------------------------------------------------------------
+    # -- runtime mode ---------------------------------------------------------------------------
+    def set_mode(self, mode: RuntimeMode) -> None:
+        """Switch between "resident" and "cache" (the dense cache is dropped or built lazily)."""
+        if mode not in RUNTIME_MODES:
+            raise UserError(f"layer {self.name or '?'}: runtime mode must be one of {RUNTIME_MODES}, got {mode!r}")
+        self.mode = mode
+        self._cache = None
+
+    @property
+    def decode_macs_per_weight(self) -> float:
+        """Multiply-adds the format's decoder spends per weight (a patch-autoencoder decoder: many)."""
+        return get_codec(self.config.quantizer).decode_macs_per_weight(self.meta, self.config)
+
+    @property
+    def effective_mode(self) -> RuntimeMode:
+        """The mode the layer runs in: its `mode`, except that in "resident" mode a format whose decoder
+        costs more than AUTO_CACHE_MACS_PER_WEIGHT per weight is cached."""
+        if self.mode == "resident" and self.decode_macs_per_weight > AUTO_CACHE_MACS_PER_WEIGHT:
+            return "cache"
+        return self.mode
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): caches are rebuilt lazily
+        self._cache = None
+        self._norm_cache = None
+        return super()._apply(fn, recurse)
+
+    def clear_cache(self) -> None:
+        self._cache = None
+        self._norm_cache = None
+
+    # -- stored tensors -------------------------------------------------------------------------
+    def _frozen_tensors(self) -> dict[str, Tensor]:
+        return _read_stored(self, "frozen__", self._frozen_specs)
+
+    def _shared_tensors(self) -> dict[str, Tensor]:
+        return _read_stored(self, "shared__", self._shared_specs)
+
     def container(self) -> ReALLMWeight:
         """The layer's current state as a ReALLMWeight (frozen part + current low-rank)."""
-        frozen, shared = self._frozen_tensors(), self._shared_tensors()
         lowrank = {}
         if self.rank:
             dt = self.config.lowrank_dtype
             lowrank.update({f"L1.{k}": v for k, v in storage.encode_stored(self.lora_B, dt).items()})
             lowrank.update({f"L2.{k}": v for k, v in storage.encode_stored(self.lora_A.T, dt).items()})
-        return ReALLMWeight((self.out_features, self.in_features), self.config, frozen, lowrank,
-                            dict(self.meta), shared)
-
-    def _frozen_tensors(self) -> dict[str, Tensor]:
-        return _buffers_with(self, "frozen__")
-
-    def _shared_tensors(self) -> dict[str, Tensor]:
-        return _buffers_with(self, "shared__")
+        return ReALLMWeight((self.out_features, self.in_features), self.config, self._frozen_tensors(), lowrank,
+                            dict(self.meta), self._shared_tensors())
 
     def adapter_tensors(self) -> dict[str, Tensor]:
         """Trainable parts in stored form (what adapters.safetensors keeps for this layer)."""
@@ -143,27 +253,56 @@ class ReALLMLinear(nn.Module):
         if self.magnitude is not None:
             self.magnitude.copy_(storage.decode_stored(part("magnitude"), self.config.magnitude_dtype))
 
-    # -- weights ----------------------------------------------------------------------------
-    def _frozen_weight(self) -> Tensor:
-        """Q̂ (p, q), decoded once and cached while `cache_frozen` is on."""
-        if self._cache is not None:
-            return self._cache
-        with torch.no_grad():
-            Q = decode_frozen(self._frozen_tensors(), self.meta, self.config,
-                              (self.out_features, self.in_features), shared=self._shared_tensors())
-            if self.cache_dtype is not None:
-                Q = Q.to(self.cache_dtype)
-        if self.cache_frozen:
+    # -- the frozen weight ----------------------------------------------------------------------
+    def frozen_tiles(self):
+        """(r0, r1, Q̂[r0:r1] fp32) for the row tiles of the frozen part: decoded from the stored tensors
+        (resident), or row chunks of the dense cache (in fp32)."""
+        if self.effective_mode == "cache":
+            Q = self._cache if self._cache is not None else self._dense()
+            rows = max(1, TILE_ELEMS // max(1, self.in_features))
+            for r0 in range(0, self.out_features, rows):
+                yield r0, min(self.out_features, r0 + rows), Q[r0:r0 + rows].float()
+            return
+        yield from self._decoded_tiles()
+
+    def _decoded_tiles(self):
+        stored, shared = self._frozen_tensors(), self._shared_tensors()
+        shape = (self.out_features, self.in_features)
+        plan = tile_plan(stored, self.config, shape)
+        for r0, r1 in row_tiles(shape, self.config, TILE_ELEMS):
+            yield r0, r1, decode_frozen_rows(stored, self.meta, self.config, shape, r0, r1, shared=shared, plan=plan)
+
+    def frozen_weight(self) -> Tensor:
+        """Q̂ (p, q) in fp32, decoded now (a dense copy: for exports, figures and checks, not forward)."""
+        return decode_frozen(self._frozen_tensors(), self.meta, self.config, (self.out_features, self.in_features),
+                             shared=self._shared_tensors())
+
+    def _dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense cache ("cache" mode), built once in `dtype` (fp32 if None) from fp32 row tiles."""
+        dtype = dtype or torch.float32
+        if self._cache is None or self._cache.dtype != dtype:
+            self._cache = None
+            device = self._device()
+            self._check_cache_memory(device, dtype)
+            # a normal tensor even under inference_mode, so that a later training step can use it
+            with torch.inference_mode(False), torch.no_grad():
+                Q = torch.empty(self.out_features, self.in_features, dtype=dtype, device=device)
+                for r0, r1, tile in self._decoded_tiles():
+                    Q[r0:r1] = tile
             self._cache = Q
-        return Q
+        return self._cache
 
-    def clear_cache(self) -> None:
-        self._cache = None
+    def _device(self) -> torch.device:
+        return next(iter(self._buffers.values())).device
 
-    def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half(): the cache is rebuilt lazily
-        self._cache = None
-        return super()._apply(fn, recurse)
+    def _check_cache_memory(self, device: torch.device, dtype: torch.dtype) -> None:
+        need = self.out_features * self.in_features * torch.empty(0, dtype=dtype).element_size()
+        free = _free_memory(device)
+        if free is not None and need > free:
+            raise UserError(f"layer {self.name or '?'}: runtime mode 'cache' needs {need / 2**30:.2f} GiB on {device} "
+                            f"for its dense weight, {free / 2**30:.2f} GiB are free: use mode 'resident'")
 
+    # -- DoRA -----------------------------------------------------------------------------------
     def _factors(self) -> tuple[Tensor, Tensor]:
         dt = self.config.lowrank_dtype
         return storage.fake_store(self.lora_B, dt), storage.fake_store(self.lora_A.T, dt).T
@@ -174,31 +313,45 @@ class ReALLMLinear(nn.Module):
         B, A = self._factors()
         return self.lora_scale * (B @ A)  # (p, q)
 
-    @staticmethod
-    def _row_norm(Q: Tensor, BA: Tensor | None, chunk: int = 4096) -> Tensor:
-        """‖Q + BA‖ per row (p,), in row chunks so no second (p, q) copy is kept at once."""
-        out = []
-        for i in range(0, Q.shape[0], chunk):
-            rows = Q[i:i + chunk].float()
-            if BA is not None:
-                rows = rows + BA[i:i + chunk].float()
-            out.append(torch.linalg.vector_norm(rows, dim=1))
-        return torch.cat(out)
+    def _adapter_key(self) -> tuple:
+        A, B, m = self.lora_A, self.lora_B, self.magnitude
+        return tuple((t._version, t.data_ptr(), t.dtype) for t in (A, B, m)) + (self.lora_scale,)
+
+    @torch.no_grad()
+    def _row_norms(self, B: Tensor, A: Tensor) -> Tensor:
+        """‖Q̂ + s·B A‖ per row (p,), fp32, from the frozen tiles (no whole (p, q) copy is made)."""
+        norms = torch.empty(self.out_features, dtype=torch.float32, device=B.device)
+        for r0, r1, Q in self.frozen_tiles():
+            norms[r0:r1] = torch.linalg.vector_norm(Q.float() + self.lora_scale * (B[r0:r1] @ A), dim=1)
+        return norms
+
+    def _cached_norms(self) -> Tensor | None:
+        if self._norm_cache is None or self._norm_cache[0] != self._adapter_key():
+            return None
+        norms = self._norm_cache[1]
+        if norms.is_inference() and torch.is_grad_enabled():
+            return None  # made under inference_mode (validation): autograd cannot save it for backward
+        return norms
 
     def _dora_scale(self) -> Tensor | None:
         """m / ‖Q̂ + sBA‖_row (p,), the norm detached (DoRA §4.3)."""
         if self.magnitude is None:
             return None
-        with torch.no_grad():
-            B, A = (t.detach() for t in self._factors())
-            norm = self._row_norm(self._frozen_weight(), self.lora_scale * (B @ A))
+        norms = self._cached_norms()
+        if norms is None:
+            B, A = (t.detach().float() for t in self._factors())
+            norms = self._row_norms(B, A)
+            self._norm_cache = (self._adapter_key(), norms)
+        return self._scale_from(norms)
+
+    def _scale_from(self, norms: Tensor) -> Tensor:
         m = storage.fake_store(self.magnitude, self.config.magnitude_dtype)
-        return m / norm.clamp_min(1e-12)
+        return m / norms.to(m.device).clamp_min(1e-12)
 
     @torch.no_grad()
     def dequantize(self) -> Tensor:
         """The effective weight W_ft (p, q) in fp32, as the forward uses it."""
-        W = self._frozen_weight().float()
+        W = self.frozen_weight()
         BA = self._lowrank_product()
         if BA is not None:
             W = W + BA.float()
@@ -210,8 +363,7 @@ class ReALLMLinear(nn.Module):
     def merge(self) -> nn.Linear:
         """A plain nn.Linear with the effective weight (and the bias)."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        dev = self.lora_A.device if self.rank else next(iter(self._buffers.values())).device
-        lin = lin.to(dev)
+        lin = lin.to(self._device())
         with torch.no_grad():
             lin.weight.copy_(self.dequantize())
             if self.bias is not None:
@@ -220,14 +372,28 @@ class ReALLMLinear(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:  # x (..., q)
-        Q = self._frozen_weight()
-        y = FrozenMatmul.apply(x, Q)  # (..., p)
+        norms = self._cached_norms() if self.magnitude is not None else None
+        need_norms = self.magnitude is not None and norms is None
+        if self.effective_mode == "cache":
+            y = FrozenMatmul.apply(x, self._dense(x.dtype if x.is_floating_point() else None))  # (..., p)
+        else:
+            lowrank = None
+            if need_norms:
+                B, A = (t.detach().float() for t in self._factors())
+                lowrank = (B, A)
+            y, fresh = ResidentMatmul.apply(x, self, lowrank)
+            if need_norms:
+                norms = fresh
+                self._norm_cache = (self._adapter_key(), norms)
         if self.rank:
             B, A = self._factors()
             y = y + self.lora_scale * ((x @ A.to(x.dtype).T) @ B.to(x.dtype).T)
-        scale = self._dora_scale()
-        if scale is not None:
-            y = y * scale.to(y.dtype)
+        if self.magnitude is not None:
+            if norms is None:  # cache mode: the norms of the fp32 tiles
+                B, A = (t.detach().float() for t in self._factors())
+                norms = self._row_norms(B, A)
+                self._norm_cache = (self._adapter_key(), norms)
+            y = y * self._scale_from(norms).to(y.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -235,4 +401,35 @@ class ReALLMLinear(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"in={self.in_features}, out={self.out_features}, quantizer={c.quantizer}, "
-                f"bits={c.bits}, rank={self.rank}, dora={self.magnitude is not None}")
+                f"bits={c.bits}, rank={self.rank}, dora={self.magnitude is not None}, mode={self.effective_mode}")
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free on `device` (None when unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            import psutil
+
+            return int(psutil.virtual_memory().available)
+        except ImportError:  # pragma: no cover
+            return None
+    return None
+
+
+def set_runtime_mode(model: nn.Module, mode: RuntimeMode) -> dict[str, Any]:
+    """Put every ReALLMLinear of `model` in `mode`; returns `runtime_report(model)`."""
+    for m in model.modules():
+        if isinstance(m, ReALLMLinear):
+            m.set_mode(mode)
+    return runtime_report(model)
+
+
+def runtime_report(model: nn.Module) -> dict[str, Any]:
+    """How the compressed layers run: {"mode": requested, "cached": [layers cached automatically]}."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ReALLMLinear)]
+    modes = sorted({m.mode for _, m in layers})
+    auto = [n for n, m in layers if m.mode == "resident" and m.effective_mode == "cache"]
+    return {"mode": modes[0] if len(modes) == 1 else modes, "auto_cached_layers": auto,
+            "auto_cache_macs_per_weight": AUTO_CACHE_MACS_PER_WEIGHT}

@@ -106,12 +106,23 @@ def pack_bits(codes: Tensor, width: int) -> Tensor:
     return out
 
 
-def unpack_bits(packed: Tensor, width: int, n: int) -> Tensor:
-    """Exact inverse of :func:`pack_bits`: the first ``n`` codes of ``width`` bits, int64 ``(n,)``."""
+def unpack_bits(packed: Tensor, width: int, n: int, start: int = 0) -> Tensor:
+    """Exact inverse of :func:`pack_bits`: ``n`` codes of ``width`` bits from code index ``start`` on
+    (default: the first ``n``), int64 ``(n,)``. Reads only the bytes those codes occupy."""
     _check_width(width)
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed must be uint8, got {packed.dtype}")
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
     packed = packed.reshape(-1)
+    if start:
+        g, _ = _group(width)
+        aligned = start - start % g  # groups of g codes start on a byte boundary
+        b0 = aligned * width // 8
+        lead = start - aligned
+        if packed.numel() < b0 + packed_nbytes(lead + n, width):
+            raise ValueError(f"packed stream has {packed.numel()} bytes, too few for codes {start}..{start + n}")
+        return unpack_bits(packed[b0:], width, lead + n)[lead:]
     need = packed_nbytes(n, width)
     if packed.numel() < need:
         raise ValueError(f"packed stream has {packed.numel()} bytes, {need} needed for {n} codes")
