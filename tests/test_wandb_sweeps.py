@@ -7,8 +7,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import time
 import sys
+import time
 from pathlib import Path
 
 import pytest
