@@ -461,9 +461,13 @@ def compress_weight(
         R_hat, (frozen, meta, used) = quantize(W)
         lowrank: dict[str, Tensor] = {}
     else:
+        def as_stored(L1: Tensor, L2: Tensor) -> tuple[Tensor, Tensor]:  # the factors as they will be kept
+            return decode_lowrank(store_lowrank(L1, L2, config.lowrank_dtype), config.lowrank_dtype)
+
         result = lowrank_decompose(
             W, r, config.lowrank_init, quantize,
             iters=config.lowrank_iters, randomized=config.randomized_svd, seed=config.seed,
+            round_factors=as_stored,
         )
         frozen, meta, used = result.q_state
         meta = dict(meta, lowrank_errors=[round(e, 6) for e in result.errors],
@@ -488,6 +492,7 @@ def shared_training_vectors(W: Tensor, config: CompressionConfig, name: str = ""
     R = W
     if r and config.lowrank_init != "zero":
         L1, L2 = low_rank_svd(W, r, randomized=config.randomized_svd, seed=config.seed)
+        L1, L2 = decode_lowrank(store_lowrank(L1, L2, config.lowrank_dtype), config.lowrank_dtype)  # as stored
         R = W - L1 @ L2.T
     blocks, _, _ = normalize_residual(R, config, name)
     return blocks.reshape(-1, get_codec(config.quantizer).vector_dim(config))

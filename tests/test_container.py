@@ -113,3 +113,20 @@ def test_permutation_orientation_helps_on_correlated_columns():
     e_plain = compress_weight(W, CompressionConfig(**cfg)).dequantize()
     e_perm = compress_weight(W, CompressionConfig(**cfg, permute=True)).dequantize()
     assert (W - e_perm).norm() < 0.8 * (W - e_plain).norm()
+
+
+@pytest.mark.parametrize("init", ["svd", "alternating"])
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_quantizer_sees_the_residual_of_the_stored_factors(init, dtype):
+    """The frozen part encodes W − L1 L2ᵀ with L1, L2 exactly as stored (int8 / bf16), and the recorded
+    error of the kept iterate is the error of the stored reconstruction."""
+    from reallm.container import encode_frozen
+
+    W = gaussian(96, 128, seed=5) + 0.05 * gaussian(96, 1, seed=6) @ gaussian(1, 128, seed=7) * 50
+    cfg = CompressionConfig(quantizer="nf", bits=3, rank=4, lowrank_init=init, lowrank_iters=4, lowrank_dtype=dtype)
+    w = compress_weight(W, cfg)
+    L1, L2 = w.lowrank_factors()  # the stored factors, fp32
+    stored, _, _, _ = encode_frozen(W - L1 @ L2.T, cfg)
+    assert torch.equal(stored["codes"], w.frozen["codes"])
+    actual = float((w.dequantize() - W).norm() / W.norm())
+    assert w.meta["lowrank_errors"][w.meta["lowrank_best_iter"]] == pytest.approx(actual, abs=2e-6)

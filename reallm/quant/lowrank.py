@@ -128,6 +128,7 @@ def lowrank_decompose(
     iters: int = 20,
     randomized: bool | None = None,
     seed: int = 0,
+    round_factors: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> LowRankResult:
     """Low-rank + quantized decomposition of W (method.md §1).
 
@@ -139,6 +140,9 @@ def lowrank_decompose(
         iters: maximum iterations of ``"alternating"`` (>= 1).
         randomized: passed to :func:`low_rank_svd`.
         seed: seed of the randomised SVD (same sketch every iteration) and of the ``"zero"`` init.
+        round_factors: ``(L1, L2) -> (L1, L2)`` rounded to the precision they are stored at; applied to
+            every iterate before its residual is formed and its error measured, so that the quantizer
+            sees (and the best iterate is chosen on) the residual against the factors as stored.
 
     Returns:
         :class:`LowRankResult`; for ``"alternating"`` the iterate with the lowest error
@@ -151,6 +155,7 @@ def lowrank_decompose(
     Wf = W.to(dtype)
     p, q = Wf.shape
     w_norm = float(torch.linalg.norm(Wf)) or 1.0
+    rounded = round_factors or (lambda a, b: (a, b))
 
     if method == "zero":
         gen = torch.Generator(device=Wf.device)
@@ -158,12 +163,13 @@ def lowrank_decompose(
         bound = 1.0 / math.sqrt(q)  # LoRA's A init: kaiming_uniform(a=sqrt(5)) on fan_in = q
         L1 = Wf.new_zeros(p, rank)
         L2 = (torch.rand(q, rank, generator=gen, device=Wf.device, dtype=dtype) * 2 - 1) * bound
+        L1, L2 = rounded(L1, L2)
         q_hat, state = quantize(Wf)
         err = _rel_error(Wf, q_hat, L1, L2, w_norm)
         return LowRankResult(L1=L1, L2=L2, q_hat=q_hat, q_state=state, errors=[err], best_iter=0)
 
     if method == "svd":
-        L1, L2 = low_rank_svd(Wf, rank, randomized=randomized, seed=seed)
+        L1, L2 = rounded(*low_rank_svd(Wf, rank, randomized=randomized, seed=seed))
         q_hat, state = quantize(Wf - L1 @ L2.t())
         err = _rel_error(Wf, q_hat, L1, L2, w_norm)
         return LowRankResult(L1=L1, L2=L2, q_hat=q_hat, q_state=state, errors=[err], best_iter=0)
@@ -176,7 +182,7 @@ def lowrank_decompose(
     best: LowRankResult | None = None
     Q = torch.zeros_like(Wf)  # Q_0 = 0
     for t in range(iters):
-        L1, L2 = low_rank_svd(Wf - Q, rank, randomized=randomized, seed=seed)
+        L1, L2 = rounded(*low_rank_svd(Wf - Q, rank, randomized=randomized, seed=seed))
         Q, state = quantize(Wf - L1 @ L2.t())
         err = _rel_error(Wf, Q, L1, L2, w_norm)
         errors.append(err)

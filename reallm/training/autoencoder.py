@@ -279,8 +279,11 @@ class AEStack(nn.Module):
         self.params.update({_k("dec." + k): nn.Parameter(v.detach()) for k, v in dp.items()})
         for k, v in {**{"enc." + k: v for k, v in eb.items()}, **{"dec." + k: v for k, v in db.items()}}.items():
             self.register_buffer("b_" + _k(k), v.detach().clone(), persistent=False)
-        # (G, K, d) latent codebooks: fitted by k-means; trained by gradient only with frozen codes (before,
-        # the straight-through latent carries no gradient to it)
+        # (G, K, d) latent codebooks: fitted by k-means when the VQ stage starts (and at every refresh); in
+        # between, and in the frozen-codes stage, the codewords in use also learn by gradient: the decoder
+        # reads z_q = codebook[codes], whose gradient reaches them (the straight-through term only adds the
+        # encoder's). Deliberate: it is what the stored codebook is finally fine-tuned by. No gradient in
+        # the float stage (no codeword is used).
         self.codebook = nn.Parameter(torch.zeros(self.n_groups, self.num_codes, self.dim))
         self.register_buffer("codes", None)  # (G, n_max, e2/d, h, w) in the frozen stage
         self.mode = "float"
