@@ -86,6 +86,47 @@ def test_teacher_loading_reads_one_block(tmp_path):
         load_teacher_block(str(tmp_path / "base"), 7, model.config, prefix, like=blocks[1])
 
 
+class _ConfigOnlyBlock(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.width = config.hidden_size
+
+
+class _PositionalIndexBlock(torch.nn.Module):
+    def __init__(self, config, layer_number):
+        super().__init__()
+        self.layer_number = layer_number
+
+
+class _KeywordIndexBlock(torch.nn.Module):
+    def __init__(self, config, layer_idx=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+
+class _BrokenBlock(torch.nn.Module):
+    def __init__(self, config, layer_idx=None):
+        super().__init__()
+        torch.nn.Linear(config.hidden_size)  # a real bug inside the constructor: a missing argument
+
+
+def test_build_block_picks_the_constructor_call_and_surfaces_constructor_errors():
+    """The call is chosen from the constructor's signature; a TypeError raised inside the
+    constructor is the block's own error, not "unsupported" (defect 11.10)."""
+    from transformers import LlamaConfig
+
+    from reallm.modules.blocks import build_block
+
+    config = LlamaConfig(hidden_size=64)
+    assert build_block(_KeywordIndexBlock(config), config, 3).layer_idx == 3
+    assert build_block(_PositionalIndexBlock(config, 0), config, 4).layer_number == 4
+    assert build_block(_ConfigOnlyBlock(config), config, 5).width == 64
+    like = _KeywordIndexBlock(config)
+    like.__class__ = _BrokenBlock  # an instance of the broken class, without running its constructor
+    with pytest.raises(TypeError, match="in_features|out_features|argument"):
+        build_block(like, config, 0)
+
+
 def test_activation_cache_disk_roundtrip(tmp_path):
     cache = ActivationCache(3, 4, 8, torch.bfloat16, tmp_path / "c.bin")
     x = torch.randn(3, 4, 8)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -316,15 +317,34 @@ def _init_context():
 
 
 def build_block(like: nn.Module, config, index: int) -> nn.Module:
-    """A fresh (uninitialised) block of the same class as `like`, for layer `index`."""
+    """A fresh (uninitialised) block of the same class as `like`, for layer `index`.
+
+    The call is chosen from the constructor's signature, so that a TypeError raised *inside* the
+    constructor (a real bug) surfaces as it is:
+
+    - a `layer_idx` parameter (Hugging Face decoder layers): `cls(config, layer_idx=index)`;
+    - a second positional parameter that is required or names a layer index: `cls(config, index)`;
+    - otherwise `cls(config)`.
+    """
     cls = type(like)
+    try:
+        params = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):  # no introspectable signature (e.g. a C extension type)
+        params = []
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    var_positional = any(p.kind == p.VAR_POSITIONAL for p in params)
+    if not positional and not var_positional:
+        raise UserError(f"cannot build a teacher block: the constructor of {cls.__name__} takes no model config "
+                        f"(or its signature cannot be read)")
     with _init_context():
-        for attempt in (lambda: cls(config, layer_idx=index), lambda: cls(config, index), lambda: cls(config)):
-            try:
-                return attempt()
-            except TypeError:
-                continue
-    raise UserError(f"cannot build a teacher block: {cls.__name__}(config, layer_idx) is not supported")
+        if any(p.name == "layer_idx" and p.kind != p.POSITIONAL_ONLY for p in params):
+            return cls(config, layer_idx=index)
+        if len(positional) >= 2:
+            second = positional[1]
+            if second.default is inspect.Parameter.empty or any(
+                    word in second.name for word in ("layer", "idx", "index")):
+                return cls(config, index)
+        return cls(config)
 
 
 @torch.no_grad()
