@@ -209,6 +209,51 @@ def test_local_jsonl_c4_rule(tmp_path, word_tokenizer_dir):
     assert list(load_texts(str(path))) == texts
 
 
+def _write_c4_shard(path, texts):
+    """A gzipped JSON-lines file in C4's real format: one {"text", "timestamp", "url"} per line."""
+    import gzip
+
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"text": t, "timestamp": f"2019-04-{1 + i % 28:02d}T12:00:00Z",
+                                "url": f"https://example.org/{i}"}) + "\n")
+    return path
+
+
+def test_c4_shard_file_gets_the_c4_rule_and_each_source_its_own(tmp_path, word_tokenizer_dir):
+    """A local C4 shard (named like C4's files) is evaluated with the C4 rule, next to a plain text
+    evaluated with the WikiText rule in the same run; an explicit rule can be given per source
+    (defect 11.4)."""
+    rng = random.Random(4)
+    seq_len = 16
+    c4_texts = [_doc(rng.randint(1, 50), rng) for _ in range(40)]
+    shard = _write_c4_shard(tmp_path / "c4-validation.00000-of-00008.json.gz", c4_texts)
+    plain_texts = [_doc(rng.randint(0, 20), rng) for _ in range(30)]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"text": t}) + "\n" for t in plain_texts))
+    assert resolve_source(str(shard)).rule == "c4" and resolve_source(str(plain)).rule == "wikitext"
+
+    c4_docs = [[1] + [3 + int(word[1:]) for word in t.split()] for t in c4_texts]  # BOS + one id per word
+    plain_ids = [1] + [3 + int(word[1:]) for word in "\n\n".join(plain_texts).split()]
+    dm = TextDataModule(path=[str(shard), str(plain)], model_name_or_path=word_tokenizer_dir, seq_len=seq_len,
+                        cache_dir=str(tmp_path / "cache"))
+    dm.setup("validate")
+    assert [i["rule"] for i in dm.eval_info] == ["c4", "wikitext"]
+    assert dm.dataset_names == ["c4-validation.00000-of-00008", "plain"]
+    assert torch.equal(dm.val_windows[0], _reference_c4(c4_docs, seq_len))
+    assert torch.equal(dm.val_windows[1], wikitext_windows(plain_ids, seq_len))
+
+    # one explicit rule per source: the C4 rule on the plain file only, "auto" for the shard
+    dm = TextDataModule(path=[str(shard), str(plain)], model_name_or_path=word_tokenizer_dir, seq_len=seq_len,
+                        eval_rule=["auto", "c4"], cache_dir=str(tmp_path / "cache"))
+    dm.setup("validate")
+    assert [i["rule"] for i in dm.eval_info] == ["c4", "c4"]
+    plain_docs = [[1] + [3 + int(word[1:]) for word in t.split()] for t in plain_texts]
+    assert torch.equal(dm.val_windows[1], _reference_c4(plain_docs, seq_len))
+    with pytest.raises(ValueError, match="one rule per source"):
+        TextDataModule(path=[str(shard), str(plain)], eval_rule=["c4"])
+
+
 def test_local_parquet_wikitext_rule(tmp_path, word_tokenizer_dir):
     import datasets
 

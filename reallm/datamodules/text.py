@@ -16,10 +16,12 @@ Everything tokenized is cached once per (data, tokenizer, rule, L, seed, counts)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +75,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# C4's own shard files ("c4-validation.00000-of-00008.json.gz", "c4-train.00001-of-01024.json.gz"): evaluated
+# and sampled with the C4 rule when given as local files, like the "c4" preset.
+_C4_FILE = re.compile(r"^c4-.+\.jsonl?(\.gz)?$", re.IGNORECASE)
+
 _FILE_FORMATS = {".txt": "txt", ".text": "txt", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -99,7 +105,7 @@ class TextSource:
     split: str | None = None  # hub split (None: chosen at load, see load_texts)
     data_files: dict[str, str] | None = field(default=None, hash=False)
     file_format: str | None = None  # "txt" | "json" | "parquet" for local files
-    rule: str = "wikitext"  # the rule "auto" resolves to
+    rule: str = "wikitext"  # the rule its windows are built with ("auto": chosen from the source)
 
     def identity(self) -> dict[str, Any]:
         """What identifies the data content, for the cache key (local files: path, size, mtime)."""
@@ -124,7 +130,9 @@ def resolve_source(spec: str, role: str = "eval") -> TextSource:
     ``spec`` is one of:
 
     - a local file: ``.txt`` (the text is the file, exactly), ``.json`` / ``.jsonl`` (``.gz`` too) or
-      ``.parquet`` with a ``"text"`` field, one row per document;
+      ``.parquet`` with a ``"text"`` field, one row per document; C4's own shard files, named
+      ``c4-*.json[l][.gz]`` (e.g. ``c4-validation.00000-of-00008.json.gz``), get the C4 rule, any other
+      file the WikiText rule;
     - a preset: ``"wikitext2"`` (hub ``Salesforce/wikitext``, ``wikitext-2-raw-v1``, test split for
       evaluation, train split for training) or ``"c4"`` (hub ``allenai/c4``, shard
       ``en/c4-validation.00000-of-00008.json.gz`` for evaluation, ``en/c4-train.00000-of-01024.json.gz``
@@ -154,7 +162,8 @@ def resolve_source(spec: str, role: str = "eval") -> TextSource:
             )
         name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
         name = Path(name).stem  # "tinystories_valid.txt" -> "tinystories_valid", "c4.jsonl.gz" -> "c4"
-        return TextSource(spec=spec, kind="file", name=name, path=str(path), file_format=fmt)
+        rule = "c4" if _C4_FILE.match(path.name) else "wikitext"
+        return TextSource(spec=spec, kind="file", name=name, path=str(path), file_format=fmt, rule=rule)
 
     key = spec.lower()
     if key in PRESETS:
@@ -316,6 +325,19 @@ class _Windows(Dataset):
         return self.windows[i]
 
 
+def _with_rules(sources: list[TextSource], rule: str | Sequence[str], arg: str) -> list[TextSource]:
+    """The sources with the rule each one is built with: ``rule`` is one rule for every source or a
+    list of one per source; "auto" keeps the rule the source resolved to (c4 for C4, wikitext else)."""
+    rules = [rule] * len(sources) if isinstance(rule, str) else list(rule)
+    if len(rules) != len(sources):
+        raise ValueError(f"{arg}: {len(rules)} rules for {len(sources)} sources; give one rule for all, or one "
+                         f"rule per source")
+    for r in rules:
+        if r not in (*RULES, "auto"):
+            raise ValueError(f"{arg} must be one of {(*RULES, 'auto')} (or a list of them), got {r!r}")
+    return [src if r == "auto" else dataclasses.replace(src, rule=r) for src, r in zip(sources, rules)]
+
+
 # --------------------------------------------------------------------------------------------------
 # datamodule
 # --------------------------------------------------------------------------------------------------
@@ -332,11 +354,11 @@ class TextDataModule(BaseDataModule):
         path: str | list[str] = "wikitext2",
         model_name_or_path: str | None = None,
         seq_len: int = 2048,
-        eval_rule: str = "auto",
+        eval_rule: str | list[str] = "auto",
         max_eval_windows: int | None = None,
         train_path: str | list[str] | None = None,
         train_sequences: int = 1024,
-        train_rule: str = "auto",
+        train_rule: str | list[str] = "auto",
         batch_size: int = 1,
         num_workers: int = 0,
         cache_dir: str | None = None,
@@ -350,17 +372,19 @@ class TextDataModule(BaseDataModule):
                 "id@split").
             model_name_or_path: Model whose tokenizer is used (hub id or local directory).
             seq_len: Context L: tokens per window (2048 or 4096 for 7B-class models, 512 for stories260K).
-            eval_rule: How evaluation windows are built: "wikitext" (text tokenized once,
-                floor(N/L) non-overlapping windows), "c4" (256 random windows of random documents with
-                at least L tokens, random.Random(0)), or "auto" (c4 for the c4 preset, wikitext otherwise).
+            eval_rule: How evaluation windows are built, one rule for every source or a list with one per
+                source (in the order of path): "wikitext" (text tokenized once, floor(N/L) non-overlapping
+                windows), "c4" (256 random windows of random documents with at least L tokens,
+                random.Random(0)), or "auto" (per source: c4 for the c4 preset and for C4 shard files named
+                c4-*.json[l][.gz], wikitext otherwise).
             max_eval_windows: Keep only the first this many windows of each evaluation set (quick runs;
                 recorded in eval_info). None: all.
             train_path: Training text (same kinds as path), for fine-tuning / calibration phases. None:
                 no training dataloader. With several sources, train_sequences is split evenly.
             train_sequences: Number of training windows of L tokens sampled from the training text.
-            train_rule: How training windows are sampled: "wikitext" (random offsets into the one token
-                stream), "c4" (random document with at least L tokens, random offset), or "auto" (c4 for
-                the c4 preset, wikitext otherwise).
+            train_rule: How training windows are sampled, one rule or one per training source: "wikitext"
+                (random offsets into the one token stream), "c4" (random document with at least L tokens,
+                random offset), or "auto" (per source, as for eval_rule).
             batch_size: Windows per batch.
             num_workers: DataLoader worker processes.
             cache_dir: Directory of the token-window cache (default ~/.cache/reallm/tokens).
@@ -368,9 +392,6 @@ class TextDataModule(BaseDataModule):
         """
         super().__init__(model_name_or_path=model_name_or_path, seed=seed)
         self.save_hyperparameters()
-        for arg, rule in (("eval_rule", eval_rule), ("train_rule", train_rule)):
-            if rule not in (*RULES, "auto"):
-                raise ValueError(f"{arg} must be one of {(*RULES, 'auto')}, got {rule!r}")
         if seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {seq_len}")
         self.seq_len = int(seq_len)
@@ -386,9 +407,9 @@ class TextDataModule(BaseDataModule):
         paths = [path] if isinstance(path, str) else list(path)
         if not paths:
             raise ValueError("path: give at least one evaluation dataset")
-        self.eval_sources = [resolve_source(p, "eval") for p in paths]
+        self.eval_sources = _with_rules([resolve_source(p, "eval") for p in paths], eval_rule, "eval_rule")
         train_paths = [train_path] if isinstance(train_path, str) else list(train_path or [])
-        self.train_sources = [resolve_source(p, "train") for p in train_paths]
+        self.train_sources = _with_rules([resolve_source(p, "train") for p in train_paths], train_rule, "train_rule")
 
         self._tokenizer = None
         self.val_windows: list[Tensor] | None = None
@@ -424,8 +445,7 @@ class TextDataModule(BaseDataModule):
 
     # ---------------------------------------------------------------------------------------- rules
     def _rule(self, src: TextSource, role: str) -> str:
-        rule = self.eval_rule if role == "eval" else self.train_rule
-        return src.rule if rule == "auto" else rule
+        return src.rule  # chosen per source at construction (see _with_rules)
 
     def _split_train_counts(self) -> list[int]:
         k = len(self.train_sources)
