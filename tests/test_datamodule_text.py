@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -324,3 +325,28 @@ def test_tinystories_datamodule(shared_dir, tmp_path, monkeypatch):
     other.setup("fit")
     assert not torch.equal(other.train_windows, dm.train_windows)  # different across seeds
     assert len(sorted(cache.glob("*.pt"))) == 3  # a new training cache entry, the eval one reused
+
+
+def test_fine_tuning_reads_another_c4_shard_than_calibration():
+    """method.md §7: phase 3 trains on a C4 shard other than phase 2's calibration shard; both configs
+    resolve their training data through the c4 preset (defect 11.6)."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+
+    def train_files(config: str) -> dict:
+        args = yaml.safe_load((root / "configs" / config).read_text())["data"]["init_args"]
+        dm = TextDataModule(**args)
+        (src,) = dm.train_sources
+        assert (src.kind, src.path, src.rule) == ("preset", "allenai/c4", "c4")
+        return src.data_files
+
+    calibration, fine_tuning = train_files("blockwise.yaml"), train_files("e2e.yaml")
+    assert calibration == {"train": "en/c4-train.00000-of-01024.json.gz"}
+    assert fine_tuning == {"train": "en/c4-train.00001-of-01024.json.gz"}
+    assert resolve_source("c4", "train", c4_train_shard=1023).data_files == {
+        "train": "en/c4-train.01023-of-01024.json.gz"}
+    assert resolve_source("c4", "eval", c4_train_shard=5).data_files == {
+        "validation": "en/c4-validation.00000-of-00008.json.gz"}  # evaluation: always the protocol's shard
+    with pytest.raises(ValueError, match="c4_train_shard"):
+        TextDataModule(path="wikitext2", train_path="c4", c4_train_shard=1024)

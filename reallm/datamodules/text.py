@@ -39,6 +39,7 @@ __all__ = [
     "RULES",
     "TextDataModule",
     "TextSource",
+    "c4_train_file",
     "c4_windows",
     "load_texts",
     "load_tokenizer",
@@ -51,6 +52,7 @@ __all__ = [
 RULES = ("wikitext", "c4")
 C4_EVAL_WINDOWS = 256  # protocol: 256 windows of L tokens
 C4_EVAL_SEED = 0  # protocol: Python's random seeded 0 (fixed, whatever the datamodule's seed)
+C4_TRAIN_SHARDS = 1024  # allenai/c4 "en": en/c4-train.00000-of-01024.json.gz ... 01023
 _CACHE_VERSION = 1  # bump when the window construction changes, to invalidate old caches
 
 # Hub presets. "wikitext" is the legacy id of Salesforce/wikitext; the canonical id is used so that the
@@ -70,6 +72,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "split": "validation",
             "data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"},
         },
+        # shard 00000 by default; TextDataModule(c4_train_shard=k) reads shard k (phase 3 reads 00001 so that
+        # it does not train on phase 2's calibration shard, method.md §7)
         "train": {"split": "train", "data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}},
         "rule": "c4",
     },
@@ -124,7 +128,14 @@ def _file_format(path: Path) -> str | None:
     return _FILE_FORMATS.get(suffixes[-1]) if suffixes else None
 
 
-def resolve_source(spec: str, role: str = "eval") -> TextSource:
+def c4_train_file(shard: int) -> str:
+    """The path of C4 train shard ``shard`` inside ``allenai/c4`` (0 -> ``en/c4-train.00000-of-01024.json.gz``)."""
+    if not isinstance(shard, int) or not 0 <= shard < C4_TRAIN_SHARDS:
+        raise ValueError(f"c4_train_shard must be an integer in [0, {C4_TRAIN_SHARDS - 1}], got {shard!r}")
+    return f"en/c4-train.{shard:05d}-of-{C4_TRAIN_SHARDS:05d}.json.gz"
+
+
+def resolve_source(spec: str, role: str = "eval", c4_train_shard: int = 0) -> TextSource:
     """Resolve a data spec into a :class:`TextSource`, checking that a local file exists.
 
     ``spec`` is one of:
@@ -135,12 +146,13 @@ def resolve_source(spec: str, role: str = "eval") -> TextSource:
       file the WikiText rule;
     - a preset: ``"wikitext2"`` (hub ``Salesforce/wikitext``, ``wikitext-2-raw-v1``, test split for
       evaluation, train split for training) or ``"c4"`` (hub ``allenai/c4``, shard
-      ``en/c4-validation.00000-of-00008.json.gz`` for evaluation, ``en/c4-train.00000-of-01024.json.gz``
-      for training);
+      ``en/c4-validation.00000-of-00008.json.gz`` for evaluation, ``en/c4-train.<c4_train_shard>-of-01024.json.gz``
+      for training, shard 00000 by default);
     - a Hugging Face dataset id with a ``"text"`` column, optionally ``"id:config"`` and/or ``"id@split"``
       (default split: ``test``, else ``validation`` for evaluation; ``train`` for training).
 
-    ``role`` is ``"eval"`` or ``"train"`` (it picks the preset's split / shard).
+    ``role`` is ``"eval"`` or ``"train"`` (it picks the preset's split / shard); ``c4_train_shard`` picks the
+    training shard of the ``"c4"`` preset (0..1023; evaluation always uses the protocol's validation shard).
 
     Raises:
         FileNotFoundError: ``spec`` names a local file (a path, or a name with a file extension) that
@@ -169,6 +181,8 @@ def resolve_source(spec: str, role: str = "eval") -> TextSource:
     if key in PRESETS:
         preset = PRESETS[key]
         part = preset[role]
+        if key == "c4" and role == "train":
+            part = {**part, "data_files": {"train": c4_train_file(c4_train_shard)}}
         return TextSource(
             spec=spec,
             kind="preset",
@@ -359,6 +373,7 @@ class TextDataModule(BaseDataModule):
         train_path: str | list[str] | None = None,
         train_sequences: int = 1024,
         train_rule: str | list[str] = "auto",
+        c4_train_shard: int = 0,
         batch_size: int = 1,
         num_workers: int = 0,
         cache_dir: str | None = None,
@@ -385,6 +400,9 @@ class TextDataModule(BaseDataModule):
             train_rule: How training windows are sampled, one rule or one per training source: "wikitext"
                 (random offsets into the one token stream), "c4" (random document with at least L tokens,
                 random offset), or "auto" (per source, as for eval_rule).
+            c4_train_shard: Which C4 train shard the "c4" training preset reads (0..1023:
+                en/c4-train.<shard>-of-01024.json.gz). Phase 2 calibrates on shard 0; phase 3 trains on
+                shard 1 (configs/e2e.yaml), so that the two never share sequences (method.md §7).
             batch_size: Windows per batch.
             num_workers: DataLoader worker processes.
             cache_dir: Directory of the token-window cache (default ~/.cache/reallm/tokens).
@@ -409,7 +427,9 @@ class TextDataModule(BaseDataModule):
             raise ValueError("path: give at least one evaluation dataset")
         self.eval_sources = _with_rules([resolve_source(p, "eval") for p in paths], eval_rule, "eval_rule")
         train_paths = [train_path] if isinstance(train_path, str) else list(train_path or [])
-        self.train_sources = _with_rules([resolve_source(p, "train") for p in train_paths], train_rule, "train_rule")
+        c4_train_file(c4_train_shard)  # a bad shard number fails here, whatever the sources
+        self.train_sources = _with_rules([resolve_source(p, "train", c4_train_shard) for p in train_paths],
+                                         train_rule, "train_rule")
 
         self._tokenizer = None
         self.val_windows: list[Tensor] | None = None
