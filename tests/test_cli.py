@@ -79,6 +79,43 @@ def test_compress_then_evaluate_matches_direct_perplexity(tiny_dir, text_file, t
     assert ev["perplexity"]["words"]["tokens"] == direct["tokens"]
 
 
+def test_evaluation_defaults_to_the_model_context_and_refuses_a_longer_window(tiny_dir, text_file, tmp_path, capsys):
+    """eval.yaml evaluates at the model's context (128 here, max_position_embeddings), records it in
+    results.json, and refuses a longer window with one line unless forced (defect 11.2)."""
+    base = ["validate", "--config", str(ROOT / "configs/eval.yaml"), "--model.init_args.model_name_or_path",
+            str(tiny_dir), "--data.init_args.path", str(text_file), "--data.init_args.max_eval_windows", "2",
+            "--data.init_args.cache_dir", str(tmp_path / "cache"), *CPU]
+    cli_main([*base, "--run_dir", str(tmp_path / "default")])
+    results = json.loads((tmp_path / "default" / "results.json").read_text())
+    assert results["perplexity"]["words"]["context"] == 128
+
+    with pytest.raises(SystemExit) as e:
+        cli_main([*base, "--data.init_args.seq_len", "256", "--run_dir", str(tmp_path / "long")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "256" in err[-1] and "128" in err[-1]
+    assert "allow_beyond_context" in err[-1]
+    assert not (tmp_path / "long" / "results.json").exists()
+
+    cli_main([*base, "--data.init_args.seq_len", "256", "--data.init_args.allow_beyond_context", "true",
+              "--run_dir", str(tmp_path / "forced")])
+    results = json.loads((tmp_path / "forced" / "results.json").read_text())
+    assert results["perplexity"]["words"]["context"] == 256
+
+
+def test_eval_after_fit_defaults_to_the_model_context(tiny_dir, text_file, tmp_path, capsys):
+    """--eval_after_fit measures at the model's context by default and refuses a longer one (defect 11.2)."""
+    after = ["--eval_after_fit.path", str(text_file), "--eval_after_fit.max_eval_windows", "2",
+             "--eval_after_fit.cache_dir", str(tmp_path / "cache")]
+    cli_main(compress_args(tiny_dir, tmp_path / "run", "nf3", *after))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["perplexity"]["words"]["context"] == 128 and results["eval_info"][0]["context"] == 128
+    with pytest.raises(SystemExit):
+        cli_main(compress_args(tiny_dir, tmp_path / "long", "nf3", *after, "--eval_after_fit.seq_len", "512"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "512" in err[-1] and "128" in err[-1]
+
+
 def test_print_config_round_trips(tiny_dir, tmp_path):
     args = compress_args(tiny_dir, tmp_path / "run", "vq-3bit")
     first = _run_train([*args, "--print_config"])

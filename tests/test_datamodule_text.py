@@ -350,3 +350,34 @@ def test_fine_tuning_reads_another_c4_shard_than_calibration():
         "validation": "en/c4-validation.00000-of-00008.json.gz"}  # evaluation: always the protocol's shard
     with pytest.raises(ValueError, match="c4_train_shard"):
         TextDataModule(path="wikitext2", train_path="c4", c4_train_shard=1024)
+
+
+def test_default_context_is_the_models_capped(tmp_path, word_tokenizer_dir):
+    """seq_len None: the model's context (max_position_embeddings / n_positions), capped at 2048 by
+    default (protocol.md) or at seq_len_cap; an explicit longer window is refused unless forced
+    (defect 11.2)."""
+    import shutil
+
+    from transformers import GPT2Config, LlamaConfig
+
+    from reallm.modules.base import UserError
+
+    def model_dir(name, config):
+        d = tmp_path / name
+        shutil.copytree(word_tokenizer_dir, d)
+        config.save_pretrained(d)
+        return str(d)
+
+    llama_4k = model_dir("llama4k", LlamaConfig(max_position_embeddings=4096))
+    gpt2_64 = model_dir("gpt2", GPT2Config(n_positions=64))
+    f = tmp_path / "a.txt"
+    f.write_text("w1 w2 w3")
+    assert TextDataModule(path=str(f), model_name_or_path=llama_4k).seq_len == 2048
+    assert TextDataModule(path=str(f), model_name_or_path=llama_4k, seq_len_cap=4096).seq_len == 4096
+    assert TextDataModule(path=str(f), model_name_or_path=gpt2_64).seq_len == 64
+    assert TextDataModule(path=str(f), model_name_or_path=gpt2_64, seq_len=32).seq_len == 32
+    with pytest.raises(UserError, match="exceeds the context 64"):
+        _ = TextDataModule(path=str(f), model_name_or_path=gpt2_64, seq_len=65).seq_len
+    assert TextDataModule(path=str(f), model_name_or_path=gpt2_64, seq_len=65, allow_beyond_context=True).seq_len == 65
+    with pytest.raises(UserError, match="seq_len"):  # a tokenizer without a model config: no context to default to
+        _ = TextDataModule(path=str(f), model_name_or_path=word_tokenizer_dir).seq_len

@@ -43,6 +43,7 @@ __all__ = [
     "c4_windows",
     "load_texts",
     "load_tokenizer",
+    "model_context",
     "resolve_source",
     "stream_windows",
     "tokenize",
@@ -52,6 +53,7 @@ __all__ = [
 RULES = ("wikitext", "c4")
 C4_EVAL_WINDOWS = 256  # protocol: 256 windows of L tokens
 C4_EVAL_SEED = 0  # protocol: Python's random seeded 0 (fixed, whatever the datamodule's seed)
+DEFAULT_SEQ_LEN_CAP = 2048  # protocol.md: evaluation at L = 2048 for 7B-class models (4096 on request)
 C4_TRAIN_SHARDS = 1024  # allenai/c4 "en": en/c4-train.00000-of-01024.json.gz ... 01023
 _CACHE_VERSION = 1  # bump when the window construction changes, to invalidate old caches
 
@@ -251,6 +253,30 @@ def load_tokenizer(model_name_or_path: str | None):
     return AutoTokenizer.from_pretrained(model_name_or_path)
 
 
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def model_context(model_name_or_path: str | None) -> int | None:
+    """The context length of a model (its config's ``max_position_embeddings``, or ``n_positions`` etc.),
+    read from its Hugging Face config (a hub id, a model directory or a ReALLM checkpoint directory);
+    None when there is no readable config or it names no context."""
+    if not model_name_or_path:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+    except (OSError, ValueError, KeyError):
+        return None
+    if hasattr(config, "get_text_config"):  # multimodal configs keep the language model's apart
+        config = config.get_text_config()
+    for key in _CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def tokenize(tokenizer, text: str, add_bos: bool = True) -> list[int]:
     """Token ids of ``text`` as one sequence, with the tokenizer's BOS once at the start (if it has one)."""
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
@@ -367,7 +393,9 @@ class TextDataModule(BaseDataModule):
         self,
         path: str | list[str] = "wikitext2",
         model_name_or_path: str | None = None,
-        seq_len: int = 2048,
+        seq_len: int | None = None,
+        seq_len_cap: int = DEFAULT_SEQ_LEN_CAP,
+        allow_beyond_context: bool = False,
         eval_rule: str | list[str] = "auto",
         max_eval_windows: int | None = None,
         train_path: str | list[str] | None = None,
@@ -387,6 +415,12 @@ class TextDataModule(BaseDataModule):
                 "id@split").
             model_name_or_path: Model whose tokenizer is used (hub id or local directory).
             seq_len: Context L: tokens per window (2048 or 4096 for 7B-class models, 512 for stories260K).
+                None: the model's context (its config's max_position_embeddings), capped at seq_len_cap.
+                A window longer than the model's context is refused unless allow_beyond_context.
+            seq_len_cap: The largest context seq_len=None chooses (protocol.md: 2048; the paper calibrates
+                on 4096 tokens).
+            allow_beyond_context: Accept a seq_len longer than the model's context (positions the model was
+                never trained on: perplexities are not comparable).
             eval_rule: How evaluation windows are built, one rule for every source or a list with one per
                 source (in the order of path): "wikitext" (text tokenized once, floor(N/L) non-overlapping
                 windows), "c4" (256 random windows of random documents with at least L tokens,
@@ -410,9 +444,15 @@ class TextDataModule(BaseDataModule):
         """
         super().__init__(model_name_or_path=model_name_or_path, seed=seed)
         self.save_hyperparameters()
-        if seq_len < 2:
+        if seq_len is not None and seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-        self.seq_len = int(seq_len)
+        if seq_len_cap < 2:
+            raise ValueError(f"seq_len_cap must be >= 2, got {seq_len_cap}")
+        self._seq_len_arg = None if seq_len is None else int(seq_len)
+        self.seq_len_cap = int(seq_len_cap)
+        self.allow_beyond_context = bool(allow_beyond_context)
+        self._seq_len: int | None = None
+        self._option_prefix = "--data.init_args."  # how the user spells this module's options (for errors)
         self.eval_rule = eval_rule
         self.train_rule = train_rule
         self.max_eval_windows = max_eval_windows
@@ -450,6 +490,30 @@ class TextDataModule(BaseDataModule):
         """Per evaluation set (after setup): name, source, rule, context, windows, tokens (WikiText rule:
         N, the length of the tokenized text), max_eval_windows."""
         return self._eval_info
+
+    @property
+    def seq_len(self) -> int:
+        """The context L of every window: the seq_len given, or the model's context capped at
+        seq_len_cap (resolved on first use, from the model's config)."""
+        if self._seq_len is None:
+            self._seq_len = self._resolve_seq_len()
+        return self._seq_len
+
+    def _resolve_seq_len(self) -> int:
+        from reallm.modules.base import UserError
+
+        opt = self._option_prefix
+        context = model_context(self.model_name_or_path)
+        if self._seq_len_arg is None:
+            if context is None:
+                raise UserError(f"cannot tell the context of {self.model_name_or_path!r} (no model config with "
+                                f"max_position_embeddings): give {opt}seq_len")
+            return min(context, self.seq_len_cap)
+        if context is not None and self._seq_len_arg > context and not self.allow_beyond_context:
+            raise UserError(f"seq_len {self._seq_len_arg} exceeds the context {context} of {self.model_name_or_path!r} "
+                            f"(max_position_embeddings): use {opt}seq_len {context} or less (unset: the model's "
+                            f"context, at most {self.seq_len_cap}), or {opt}allow_beyond_context true to force it")
+        return self._seq_len_arg
 
     @property
     def tokenizer(self):
