@@ -599,14 +599,40 @@ class TextDataModule(BaseDataModule):
         return windows, meta
 
     # ---------------------------------------------------------------------------------------- hooks
+    def _uses(self) -> tuple[bool, bool]:
+        """(evaluation windows, training windows): what the run of the attached trainer reads. A phase
+        prepares only that, e.g. a fit without validation (block-wise distillation) never touches its
+        evaluation sources. Without a trainer (direct use): everything."""
+        trainer = self.trainer
+        if trainer is None:
+            return True, True
+        fn = trainer.state.fn
+        if fn == "fit":
+            from lightning.pytorch.utilities.model_helpers import is_overridden
+
+            # Lightning's own condition for running the validation loop during fit
+            validates = trainer.limit_val_batches != 0 and is_overridden("validation_step", trainer.lightning_module)
+            return validates, True
+        return fn in ("validate", "test"), False
+
     def prepare_data(self) -> None:
-        """Download and tokenize everything once (rank 0), filling the cache."""
-        for src in self.eval_sources:
-            self._windows(src, "eval")
-        for src, count in zip(self.train_sources, self._split_train_counts()):
-            self._windows(src, "train", count)
+        """Download and tokenize, once (rank 0), what the run will read, filling the cache."""
+        evaluates, trains = self._uses()
+        if evaluates:
+            for src in self.eval_sources:
+                self._windows(src, "eval")
+        if trains:
+            for src, count in zip(self.train_sources, self._split_train_counts()):
+                self._windows(src, "train", count)
 
     def setup(self, stage: str | None = None) -> None:
+        evaluates, trains = self._uses()
+        if evaluates or stage in ("validate", "test"):
+            self._setup_eval()
+        if trains and stage in (None, "fit"):
+            self._setup_train()
+
+    def _setup_eval(self) -> None:
         if self.val_windows is None:
             self.val_windows, self._eval_info = [], []
             for name, src in zip(self.dataset_names, self.eval_sources):
@@ -627,7 +653,9 @@ class TextDataModule(BaseDataModule):
                         "max_eval_windows": self.max_eval_windows,
                     }
                 )
-        if self.train_sources and self.train_windows is None and stage in (None, "fit"):
+
+    def _setup_train(self) -> None:
+        if self.train_sources and self.train_windows is None:
             parts = [
                 self._windows(src, "train", count)[0]
                 for src, count in zip(self.train_sources, self._split_train_counts())
@@ -649,13 +677,11 @@ class TextDataModule(BaseDataModule):
     def train_dataloader(self) -> DataLoader:
         if not self.train_sources:
             raise ValueError("TextDataModule has no training data: set train_path")
-        if self.train_windows is None:
-            self.setup("fit")
+        self._setup_train()
         return self._loader(self.train_windows, shuffle=True)
 
     def val_dataloader(self) -> list[DataLoader]:
-        if self.val_windows is None:
-            self.setup("validate")
+        self._setup_eval()  # asked for: built now even if setup() judged it unused
         return [self._loader(w) for w in self.val_windows]
 
     def test_dataloader(self) -> list[DataLoader]:
