@@ -419,6 +419,10 @@ def load_compressed(
     missing = sorted(expected_dense - set(dense))
     if missing:
         raise CheckpointError(f"{frozen_path}: missing tensor 'dense.{missing[0]}' ({len(missing)} missing)")
+    own = model.state_dict(keep_vars=True)
+    for key, t in dense.items():  # each dense tensor keeps its stored dtype (e.g. fp32 norms in a bf16 model)
+        if key in own and own[key].dtype != t.dtype:
+            own[key].data = own[key].data.to(t.dtype)  # in place: tied parameters stay one object
     model.load_state_dict(dense, strict=False)
     if device is not None:
         model.to(device)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_models import save_tiny_model_dir, write_text
 
 from reallm.cli import cli_main
@@ -209,3 +210,43 @@ def test_two_process_phase1_gives_the_single_device_checkpoint(tiny_dir, tmp_pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ("reallm.safetensors", "adapters.safetensors"):
         assert _sha(tmp_path / "ddp" / "reallm" / name) == _sha(single / "reallm" / name)
+
+
+def test_phase1_keeps_a_bf16_models_dense_dtype(tmp_path):
+    """Phase 1 loads the base model in its own dtype: a bf16 model's embeddings, norms and biases are
+    saved in bf16 (the matrices are still compressed in fp32), restored so, and "whole model" bits count
+    them at 16 bits; float32 only when asked (defect 11.7)."""
+    from safetensors.torch import load_file
+    from tiny_models import ALL, word_tokenizer
+
+    from reallm import iter_reallm_layers, load_compressed
+
+    base = tmp_path / "qwen2-bf16"
+    ALL["qwen2"]().to(torch.bfloat16).save_pretrained(base)  # q/k/v biases, untied head
+    word_tokenizer().save_pretrained(base)
+    cli_main(compress_args(base, tmp_path / "auto", "nf3"))
+    cli_main(compress_args(base, tmp_path / "fp32", "nf3", "--data.init_args.dtype", "float32"))
+
+    stored = load_file(tmp_path / "auto" / "reallm" / "reallm.safetensors")
+    dense = {k: v for k, v in stored.items() if k.startswith("dense.")}
+    biases = {k: v for k, v in stored.items() if k.endswith(".bias")}
+    assert dense and {v.dtype for v in dense.values()} == {torch.bfloat16}
+    assert biases and {v.dtype for v in biases.values()} == {torch.bfloat16}
+    original = load_file(base / "model.safetensors")
+    for k, v in dense.items():
+        assert torch.equal(v, original[k[len("dense."):]]), k  # the stored values, bit-exactly
+    assert {v.dtype for k, v in load_file(tmp_path / "fp32" / "reallm" / "reallm.safetensors").items()
+            if k.startswith("dense.")} == {torch.float32}
+
+    model = load_compressed(tmp_path / "auto" / "reallm")
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    layers = dict(iter_reallm_layers(model))
+    assert all(layer.stats["orig_dtype"] == "bfloat16" for layer in layers.values())
+    assert layers["model.layers.0.self_attn.q_proj"].bias.dtype == torch.bfloat16
+
+    # "whole model" bits: the same compressed matrices, dense weights at 16 instead of 32 bits
+    auto, fp32 = (json.loads((tmp_path / r / "results.json").read_text())["bits"] for r in ("auto", "fp32"))
+    assert auto["decoder_linears"] == pytest.approx(fp32["decoder_linears"])
+    n_dense = sum(v.numel() for v in dense.values()) + sum(v.numel() for v in biases.values())
+    n_total = n_dense + sum(p * q for p, q in (layer.container().shape for layer in layers.values()))
+    assert fp32["whole_model"] - auto["whole_model"] == pytest.approx(16 * n_dense / n_total, rel=1e-9)
