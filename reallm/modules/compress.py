@@ -10,6 +10,8 @@ ReALLM checkpoint in `run_dir/reallm/` and writes `run_dir/results.json`.
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,11 @@ from reallm.container import ReALLMWeight, compress_weight, relative_error
 from reallm.modules.base import ReALLMModule, UserError
 from reallm.nn.dora import ReALLMLinear
 from reallm.surgery import _set_module, fit_shared_codebooks, resolve_config
+
+# Phase 1 is data-free: it has nothing to optimise on purpose, and Lightning says so with a warning a user
+# reads as an error. Only that exact message, raised from Lightning's optimizer module, is silenced.
+warnings.filterwarnings("ignore", message=re.escape("`LightningModule.configure_optimizers` returned `None`"),
+                        module=r"lightning\.pytorch\.core\.optimizer")
 
 
 class CompressPhase(ReALLMModule):
