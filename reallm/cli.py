@@ -20,9 +20,12 @@ Options added to Lightning's (see `reallm.logging` and `reallm.callbacks`):
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -146,8 +149,34 @@ def _plain(cfg) -> dict:
     return conv(cfg)
 
 
+class _DropLightningTips(logging.Filter):
+    """Lightning's "💡 Tip: ... try installing litlogger / litmodels" advertisements (optional cloud
+    packages this project does not use), printed on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip: For seamless cloud")
+
+
+def quiet_known_noise() -> None:
+    """Silence, narrowly, what every run printed that is expected and not the user's concern.
+
+    - Lightning 2.6.6 (the newest release) builds `torch.utils._pytree.LeafSpec` objects, which torch
+      2.13 deprecates with a FutureWarning on every run; nothing in this project or in its settings
+      causes it and no Lightning release avoids it yet: that one message, from that one Lightning
+      module, is ignored (remove when Lightning stops using LeafSpec).
+    - Lightning's litlogger / litmodels tips (see `_DropLightningTips`).
+    """
+    warnings.filterwarnings("ignore", message=re.escape("`isinstance(treespec, LeafSpec)` is deprecated"),
+                            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # where Lightning's rank_zero_info logs
+    if not any(isinstance(f, _DropLightningTips) for f in log.filters):
+        log.addFilter(_DropLightningTips())
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> ReALLMCLI | None:
     """Entry point of train.py. User errors become one line on stderr and exit code 1."""
+    quiet_known_noise()
+
     try:
         return ReALLMCLI(
             ReALLMModule,

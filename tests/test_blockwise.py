@@ -86,6 +86,47 @@ def test_teacher_loading_reads_one_block(tmp_path):
         load_teacher_block(str(tmp_path / "base"), 7, model.config, prefix, like=blocks[1])
 
 
+class _ConfigOnlyBlock(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.width = config.hidden_size
+
+
+class _PositionalIndexBlock(torch.nn.Module):
+    def __init__(self, config, layer_number):
+        super().__init__()
+        self.layer_number = layer_number
+
+
+class _KeywordIndexBlock(torch.nn.Module):
+    def __init__(self, config, layer_idx=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+
+class _BrokenBlock(torch.nn.Module):
+    def __init__(self, config, layer_idx=None):
+        super().__init__()
+        torch.nn.Linear(config.hidden_size)  # a real bug inside the constructor: a missing argument
+
+
+def test_build_block_picks_the_constructor_call_and_surfaces_constructor_errors():
+    """The call is chosen from the constructor's signature; a TypeError raised inside the
+    constructor is the block's own error, not "unsupported" (defect 11.10)."""
+    from transformers import LlamaConfig
+
+    from reallm.modules.blocks import build_block
+
+    config = LlamaConfig(hidden_size=64)
+    assert build_block(_KeywordIndexBlock(config), config, 3).layer_idx == 3
+    assert build_block(_PositionalIndexBlock(config, 0), config, 4).layer_number == 4
+    assert build_block(_ConfigOnlyBlock(config), config, 5).width == 64
+    like = _KeywordIndexBlock(config)
+    like.__class__ = _BrokenBlock  # an instance of the broken class, without running its constructor
+    with pytest.raises(TypeError, match="in_features|out_features|argument"):
+        build_block(like, config, 0)
+
+
 def test_activation_cache_disk_roundtrip(tmp_path):
     cache = ActivationCache(3, 4, 8, torch.bfloat16, tmp_path / "c.bin")
     x = torch.randn(3, 4, 8)
@@ -95,6 +136,32 @@ def test_activation_cache_disk_roundtrip(tmp_path):
     assert (tmp_path / "c.bin").stat().st_size == 3 * 4 * 8 * 2
     cache.close()
     assert not (tmp_path / "c.bin").exists()
+
+
+def test_activation_cache_defaults_to_bf16_and_is_refused_when_the_host_cannot_hold_it(phase1, tmp_path,
+                                                                                       monkeypatch):
+    """The cache is estimated before the phase starts (N × L × H × bytes × 2) and a cache larger than
+    the available memory (or the free disk of `cache: disk`) is one clear error (defect 11.5)."""
+    import reallm.modules.blocks as blocks_mod
+
+    # the issue's 7B figure (1024 × 4096 × 4096 in fp32, inputs and targets), and what is really allocated
+    assert blocks_mod.activation_cache_bytes(1024, 4096, 4096, torch.float32) == 137_438_953_472
+    assert blocks_mod.activation_cache_bytes(3, 5, 8, torch.bfloat16) == 2 * ActivationCache(3, 5, 8,
+                                                                                         torch.bfloat16).data.nbytes
+    assert blockwise(phase1, tmp_path / "x").cache_dtype == torch.bfloat16  # the default
+
+    need = blocks_mod.activation_cache_bytes(32, 32, 64, torch.bfloat16)  # text_datamodule: 32 windows of 32
+    monkeypatch.setattr(blocks_mod, "available_memory_bytes", lambda: need - 1)
+    with pytest.raises(UserError) as e:
+        run_blockwise(phase1, tmp_path / "mem")
+    msg = str(e.value)
+    assert "\n" not in msg and "needs 0.3 MB" in msg and "32 sequences × 32 tokens × 64 hidden × 2 bytes" in msg
+    assert "cache disk" in msg and "cache_dtype" in msg and "train_sequences" in msg
+    assert not (tmp_path / "mem" / "blocks").exists()  # refused before any block was tuned
+
+    monkeypatch.setattr(blocks_mod, "free_disk_bytes", lambda d: need // 2)
+    with pytest.raises(UserError, match=r"needs 0\.3 MB .* 0\.1 MB free: use --model.init_args.activation_dir"):
+        run_blockwise(phase1, tmp_path / "disk", cache="disk")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -169,3 +169,28 @@ def test_stories260k_nf3_generation_deterministic_across_save_load(tmp_path):
     back = load_compressed(tmp_path / "ck")
     assert torch.equal(greedy(back), first)
     assert torch.equal(greedy(back), first)
+
+
+def test_dense_tensors_keep_their_stored_dtypes(tmp_path):
+    """A bf16 model whose norms are kept in fp32 (as Hugging Face's _keep_in_fp32_modules does) is
+    saved and restored tensor by tensor at its own dtypes, bit-exactly (defect 11.7)."""
+    from tiny_models import tiny_qwen2
+
+    model = tiny_qwen2().to(torch.bfloat16)
+    for name, mod in model.named_modules():
+        if name.endswith("norm"):
+            mod.float()
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    compress_(model, CompressionConfig(quantizer="nf", bits=3, rank=2), progress=False)
+    save_compressed(model, tmp_path / "ck")
+    loaded = load_compressed(tmp_path / "ck")
+    state = loaded.state_dict()
+    dense = {k: v for k, v in state.items() if k in reference}  # embeddings, norms, head
+    assert {v.dtype for k, v in dense.items() if "norm" in k} == {torch.float32}
+    assert {v.dtype for k, v in dense.items() if "norm" not in k} == {torch.bfloat16}
+    for k, v in dense.items():
+        assert torch.equal(v, reference[k]), k
+    for name, layer in iter_reallm_layers(loaded):  # Qwen2's q/k/v biases: kept at bf16, bit-exactly
+        if layer.bias is not None:
+            assert layer.bias.dtype == torch.bfloat16 and torch.equal(layer.bias, reference[f"{name}.bias"])
+        assert layer.stats["orig_dtype"] == "bfloat16"

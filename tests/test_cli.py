@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_models import save_tiny_model_dir, write_text
 
 from reallm.cli import cli_main
@@ -79,6 +80,43 @@ def test_compress_then_evaluate_matches_direct_perplexity(tiny_dir, text_file, t
     assert ev["perplexity"]["words"]["tokens"] == direct["tokens"]
 
 
+def test_evaluation_defaults_to_the_model_context_and_refuses_a_longer_window(tiny_dir, text_file, tmp_path, capsys):
+    """eval.yaml evaluates at the model's context (128 here, max_position_embeddings), records it in
+    results.json, and refuses a longer window with one line unless forced (defect 11.2)."""
+    base = ["validate", "--config", str(ROOT / "configs/eval.yaml"), "--model.init_args.model_name_or_path",
+            str(tiny_dir), "--data.init_args.path", str(text_file), "--data.init_args.max_eval_windows", "2",
+            "--data.init_args.cache_dir", str(tmp_path / "cache"), *CPU]
+    cli_main([*base, "--run_dir", str(tmp_path / "default")])
+    results = json.loads((tmp_path / "default" / "results.json").read_text())
+    assert results["perplexity"]["words"]["context"] == 128
+
+    with pytest.raises(SystemExit) as e:
+        cli_main([*base, "--data.init_args.seq_len", "256", "--run_dir", str(tmp_path / "long")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "256" in err[-1] and "128" in err[-1]
+    assert "allow_beyond_context" in err[-1]
+    assert not (tmp_path / "long" / "results.json").exists()
+
+    cli_main([*base, "--data.init_args.seq_len", "256", "--data.init_args.allow_beyond_context", "true",
+              "--run_dir", str(tmp_path / "forced")])
+    results = json.loads((tmp_path / "forced" / "results.json").read_text())
+    assert results["perplexity"]["words"]["context"] == 256
+
+
+def test_eval_after_fit_defaults_to_the_model_context(tiny_dir, text_file, tmp_path, capsys):
+    """--eval_after_fit measures at the model's context by default and refuses a longer one (defect 11.2)."""
+    after = ["--eval_after_fit.path", str(text_file), "--eval_after_fit.max_eval_windows", "2",
+             "--eval_after_fit.cache_dir", str(tmp_path / "cache")]
+    cli_main(compress_args(tiny_dir, tmp_path / "run", "nf3", *after))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["perplexity"]["words"]["context"] == 128 and results["eval_info"][0]["context"] == 128
+    with pytest.raises(SystemExit):
+        cli_main(compress_args(tiny_dir, tmp_path / "long", "nf3", *after, "--eval_after_fit.seq_len", "512"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "512" in err[-1] and "128" in err[-1]
+
+
 def test_print_config_round_trips(tiny_dir, tmp_path):
     args = compress_args(tiny_dir, tmp_path / "run", "vq-3bit")
     first = _run_train([*args, "--print_config"])
@@ -134,6 +172,18 @@ def _one_clear_line(proc, *needles):
         assert n in err[-1], err[-1]
 
 
+def test_phase1_prints_no_expected_noise(tiny_dir, tmp_path):
+    """What a user of `make demo` read as errors is gone from a phase-1 run (which showed all of it):
+    Lightning's "configure_optimizers returned None" (phase 1 optimises nothing on purpose), its LeafSpec
+    deprecation warning and its litlogger / litmodels tips (defect 11.8)."""
+    noise = ("configure_optimizers` returned `None`", "LeafSpec", "litlogger", "litmodels")
+    fit = _run_train(compress_args(tiny_dir, tmp_path / "c", "nf3"))
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    out = fit.stdout + fit.stderr
+    assert not [n for n in noise if n in out], out[-3000:]
+    assert "| **decoder linears** |" in fit.stdout  # the output itself is still there
+
+
 def test_bad_model_path_is_one_clear_line(tmp_path):
     proc = _run_train(["fit", "--config", "configs/ae.yaml", "--config", "configs/methods/nf3.yaml",
                        "--model.init_args.model_name_or_path", str(tmp_path / "no_such_model"), *CPU,
@@ -172,3 +222,43 @@ def test_two_process_phase1_gives_the_single_device_checkpoint(tiny_dir, tmp_pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ("reallm.safetensors", "adapters.safetensors"):
         assert _sha(tmp_path / "ddp" / "reallm" / name) == _sha(single / "reallm" / name)
+
+
+def test_phase1_keeps_a_bf16_models_dense_dtype(tmp_path):
+    """Phase 1 loads the base model in its own dtype: a bf16 model's embeddings, norms and biases are
+    saved in bf16 (the matrices are still compressed in fp32), restored so, and "whole model" bits count
+    them at 16 bits; float32 only when asked (defect 11.7)."""
+    from safetensors.torch import load_file
+    from tiny_models import ALL, word_tokenizer
+
+    from reallm import iter_reallm_layers, load_compressed
+
+    base = tmp_path / "qwen2-bf16"
+    ALL["qwen2"]().to(torch.bfloat16).save_pretrained(base)  # q/k/v biases, untied head
+    word_tokenizer().save_pretrained(base)
+    cli_main(compress_args(base, tmp_path / "auto", "nf3"))
+    cli_main(compress_args(base, tmp_path / "fp32", "nf3", "--data.init_args.dtype", "float32"))
+
+    stored = load_file(tmp_path / "auto" / "reallm" / "reallm.safetensors")
+    dense = {k: v for k, v in stored.items() if k.startswith("dense.")}
+    biases = {k: v for k, v in stored.items() if k.endswith(".bias")}
+    assert dense and {v.dtype for v in dense.values()} == {torch.bfloat16}
+    assert biases and {v.dtype for v in biases.values()} == {torch.bfloat16}
+    original = load_file(base / "model.safetensors")
+    for k, v in dense.items():
+        assert torch.equal(v, original[k[len("dense."):]]), k  # the stored values, bit-exactly
+    assert {v.dtype for k, v in load_file(tmp_path / "fp32" / "reallm" / "reallm.safetensors").items()
+            if k.startswith("dense.")} == {torch.float32}
+
+    model = load_compressed(tmp_path / "auto" / "reallm")
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    layers = dict(iter_reallm_layers(model))
+    assert all(layer.stats["orig_dtype"] == "bfloat16" for layer in layers.values())
+    assert layers["model.layers.0.self_attn.q_proj"].bias.dtype == torch.bfloat16
+
+    # "whole model" bits: the same compressed matrices, dense weights at 16 instead of 32 bits
+    auto, fp32 = (json.loads((tmp_path / r / "results.json").read_text())["bits"] for r in ("auto", "fp32"))
+    assert auto["decoder_linears"] == pytest.approx(fp32["decoder_linears"])
+    n_dense = sum(v.numel() for v in dense.values()) + sum(v.numel() for v in biases.values())
+    n_total = n_dense + sum(p * q for p, q in (layer.container().shape for layer in layers.values()))
+    assert fp32["whole_model"] - auto["whole_model"] == pytest.approx(16 * n_dense / n_total, rel=1e-9)

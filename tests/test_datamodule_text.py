@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,6 +210,51 @@ def test_local_jsonl_c4_rule(tmp_path, word_tokenizer_dir):
     assert list(load_texts(str(path))) == texts
 
 
+def _write_c4_shard(path, texts):
+    """A gzipped JSON-lines file in C4's real format: one {"text", "timestamp", "url"} per line."""
+    import gzip
+
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"text": t, "timestamp": f"2019-04-{1 + i % 28:02d}T12:00:00Z",
+                                "url": f"https://example.org/{i}"}) + "\n")
+    return path
+
+
+def test_c4_shard_file_gets_the_c4_rule_and_each_source_its_own(tmp_path, word_tokenizer_dir):
+    """A local C4 shard (named like C4's files) is evaluated with the C4 rule, next to a plain text
+    evaluated with the WikiText rule in the same run; an explicit rule can be given per source
+    (defect 11.4)."""
+    rng = random.Random(4)
+    seq_len = 16
+    c4_texts = [_doc(rng.randint(1, 50), rng) for _ in range(40)]
+    shard = _write_c4_shard(tmp_path / "c4-validation.00000-of-00008.json.gz", c4_texts)
+    plain_texts = [_doc(rng.randint(0, 20), rng) for _ in range(30)]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"text": t}) + "\n" for t in plain_texts))
+    assert resolve_source(str(shard)).rule == "c4" and resolve_source(str(plain)).rule == "wikitext"
+
+    c4_docs = [[1] + [3 + int(word[1:]) for word in t.split()] for t in c4_texts]  # BOS + one id per word
+    plain_ids = [1] + [3 + int(word[1:]) for word in "\n\n".join(plain_texts).split()]
+    dm = TextDataModule(path=[str(shard), str(plain)], model_name_or_path=word_tokenizer_dir, seq_len=seq_len,
+                        cache_dir=str(tmp_path / "cache"))
+    dm.setup("validate")
+    assert [i["rule"] for i in dm.eval_info] == ["c4", "wikitext"]
+    assert dm.dataset_names == ["c4-validation.00000-of-00008", "plain"]
+    assert torch.equal(dm.val_windows[0], _reference_c4(c4_docs, seq_len))
+    assert torch.equal(dm.val_windows[1], wikitext_windows(plain_ids, seq_len))
+
+    # one explicit rule per source: the C4 rule on the plain file only, "auto" for the shard
+    dm = TextDataModule(path=[str(shard), str(plain)], model_name_or_path=word_tokenizer_dir, seq_len=seq_len,
+                        eval_rule=["auto", "c4"], cache_dir=str(tmp_path / "cache"))
+    dm.setup("validate")
+    assert [i["rule"] for i in dm.eval_info] == ["c4", "c4"]
+    plain_docs = [[1] + [3 + int(word[1:]) for word in t.split()] for t in plain_texts]
+    assert torch.equal(dm.val_windows[1], _reference_c4(plain_docs, seq_len))
+    with pytest.raises(ValueError, match="one rule per source"):
+        TextDataModule(path=[str(shard), str(plain)], eval_rule=["c4"])
+
+
 def test_local_parquet_wikitext_rule(tmp_path, word_tokenizer_dir):
     import datasets
 
@@ -279,3 +325,59 @@ def test_tinystories_datamodule(shared_dir, tmp_path, monkeypatch):
     other.setup("fit")
     assert not torch.equal(other.train_windows, dm.train_windows)  # different across seeds
     assert len(sorted(cache.glob("*.pt"))) == 3  # a new training cache entry, the eval one reused
+
+
+def test_fine_tuning_reads_another_c4_shard_than_calibration():
+    """method.md §7: phase 3 trains on a C4 shard other than phase 2's calibration shard; both configs
+    resolve their training data through the c4 preset (defect 11.6)."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+
+    def train_files(config: str) -> dict:
+        args = yaml.safe_load((root / "configs" / config).read_text())["data"]["init_args"]
+        dm = TextDataModule(**args)
+        (src,) = dm.train_sources
+        assert (src.kind, src.path, src.rule) == ("preset", "allenai/c4", "c4")
+        return src.data_files
+
+    calibration, fine_tuning = train_files("blockwise.yaml"), train_files("e2e.yaml")
+    assert calibration == {"train": "en/c4-train.00000-of-01024.json.gz"}
+    assert fine_tuning == {"train": "en/c4-train.00001-of-01024.json.gz"}
+    assert resolve_source("c4", "train", c4_train_shard=1023).data_files == {
+        "train": "en/c4-train.01023-of-01024.json.gz"}
+    assert resolve_source("c4", "eval", c4_train_shard=5).data_files == {
+        "validation": "en/c4-validation.00000-of-00008.json.gz"}  # evaluation: always the protocol's shard
+    with pytest.raises(ValueError, match="c4_train_shard"):
+        TextDataModule(path="wikitext2", train_path="c4", c4_train_shard=1024)
+
+
+def test_default_context_is_the_models_capped(tmp_path, word_tokenizer_dir):
+    """seq_len None: the model's context (max_position_embeddings / n_positions), capped at 2048 by
+    default (protocol.md) or at seq_len_cap; an explicit longer window is refused unless forced
+    (defect 11.2)."""
+    import shutil
+
+    from transformers import GPT2Config, LlamaConfig
+
+    from reallm.errors import UserError
+
+    def model_dir(name, config):
+        d = tmp_path / name
+        shutil.copytree(word_tokenizer_dir, d)
+        config.save_pretrained(d)
+        return str(d)
+
+    llama_4k = model_dir("llama4k", LlamaConfig(max_position_embeddings=4096))
+    gpt2_64 = model_dir("gpt2", GPT2Config(n_positions=64))
+    f = tmp_path / "a.txt"
+    f.write_text("w1 w2 w3")
+    assert TextDataModule(path=str(f), model_name_or_path=llama_4k).seq_len == 2048
+    assert TextDataModule(path=str(f), model_name_or_path=llama_4k, seq_len_cap=4096).seq_len == 4096
+    assert TextDataModule(path=str(f), model_name_or_path=gpt2_64).seq_len == 64
+    assert TextDataModule(path=str(f), model_name_or_path=gpt2_64, seq_len=32).seq_len == 32
+    with pytest.raises(UserError, match="exceeds the context 64"):
+        _ = TextDataModule(path=str(f), model_name_or_path=gpt2_64, seq_len=65).seq_len
+    assert TextDataModule(path=str(f), model_name_or_path=gpt2_64, seq_len=65, allow_beyond_context=True).seq_len == 65
+    with pytest.raises(UserError, match="seq_len"):  # a tokenizer without a model config: no context to default to
+        _ = TextDataModule(path=str(f), model_name_or_path=word_tokenizer_dir).seq_len

@@ -40,6 +40,23 @@ def test_phase_yaml_fast_dev_run(phase1, tmp_path, config):
     load_compressed(run_dir / "reallm")  # a loadable checkpoint, even from a shortened run
 
 
+def test_e2e_windows_default_to_the_model_context(phase1, tmp_path, capsys):
+    """e2e.yaml trains and validates at the model's context (256 for this tiny model) by default, records
+    it, and refuses a longer window with one line (defect 11.2)."""
+    args = [a for a in data_args(phase1, sequences=4, eval_windows=2)]
+    i = args.index("--data.init_args.seq_len")
+    del args[i:i + 2]
+    base = ["fit", "--config", str(ROOT / "configs" / "e2e.yaml"), "--model.init_args.checkpoint",
+            str(phase1.checkpoint), *CPU, "--trainer.fast_dev_run", "true", *args]
+    cli_main([*base, "--run_dir", str(tmp_path / "run")])
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["perplexity"]["tinystories_valid"]["context"] == 256
+    with pytest.raises(SystemExit):
+        cli_main([*base, "--data.init_args.seq_len", "512", "--run_dir", str(tmp_path / "long")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "exceeds the context 256" in err[-1]
+
+
 @pytest.mark.parametrize(("preset", "rank", "dora"), [("vq-2bit-ft", 2, False), ("vq-3bit-ft", 1, True)])
 def test_fine_tuning_presets_compress(phase1, tmp_path, preset, rank, dora):
     """The presets made for phases 2-3 run phase 1 through the CLI and keep a trainable part."""

@@ -16,10 +16,12 @@ Everything tokenized is cached once per (data, tokenizer, rule, L, seed, counts)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +40,11 @@ __all__ = [
     "RULES",
     "TextDataModule",
     "TextSource",
+    "c4_train_file",
     "c4_windows",
     "load_texts",
     "load_tokenizer",
+    "model_context",
     "resolve_source",
     "stream_windows",
     "tokenize",
@@ -50,6 +54,8 @@ __all__ = [
 RULES = ("wikitext", "c4")
 C4_EVAL_WINDOWS = 256  # protocol: 256 windows of L tokens
 C4_EVAL_SEED = 0  # protocol: Python's random seeded 0 (fixed, whatever the datamodule's seed)
+DEFAULT_SEQ_LEN_CAP = 2048  # protocol.md: evaluation at L = 2048 for 7B-class models (4096 on request)
+C4_TRAIN_SHARDS = 1024  # allenai/c4 "en": en/c4-train.00000-of-01024.json.gz ... 01023
 _CACHE_VERSION = 1  # bump when the window construction changes, to invalidate old caches
 
 # Hub presets. "wikitext" is the legacy id of Salesforce/wikitext; the canonical id is used so that the
@@ -69,10 +75,16 @@ PRESETS: dict[str, dict[str, Any]] = {
             "split": "validation",
             "data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"},
         },
+        # shard 00000 by default; TextDataModule(c4_train_shard=k) reads shard k (phase 3 reads 00001 so that
+        # it does not train on phase 2's calibration shard, method.md §7)
         "train": {"split": "train", "data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}},
         "rule": "c4",
     },
 }
+
+# C4's own shard files ("c4-validation.00000-of-00008.json.gz", "c4-train.00001-of-01024.json.gz"): evaluated
+# and sampled with the C4 rule when given as local files, like the "c4" preset.
+_C4_FILE = re.compile(r"^c4-.+\.jsonl?(\.gz)?$", re.IGNORECASE)
 
 _FILE_FORMATS = {".txt": "txt", ".text": "txt", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _TOKENIZER_FILES = (
@@ -100,7 +112,7 @@ class TextSource:
     split: str | None = None  # hub split (None: chosen at load, see load_texts)
     data_files: dict[str, str] | None = field(default=None, hash=False)
     file_format: str | None = None  # "txt" | "json" | "parquet" for local files
-    rule: str = "wikitext"  # the rule "auto" resolves to
+    rule: str = "wikitext"  # the rule its windows are built with ("auto": chosen from the source)
 
     def identity(self) -> dict[str, Any]:
         """What identifies the data content, for the cache key (local files: path, size, mtime)."""
@@ -119,21 +131,31 @@ def _file_format(path: Path) -> str | None:
     return _FILE_FORMATS.get(suffixes[-1]) if suffixes else None
 
 
-def resolve_source(spec: str, role: str = "eval") -> TextSource:
+def c4_train_file(shard: int) -> str:
+    """The path of C4 train shard ``shard`` inside ``allenai/c4`` (0 -> ``en/c4-train.00000-of-01024.json.gz``)."""
+    if not isinstance(shard, int) or not 0 <= shard < C4_TRAIN_SHARDS:
+        raise ValueError(f"c4_train_shard must be an integer in [0, {C4_TRAIN_SHARDS - 1}], got {shard!r}")
+    return f"en/c4-train.{shard:05d}-of-{C4_TRAIN_SHARDS:05d}.json.gz"
+
+
+def resolve_source(spec: str, role: str = "eval", c4_train_shard: int = 0) -> TextSource:
     """Resolve a data spec into a :class:`TextSource`, checking that a local file exists.
 
     ``spec`` is one of:
 
     - a local file: ``.txt`` (the text is the file, exactly), ``.json`` / ``.jsonl`` (``.gz`` too) or
-      ``.parquet`` with a ``"text"`` field, one row per document;
+      ``.parquet`` with a ``"text"`` field, one row per document; C4's own shard files, named
+      ``c4-*.json[l][.gz]`` (e.g. ``c4-validation.00000-of-00008.json.gz``), get the C4 rule, any other
+      file the WikiText rule;
     - a preset: ``"wikitext2"`` (hub ``Salesforce/wikitext``, ``wikitext-2-raw-v1``, test split for
       evaluation, train split for training) or ``"c4"`` (hub ``allenai/c4``, shard
-      ``en/c4-validation.00000-of-00008.json.gz`` for evaluation, ``en/c4-train.00000-of-01024.json.gz``
-      for training);
+      ``en/c4-validation.00000-of-00008.json.gz`` for evaluation, ``en/c4-train.<c4_train_shard>-of-01024.json.gz``
+      for training, shard 00000 by default);
     - a Hugging Face dataset id with a ``"text"`` column, optionally ``"id:config"`` and/or ``"id@split"``
       (default split: ``test``, else ``validation`` for evaluation; ``train`` for training).
 
-    ``role`` is ``"eval"`` or ``"train"`` (it picks the preset's split / shard).
+    ``role`` is ``"eval"`` or ``"train"`` (it picks the preset's split / shard); ``c4_train_shard`` picks the
+    training shard of the ``"c4"`` preset (0..1023; evaluation always uses the protocol's validation shard).
 
     Raises:
         FileNotFoundError: ``spec`` names a local file (a path, or a name with a file extension) that
@@ -155,12 +177,15 @@ def resolve_source(spec: str, role: str = "eval") -> TextSource:
             )
         name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
         name = Path(name).stem  # "tinystories_valid.txt" -> "tinystories_valid", "c4.jsonl.gz" -> "c4"
-        return TextSource(spec=spec, kind="file", name=name, path=str(path), file_format=fmt)
+        rule = "c4" if _C4_FILE.match(path.name) else "wikitext"
+        return TextSource(spec=spec, kind="file", name=name, path=str(path), file_format=fmt, rule=rule)
 
     key = spec.lower()
     if key in PRESETS:
         preset = PRESETS[key]
         part = preset[role]
+        if key == "c4" and role == "train":
+            part = {**part, "data_files": {"train": c4_train_file(c4_train_shard)}}
         return TextSource(
             spec=spec,
             kind="preset",
@@ -217,6 +242,30 @@ def load_texts(source: str | TextSource, role: str = "eval") -> Sequence[str]:
 # --------------------------------------------------------------------------------------------------
 # tokenization and windows (pure functions, no Lightning)
 # --------------------------------------------------------------------------------------------------
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def model_context(model_name_or_path: str | None) -> int | None:
+    """The context length of a model (its config's ``max_position_embeddings``, or ``n_positions`` etc.),
+    read from its Hugging Face config (a hub id, a model directory or a ReALLM checkpoint directory);
+    None when there is no readable config or it names no context."""
+    if not model_name_or_path:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+    except (OSError, ValueError, KeyError):
+        return None
+    if hasattr(config, "get_text_config"):  # multimodal configs keep the language model's apart
+        config = config.get_text_config()
+    for key in _CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def tokenize(tokenizer, text: str, add_bos: bool = True) -> list[int]:
     """Token ids of ``text`` as one sequence, with the tokenizer's BOS once at the start (if it has one)."""
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
@@ -305,6 +354,19 @@ class _Windows(Dataset):
         return self.windows[i]
 
 
+def _with_rules(sources: list[TextSource], rule: str | Sequence[str], arg: str) -> list[TextSource]:
+    """The sources with the rule each one is built with: ``rule`` is one rule for every source or a
+    list of one per source; "auto" keeps the rule the source resolved to (c4 for C4, wikitext else)."""
+    rules = [rule] * len(sources) if isinstance(rule, str) else list(rule)
+    if len(rules) != len(sources):
+        raise ValueError(f"{arg}: {len(rules)} rules for {len(sources)} sources; give one rule for all, or one "
+                         f"rule per source")
+    for r in rules:
+        if r not in (*RULES, "auto"):
+            raise ValueError(f"{arg} must be one of {(*RULES, 'auto')} (or a list of them), got {r!r}")
+    return [src if r == "auto" else dataclasses.replace(src, rule=r) for src, r in zip(sources, rules)]
+
+
 # --------------------------------------------------------------------------------------------------
 # datamodule
 # --------------------------------------------------------------------------------------------------
@@ -320,12 +382,15 @@ class TextDataModule(BaseDataModule):
         self,
         path: str | list[str] = "wikitext2",
         model_name_or_path: str | None = None,
-        seq_len: int = 2048,
-        eval_rule: str = "auto",
+        seq_len: int | None = None,
+        seq_len_cap: int = DEFAULT_SEQ_LEN_CAP,
+        allow_beyond_context: bool = False,
+        eval_rule: str | list[str] = "auto",
         max_eval_windows: int | None = None,
         train_path: str | list[str] | None = None,
         train_sequences: int = 1024,
-        train_rule: str = "auto",
+        train_rule: str | list[str] = "auto",
+        c4_train_shard: int = 0,
         batch_size: int = 1,
         num_workers: int = 0,
         cache_dir: str | None = None,
@@ -339,17 +404,28 @@ class TextDataModule(BaseDataModule):
                 "id@split").
             model_name_or_path: Model whose tokenizer is used (hub id or local directory).
             seq_len: Context L: tokens per window (2048 or 4096 for 7B-class models, 512 for stories260K).
-            eval_rule: How evaluation windows are built: "wikitext" (text tokenized once,
-                floor(N/L) non-overlapping windows), "c4" (256 random windows of random documents with
-                at least L tokens, random.Random(0)), or "auto" (c4 for the c4 preset, wikitext otherwise).
+                None: the model's context (its config's max_position_embeddings), capped at seq_len_cap.
+                A window longer than the model's context is refused unless allow_beyond_context.
+            seq_len_cap: The largest context seq_len=None chooses (protocol.md: 2048; the paper calibrates
+                on 4096 tokens).
+            allow_beyond_context: Accept a seq_len longer than the model's context (positions the model was
+                never trained on: perplexities are not comparable).
+            eval_rule: How evaluation windows are built, one rule for every source or a list with one per
+                source (in the order of path): "wikitext" (text tokenized once, floor(N/L) non-overlapping
+                windows), "c4" (256 random windows of random documents with at least L tokens,
+                random.Random(0)), or "auto" (per source: c4 for the c4 preset and for C4 shard files named
+                c4-*.json[l][.gz], wikitext otherwise).
             max_eval_windows: Keep only the first this many windows of each evaluation set (quick runs;
                 recorded in eval_info). None: all.
             train_path: Training text (same kinds as path), for fine-tuning / calibration phases. None:
                 no training dataloader. With several sources, train_sequences is split evenly.
             train_sequences: Number of training windows of L tokens sampled from the training text.
-            train_rule: How training windows are sampled: "wikitext" (random offsets into the one token
-                stream), "c4" (random document with at least L tokens, random offset), or "auto" (c4 for
-                the c4 preset, wikitext otherwise).
+            train_rule: How training windows are sampled, one rule or one per training source: "wikitext"
+                (random offsets into the one token stream), "c4" (random document with at least L tokens,
+                random offset), or "auto" (per source, as for eval_rule).
+            c4_train_shard: Which C4 train shard the "c4" training preset reads (0..1023:
+                en/c4-train.<shard>-of-01024.json.gz). Phase 2 calibrates on shard 0; phase 3 trains on
+                shard 1 (configs/e2e.yaml), so that the two never share sequences (method.md §7).
             batch_size: Windows per batch.
             num_workers: DataLoader worker processes.
             cache_dir: Directory of the token-window cache (default ~/.cache/reallm/tokens).
@@ -357,12 +433,15 @@ class TextDataModule(BaseDataModule):
         """
         super().__init__(model_name_or_path=model_name_or_path, seed=seed)
         self.save_hyperparameters()
-        for arg, rule in (("eval_rule", eval_rule), ("train_rule", train_rule)):
-            if rule not in (*RULES, "auto"):
-                raise ValueError(f"{arg} must be one of {(*RULES, 'auto')}, got {rule!r}")
-        if seq_len < 2:
+        if seq_len is not None and seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-        self.seq_len = int(seq_len)
+        if seq_len_cap < 2:
+            raise ValueError(f"seq_len_cap must be >= 2, got {seq_len_cap}")
+        self._seq_len_arg = None if seq_len is None else int(seq_len)
+        self.seq_len_cap = int(seq_len_cap)
+        self.allow_beyond_context = bool(allow_beyond_context)
+        self._seq_len: int | None = None
+        self._option_prefix = "--data.init_args."  # how the user spells this module's options (for errors)
         self.eval_rule = eval_rule
         self.train_rule = train_rule
         self.max_eval_windows = max_eval_windows
@@ -375,9 +454,11 @@ class TextDataModule(BaseDataModule):
         paths = [path] if isinstance(path, str) else list(path)
         if not paths:
             raise ValueError("path: give at least one evaluation dataset")
-        self.eval_sources = [resolve_source(p, "eval") for p in paths]
+        self.eval_sources = _with_rules([resolve_source(p, "eval") for p in paths], eval_rule, "eval_rule")
         train_paths = [train_path] if isinstance(train_path, str) else list(train_path or [])
-        self.train_sources = [resolve_source(p, "train") for p in train_paths]
+        c4_train_file(c4_train_shard)  # a bad shard number fails here, whatever the sources
+        self.train_sources = _with_rules([resolve_source(p, "train", c4_train_shard) for p in train_paths],
+                                         train_rule, "train_rule")
 
         self._tokenizer = None
         self.val_windows: list[Tensor] | None = None
@@ -400,6 +481,30 @@ class TextDataModule(BaseDataModule):
         return self._eval_info
 
     @property
+    def seq_len(self) -> int:
+        """The context L of every window: the seq_len given, or the model's context capped at
+        seq_len_cap (resolved on first use, from the model's config)."""
+        if self._seq_len is None:
+            self._seq_len = self._resolve_seq_len()
+        return self._seq_len
+
+    def _resolve_seq_len(self) -> int:
+        from reallm.errors import UserError
+
+        opt = self._option_prefix
+        context = model_context(self.model_name_or_path)
+        if self._seq_len_arg is None:
+            if context is None:
+                raise UserError(f"cannot tell the context of {self.model_name_or_path!r} (no model config with "
+                                f"max_position_embeddings): give {opt}seq_len")
+            return min(context, self.seq_len_cap)
+        if context is not None and self._seq_len_arg > context and not self.allow_beyond_context:
+            raise UserError(f"seq_len {self._seq_len_arg} exceeds the context {context} of {self.model_name_or_path!r} "
+                            f"(max_position_embeddings): use {opt}seq_len {context} or less (unset: the model's "
+                            f"context, at most {self.seq_len_cap}), or {opt}allow_beyond_context true to force it")
+        return self._seq_len_arg
+
+    @property
     def tokenizer(self):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.model_name_or_path)
@@ -413,8 +518,7 @@ class TextDataModule(BaseDataModule):
 
     # ---------------------------------------------------------------------------------------- rules
     def _rule(self, src: TextSource, role: str) -> str:
-        rule = self.eval_rule if role == "eval" else self.train_rule
-        return src.rule if rule == "auto" else rule
+        return src.rule  # chosen per source at construction (see _with_rules)
 
     def _split_train_counts(self) -> list[int]:
         k = len(self.train_sources)
@@ -484,14 +588,40 @@ class TextDataModule(BaseDataModule):
         return windows, meta
 
     # ---------------------------------------------------------------------------------------- hooks
+    def _uses(self) -> tuple[bool, bool]:
+        """(evaluation windows, training windows): what the run of the attached trainer reads. A phase
+        prepares only that, e.g. a fit without validation (block-wise distillation) never touches its
+        evaluation sources. Without a trainer (direct use): everything."""
+        trainer = self.trainer
+        if trainer is None:
+            return True, True
+        fn = trainer.state.fn
+        if fn == "fit":
+            from lightning.pytorch.utilities.model_helpers import is_overridden
+
+            # Lightning's own condition for running the validation loop during fit
+            validates = trainer.limit_val_batches != 0 and is_overridden("validation_step", trainer.lightning_module)
+            return validates, True
+        return fn in ("validate", "test"), False
+
     def prepare_data(self) -> None:
-        """Download and tokenize everything once (rank 0), filling the cache."""
-        for src in self.eval_sources:
-            self._windows(src, "eval")
-        for src, count in zip(self.train_sources, self._split_train_counts()):
-            self._windows(src, "train", count)
+        """Download and tokenize, once (rank 0), what the run will read, filling the cache."""
+        evaluates, trains = self._uses()
+        if evaluates:
+            for src in self.eval_sources:
+                self._windows(src, "eval")
+        if trains:
+            for src, count in zip(self.train_sources, self._split_train_counts()):
+                self._windows(src, "train", count)
 
     def setup(self, stage: str | None = None) -> None:
+        evaluates, trains = self._uses()
+        if evaluates or stage in ("validate", "test"):
+            self._setup_eval()
+        if trains and stage in (None, "fit"):
+            self._setup_train()
+
+    def _setup_eval(self) -> None:
         if self.val_windows is None:
             self.val_windows, self._eval_info = [], []
             for name, src in zip(self.dataset_names, self.eval_sources):
@@ -512,7 +642,9 @@ class TextDataModule(BaseDataModule):
                         "max_eval_windows": self.max_eval_windows,
                     }
                 )
-        if self.train_sources and self.train_windows is None and stage in (None, "fit"):
+
+    def _setup_train(self) -> None:
+        if self.train_sources and self.train_windows is None:
             parts = [
                 self._windows(src, "train", count)[0]
                 for src, count in zip(self.train_sources, self._split_train_counts())
@@ -534,13 +666,11 @@ class TextDataModule(BaseDataModule):
     def train_dataloader(self) -> DataLoader:
         if not self.train_sources:
             raise ValueError("TextDataModule has no training data: set train_path")
-        if self.train_windows is None:
-            self.setup("fit")
+        self._setup_train()
         return self._loader(self.train_windows, shuffle=True)
 
     def val_dataloader(self) -> list[DataLoader]:
-        if self.val_windows is None:
-            self.setup("validate")
+        self._setup_eval()  # asked for: built now even if setup() judged it unused
         return [self._loader(w) for w in self.val_windows]
 
     def test_dataloader(self) -> list[DataLoader]:

@@ -38,7 +38,7 @@ class WeightDataModule(BaseDataModule):
         self,
         model_name_or_path: str | None = None,
         layers: str | None = None,
-        dtype: str | None = "float32",
+        dtype: str | None = "auto",
         patch_size: int | None = None,
         seed: int = 0,
     ) -> None:
@@ -47,7 +47,9 @@ class WeightDataModule(BaseDataModule):
             model_name_or_path: the model whose weights are compressed (hub id or directory).
             layers: a regular expression on layer names restricting the matrices (default: every
                 linear inside the decoder blocks).
-            dtype: dtype the base model is loaded in ("float32", "bfloat16", "auto").
+            dtype: dtype the base model is loaded in: "auto" (the dtype it is stored in, the default: its
+                embeddings, norms, head and biases are saved in that dtype), "float32", "bfloat16".
+                Compression itself always works in fp32, one matrix at a time.
             patch_size: P for the autoencoder phase (matrices are cut into P × P patches).
             seed: unused by this datamodule except for reproducible shuffling (kept for the base).
         """

@@ -8,13 +8,16 @@
 - `load_teacher_block(source, index, config, prefix, like=student_block)`: decoder block
   `index` of the *original* model, its tensors read one by one from the base model's safetensors
   (`safetensors.safe_open`): the original model is never loaded whole.
-- `ActivationCache`: (N, L, H) activations in CPU memory or memory-mapped on disk, bf16 / fp32.
+- `ActivationCache`: (N, L, H) activations in CPU memory or memory-mapped on disk, bf16 / fp32;
+  `check_activation_cache_fits` refuses, before anything is computed, a cache the host cannot hold.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,9 @@ from reallm.hf import resolve_safetensors
 
 __all__ = [
     "ActivationCache",
+    "activation_cache_bytes",
+    "available_memory_bytes",
+    "check_activation_cache_fits",
     "BlockCall",
     "call_block",
     "capture_block_inputs",
@@ -218,6 +224,77 @@ class ActivationCache:
         return self.n
 
 
+def activation_cache_bytes(n: int, seq_len: int, hidden: int, dtype: torch.dtype) -> int:
+    """Bytes of the block-wise phase's two caches, inputs and targets: N × L × H × element size × 2
+    (e.g. 1024 × 4096 × 4096 × 4 bytes × 2 = 137 GB in fp32, half that in bf16)."""
+    return 2 * n * seq_len * hidden * torch.empty(0, dtype=dtype).element_size()
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the host can still give this process (Linux `MemAvailable`, through psutil when it is
+    installed); None when it cannot be told."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def free_disk_bytes(directory: str | os.PathLike) -> int:
+    """Free bytes on the file system of `directory` (its nearest existing parent)."""
+    d = Path(directory).absolute()
+    while not d.exists():
+        d = d.parent
+    return shutil.disk_usage(d).free
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def check_activation_cache_fits(n: int, seq_len: int, hidden: int, dtype: torch.dtype,
+                                directory: str | os.PathLike | None = None) -> int:
+    """Refuse (UserError, one line) a block-wise activation cache the host cannot hold; its bytes otherwise.
+
+    Args:
+        n: calibration sequences N.
+        seq_len: tokens per sequence L.
+        hidden: hidden size H of the model.
+        dtype: storage dtype of the cache.
+        directory: where the disk cache lives (`cache: disk`); None: CPU memory (`cache: cpu`).
+    """
+    need = activation_cache_bytes(n, seq_len, hidden, dtype)
+    what = (f"{n} sequences × {seq_len} tokens × {hidden} hidden × {torch.empty(0, dtype=dtype).element_size()} "
+            f"bytes ({str(dtype).replace('torch.', '')}) × 2 for inputs and targets")
+    if directory is None:
+        have = available_memory_bytes()
+        if have is not None and need > have:
+            raise UserError(f"the block-wise activation cache needs {_size(need)} ({what}) but the host has "
+                            f"{_size(have)} of memory available: use --model.init_args.cache disk, "
+                            f"--model.init_args.cache_dtype bfloat16 (if not already), or fewer sequences "
+                            f"(--data.init_args.train_sequences)")
+    else:
+        have = free_disk_bytes(directory)
+        if need > have:
+            raise UserError(f"the block-wise activation cache needs {_size(need)} ({what}) but {directory} has "
+                            f"{_size(have)} free: use --model.init_args.activation_dir on a larger disk, "
+                            f"--model.init_args.cache_dtype bfloat16 (if not already), or fewer sequences "
+                            f"(--data.init_args.train_sequences)")
+    return need
+
+
 # ---------------------------------------------------------------------------------------------
 # teacher loading
 # ---------------------------------------------------------------------------------------------
@@ -240,15 +317,34 @@ def _init_context():
 
 
 def build_block(like: nn.Module, config, index: int) -> nn.Module:
-    """A fresh (uninitialised) block of the same class as `like`, for layer `index`."""
+    """A fresh (uninitialised) block of the same class as `like`, for layer `index`.
+
+    The call is chosen from the constructor's signature, so that a TypeError raised *inside* the
+    constructor (a real bug) surfaces as it is:
+
+    - a `layer_idx` parameter (Hugging Face decoder layers): `cls(config, layer_idx=index)`;
+    - a second positional parameter that is required or names a layer index: `cls(config, index)`;
+    - otherwise `cls(config)`.
+    """
     cls = type(like)
+    try:
+        params = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):  # no introspectable signature (e.g. a C extension type)
+        params = []
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    var_positional = any(p.kind == p.VAR_POSITIONAL for p in params)
+    if not positional and not var_positional:
+        raise UserError(f"cannot build a teacher block: the constructor of {cls.__name__} takes no model config "
+                        f"(or its signature cannot be read)")
     with _init_context():
-        for attempt in (lambda: cls(config, layer_idx=index), lambda: cls(config, index), lambda: cls(config)):
-            try:
-                return attempt()
-            except TypeError:
-                continue
-    raise UserError(f"cannot build a teacher block: {cls.__name__}(config, layer_idx) is not supported")
+        if any(p.name == "layer_idx" and p.kind != p.POSITIONAL_ONLY for p in params):
+            return cls(config, layer_idx=index)
+        if len(positional) >= 2:
+            second = positional[1]
+            if second.default is inspect.Parameter.empty or any(
+                    word in second.name for word in ("layer", "idx", "index")):
+                return cls(config, index)
+        return cls(config)
 
 
 @torch.no_grad()

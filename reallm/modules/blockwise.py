@@ -50,6 +50,7 @@ from reallm.modules.blocks import (
     BlockCall,
     call_block,
     capture_block_inputs,
+    check_activation_cache_fits,
     iter_batches,
     load_teacher_block,
     torch_dtype,
@@ -89,7 +90,7 @@ class BlockwisePhase(ReALLMModule):
         loss: LossKind = "mse",
         student_inputs: Literal["student", "original"] = "student",
         cache: Literal["cpu", "disk"] = "cpu",
-        cache_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        cache_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16",
         activation_dir: str | None = None,
         teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         runtime: RuntimeMode = "resident",
@@ -114,7 +115,9 @@ class BlockwisePhase(ReALLMModule):
                 compressed blocks 0..j−1 (AQLM-style, the default); "original": the original
                 model's stream (teacher outputs).
             cache: keep block inputs / targets in "cpu" memory or memory-mapped on "disk".
-            cache_dtype: storage dtype of the cached activations.
+            cache_dtype: storage dtype of the cached activations (bfloat16: half of float32's
+                N × L × H × 4 bytes × 2; the phase refuses, before it starts, a cache that does not fit
+                in the host's available memory, or on the disk of `cache: disk`).
             activation_dir: folder of the disk cache (default `run_dir/cache`; its files are
                 deleted at the end).
             teacher_dtype: dtype the original blocks are loaded in.
@@ -309,6 +312,8 @@ class BlockwisePhase(ReALLMModule):
         hidden = self.model.config.hidden_size
         cache_dir = Path(self.activation_dir) if self.activation_dir else self.require_run_dir() / "cache"
         where = (lambda name: cache_dir / f"{name}.bin") if self.cache_kind == "disk" else (lambda name: None)
+        check_activation_cache_fits(n, seq_len, hidden, self.cache_dtype,
+                                    cache_dir if self.cache_kind == "disk" else None)
         self._inputs = ActivationCache(n, seq_len, hidden, self.cache_dtype, where("inputs"))
         self._targets = ActivationCache(n, seq_len, hidden, self.cache_dtype, where("targets"))
         loader = (windows[s] for s in iter_batches(n, self._micro))

@@ -10,6 +10,8 @@ ReALLM checkpoint in `run_dir/reallm/` and writes `run_dir/results.json`.
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,11 @@ from reallm.files import atomic_save_safetensors, atomic_write_text
 from reallm.hf import maybe_tokenizer
 from reallm.modules.base import ReALLMModule
 from reallm.surgery import fit_shared_tensors, resolve_config, swap_in
+
+# Phase 1 is data-free: it has nothing to optimise on purpose, and Lightning says so with a warning a user
+# reads as an error. Only that exact message, raised from Lightning's optimizer module, is silenced.
+warnings.filterwarnings("ignore", message=re.escape("`LightningModule.configure_optimizers` returned `None`"),
+                        module=r"lightning\.pytorch\.core\.optimizer")
 
 
 class CompressPhase(ReALLMModule):

@@ -1,0 +1,132 @@
+"""The README's commands of "Command line" and "Fine-tuning: phases 2 and 3", run as printed.
+
+The fenced bash blocks of the two sections are parsed: continuation lines joined, comments dropped,
+`(a | b)` alternatives each run, `[...]` optional parts kept. The `<...>` placeholders become local
+paths (stories260K, a phase-1 checkpoint made by the README's own phase-1 command, ../shared/data)
+and only flags that keep the runs short on a CPU are appended (fewer windows, shorter windows). Every
+command runs in a subprocess from the repository root, offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE),
+as a user would run it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_REL = "../shared"
+SECTIONS = ("Command line", "Fine-tuning: phases 2 and 3")
+
+# only what keeps each phase short on a CPU (the commands are otherwise as printed)
+SHORT = {
+    "configs/ae.yaml": ["--model.init_args.compression.kmeans_iters", "5"],
+    "configs/eval.yaml": ["--data.init_args.max_eval_windows", "2"],
+    "configs/blockwise.yaml": ["--data.init_args.train_sequences", "8", "--data.init_args.seq_len", "64",
+                               "--data.init_args.batch_size", "4"],
+    "configs/e2e.yaml": ["--data.init_args.train_sequences", "8", "--data.init_args.seq_len", "64",
+                         "--data.init_args.batch_size", "4", "--data.init_args.max_eval_windows", "2",
+                         "--trainer.max_epochs", "1"],
+}
+
+
+def section_commands(readme: str, title: str) -> list[str]:
+    """The shell commands of the fenced bash blocks of one `## title` section, one string each."""
+    body = readme.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+    commands: list[str] = []
+    for block in re.findall(r"```bash\n(.*?)```", body, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)  # continuation lines
+        for line in joined.splitlines():
+            line = line.split("   #", 1)[0].strip()  # a trailing comment
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def expand(command: str) -> list[str]:
+    """Every variant of a command: one per `(a | b)` alternative; `[...]` optional parts are kept."""
+    command = re.sub(r"\[([^\]]*)\]", r"\1", command)
+    groups = re.findall(r"\(([^()]*\|[^()]*)\)", command)
+    if not groups:
+        return [command]
+    parts = re.split(r"\([^()]*\|[^()]*\)", command)
+    variants = []
+    for choice in itertools.product(*[[a.strip() for a in g.split("|")] for g in groups]):
+        out = parts[0]
+        for c, rest in zip(choice, parts[1:]):
+            out += c + rest
+        variants.append(out)
+    return variants
+
+
+def test_readme_sections_parse():
+    readme = (ROOT / "README.md").read_text()
+    commands = [c for t in SECTIONS for c in section_commands(readme, t)]
+    phases = [c for c in commands if c.startswith("python train.py")]
+    configs = [re.search(r"--config (configs/\w+\.yaml)", c).group(1) for c in phases]
+    assert configs == ["configs/ae.yaml", "configs/eval.yaml", "configs/blockwise.yaml", "configs/e2e.yaml"]
+    assert len(expand(phases[1])) == 2  # checkpoint | base model
+
+
+def test_readme_commands_run_as_printed(tmp_path):
+    if not (ROOT / SHARED_REL).resolve().is_dir():
+        pytest.skip(f"{(ROOT / SHARED_REL).resolve()} is absent: the README commands need stories260K and the "
+                    f"TinyStories texts of ../shared")
+    readme = (ROOT / "README.md").read_text()
+    model = f"{SHARED_REL}/models/stories260K"
+    train, valid = f"{SHARED_REL}/data/tinystories_train.txt", f"{SHARED_REL}/data/tinystories_valid.txt"
+    runs = {"compress": tmp_path / "compress", "blockwise": tmp_path / "blockwise", "e2e": tmp_path / "e2e"}
+    fixed = {
+        "<preset>": "vq-3bit-ft",  # a preset with a DoRA part, which phases 2 and 3 need
+        "<hf id or dir>": model,
+        "<phase-1 dir>": str(runs["compress"]),
+        "<phase-1 or 2 dir>": str(runs["blockwise"]),
+        "<hub id, file, or list of them>": valid,
+        "<calibration text>": train,
+        "<training text>": train,
+        "<evaluation sets>": valid,
+    }
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    ran: list[tuple[str, Path | None]] = []
+    for title in SECTIONS:
+        for printed in section_commands(readme, title):
+            if printed.startswith("python benchmarks/"):
+                continue  # the whole pipeline benchmark (tests/test_pipeline_cli.py runs it on a tiny model)
+            for k, command in enumerate(expand(printed)):
+                run_dir = None
+                if "--run_dir <dir>" in command:
+                    config = re.search(r"--config configs/(\w+)\.yaml", command).group(1)
+                    run_dir = runs.get({"ae": "compress"}.get(config, config), tmp_path / f"{config}-{k}")
+                    command = command.replace("--run_dir <dir>", f"--run_dir {run_dir}")
+                command = command.replace("<run dirs...>", " ".join(str(d) for _, d in ran if d is not None))
+                command = command.replace("--figures <dir>", f"--figures {tmp_path / 'figures'}")
+                for placeholder, value in fixed.items():
+                    command = command.replace(placeholder, value)
+                assert "<" not in command, f"unsubstituted placeholder in: {command}"
+                args = shlex.split(command)
+                assert args[0] == "python"
+                config = next((a for a in args if a.startswith("configs/") and a in SHORT), None)
+                args = [sys.executable, *args[1:], *(SHORT[config] if config else [])]
+                proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
+                ran.append((command, run_dir))
+                if "reallm.report" in command:
+                    assert "| vq-3bit-ft |" in proc.stdout and (tmp_path / "figures" / "report.md").is_file()
+
+    results = {d.name: json.loads((d / "results.json").read_text()) for _, d in ran if d is not None}
+    assert results["compress"]["complete"] and results["compress"]["method"] == "vq-3bit-ft"
+    evals = [r for name, r in results.items() if name.startswith("eval")]
+    assert len(evals) == 2  # the checkpoint and the base model
+    for r in evals:  # evaluated at stories260K's own context
+        assert r["perplexity"]["tinystories_valid"]["context"] == 512
+        assert 1 < r["perplexity"]["tinystories_valid"]["value"] < 100
+    assert results["blockwise"]["complete"] and len(results["blockwise"]["blocks"]) == 5
+    assert results["e2e"]["complete"] and results["e2e"]["perplexity"]["tinystories_valid"]["context"] == 64
