@@ -88,9 +88,9 @@ E8P_NUM_BASE_PATTERNS = 227  # abs patterns of squared norm <= 10 (rows 0..226 o
 _NUM_PATTERNS = 256
 _PAD_NORM2_TIMES4 = 48  # padding patterns have squared norm 12, i.e. Σ (2 a_i)^2 = 48
 # Vectors per chunk of e8p_nearest: a handful of (chunk, 256) temporaries, about 1 MB each on CPU
-# (cache friendly), 64 MB each on an accelerator. A 4096 x 4096 matrix (2M vectors) runs in chunks.
+# (cache friendly), 32 MB each on an accelerator. A 4096 x 4096 matrix (2M vectors) runs in chunks.
 _CPU_CHUNK = 1024
-_GPU_CHUNK = 1 << 16
+_GPU_CHUNK = 1 << 15
 
 
 def _device_key(device: torch.device | str | None) -> str:
@@ -193,7 +193,7 @@ def e8p_nearest(x: Tensor, chunk_size: int | None = None) -> Tensor:
 
     Args:
         x: ``(N, 8)`` points (fp64 input is computed in fp64, anything else in fp32).
-        chunk_size: vectors per chunk (default 1024 on CPU, 65536 on an accelerator; the
+        chunk_size: vectors per chunk (default 1024 on CPU, 32768 on an accelerator; the
             temporaries are a few ``(chunk, 256)`` arrays).
 
     Returns:
