@@ -23,6 +23,7 @@ a row); 1–4 tokens; x in fp32 / bf16 / fp16 on the CPU (computed in fp32).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,8 @@ _LUT_MAX_WIDTH = 8  # K ≤ 256: the LUT of one input group stays within 1 KB pe
 _CODES_PER_RUN = 8  # 8 codes of w bits = w bytes: every run starts on a byte boundary
 _ACCUMULATORS = 4  # independent partial sums per token (hides the latency of the float adds)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_NO_PERM_ROWS_PER_TASK = 16
+_NO_PERM_ROWS_PER_TASK = 128  # rows sharing one pass over the LUT chunks (L2 reuse)
+_LUT_CHUNK_BYTES = 1024 * 1024  # LUT of one column chunk: half a core's L2, beside the streamed codes
 
 
 def _numba() -> Any:
@@ -136,24 +138,32 @@ def _code_update(mode: str, n_tokens: int, g: int, k_entries: int, local: str, a
         if mode == "lut":  # lut layout (n_groups, T, K)
             lines.append(f"{ind}a{t}_{acc} += lut[({local}) * U({n_tokens * k_entries}) + U({t * k_entries}) + c]")
         else:  # dot: table (K, g), xp (T, q)
-            lines.append(f"{ind}a{t}_{acc} += codeword_dot(tb, c, xp, {t}, ({local}) * U({g}))")
+            lines.append(f"{ind}a{t}_{acc} += codeword_dot(tb, c, xp, {t}, xo + ({local}) * U({g}))")
     return lines
 
 
 def _row_source(width: int, n_tokens: int, mode: str, g: int, k_entries: int) -> str:
-    """Python source of `row_dot(...)`: one output row for `n_tokens` tokens (see module docstring)."""
+    """Python source of `row_dot(...)`: adds to out[:, r] the contribution of the codes
+    [v_row, v_row + n_codes_row) of row r (a column chunk), for `n_tokens` tokens; `lut` holds the
+    chunk's groups from local index 0, `xp[:, xoff:]` its inputs (dot mode)."""
     T, A, W = n_tokens, _ACCUMULATORS, width
     mask = (1 << W) - 1
     L = []
-    L.append("def row_dot(codes, lut, tb, xp, v_row, n_codes_row, cpb, scode, gmax, offset, levels, sgroup, out, r):")
+    L.append("def row_dot(codes, lut, tb, xp, xoff, v_row, n_codes_row, cpb, scode, gmax, offset, levels, sgroup,"
+             " out, r):")
+    L.append("    xo = U(xoff)")
     for t in range(T):
         L.append(f"    y{t} = 0.0")
+    # block and group indices advance by one per block: no integer division inside the row
     L.append("    v = v_row")
     L.append("    v_end = v_row + n_codes_row")
+    L.append("    blk = v // cpb")
+    L.append("    se = blk * cpb")
+    L.append("    grp = blk // sgroup")
+    L.append("    grp_end = (grp + 1) * sgroup")
     L.append("    while v < v_end:")
-    L.append("        blk = v // cpb")
-    L.append("        se = min((blk + 1) * cpb, v_end)")
-    L.append("        s = offset + np.float32(scode[blk]) / levels * gmax[blk // sgroup]")
+    L.append("        se = min(se + cpb, v_end)")
+    L.append("        s = offset + np.float32(scode[blk]) / levels * gmax[grp]")
     for t in range(T):
         L.append("        " + " = ".join(f"a{t}_{a}" for a in range(A)) + " = np.float32(0.0)")
     # head / tail: one code at a time (bit position v * W, at most 3 bytes)
@@ -188,8 +198,12 @@ def _row_source(width: int, n_tokens: int, mode: str, g: int, k_entries: int) ->
     L.append("            v += 1")
     for t in range(T):
         L.append(f"        y{t} += s * (" + " + ".join(f"a{t}_{a}" for a in range(A)) + ")")
+    L.append("        blk += 1")
+    L.append("        if blk == grp_end:")
+    L.append("            grp += 1")
+    L.append("            grp_end += sgroup")
     for t in range(T):
-        L.append(f"    out[{t}, r] = y{t}")
+        L.append(f"    out[{t}, r] += y{t}")
     return "\n".join(L) + "\n"
 
 
@@ -246,32 +260,40 @@ def _kernel(width: int, n_tokens: int, mode: str, g: int, k_entries: int) -> Any
     use_lut = mode == "lut"
 
     @njit(fastmath=True, nogil=True)
-    def rows(x, perm, rows_per_task, task_begin, task_end, shared_lut, codes, tb, tb_t, scode, gmax, offset,
-             levels, sgroup, cpb, out):
-        """out[:, rows of tasks task_begin..task_end-1] of x (T, q) · X̂ᵀ. With a permutation (perm
-        (n_row_blocks, q), one task per row block) each task gathers x through its block's column
-        order and builds its own LUT; without (perm of shape (0, q)) `shared_lut` serves all."""
+    def rows(x, perm, rows_per_task, task_begin, task_end, chunk, shared_lut, codes, tb, tb_t, scode, gmax,
+             offset, levels, sgroup, cpb, out):
+        """out[:, rows of tasks task_begin..task_end-1] += x (T, q) · X̂ᵀ, by column chunks of
+        `chunk` values (a multiple of g) so that a chunk's LUT stays in the core's cache while the
+        task's rows use it. With a permutation (perm (n_row_blocks, q), one task per row block)
+        each task gathers x through its block's column order and builds its LUT chunk by chunk;
+        without (perm of shape (0, q)) `shared_lut` (the whole row's LUT) serves every task."""
         T, q = x.shape
         p = out.shape[1]
+        gg, K = tb_t.shape
         has_perm = perm.shape[0] > 0
-        n_codes_row = q // tb.shape[1]
-        lut_size = n_codes_row * T * tb.shape[0] if use_lut else 1
         xp = np.empty((T, q), dtype=np.float32)
-        lut = np.empty(lut_size if has_perm else 1, dtype=np.float32)
+        lut = np.empty(chunk // gg * T * K if (use_lut and has_perm) else 1, dtype=np.float32)
         for task in range(task_begin, task_end):
+            r0 = task * rows_per_task
+            r1 = min(p, r0 + rows_per_task)
             if has_perm:
                 for t in range(T):
                     for j in range(q):
                         xp[t, j] = x[t, perm[task, j]]
-                if use_lut:
-                    build_lut(xp, tb_t, lut)
-                for r in range(task * rows_per_task, min(p, (task + 1) * rows_per_task)):
-                    row_dot(codes, lut, tb, xp, r * n_codes_row, n_codes_row, cpb, scode, gmax, offset,
-                            levels, sgroup, out, r)
             else:
-                for r in range(task * rows_per_task, min(p, (task + 1) * rows_per_task)):
-                    row_dot(codes, shared_lut, tb, x, r * n_codes_row, n_codes_row, cpb, scode, gmax,
-                            offset, levels, sgroup, out, r)
+                xp[:, :] = x
+            for c0 in range(0, q, chunk):
+                c1 = min(q, c0 + chunk)
+                if not use_lut:
+                    chunk_lut = lut
+                elif has_perm:
+                    build_lut(xp[:, c0:c1], tb_t, lut)
+                    chunk_lut = lut
+                else:
+                    chunk_lut = shared_lut[c0 // gg * T * K:]
+                for r in range(r0, r1):
+                    row_dot(codes, chunk_lut, tb, xp, c0, (r * q + c0) // gg, (c1 - c0) // gg, cpb, scode,
+                            gmax, offset, levels, sgroup, out, r)
 
     _KERNELS[key] = rows
     return rows
@@ -316,7 +338,6 @@ def cpu_frozen_matmul(x: Tensor, prep: PreparedFrozen, config: CompressionConfig
     rows = _kernel(width, T, mode, g, K)
     _, build_lut = _common_kernels()
     xf = x.to(torch.float32).contiguous().numpy()  # (T, q)
-    out = np.empty((T, p), dtype=np.float32)
     tb = table.numpy()  # (K, g)
     tb_t = np.ascontiguousarray(tb.T)  # (g, K)
     if prep.perm is not None:
@@ -327,7 +348,13 @@ def cpu_frozen_matmul(x: Tensor, prep: PreparedFrozen, config: CompressionConfig
         shared_lut = np.empty((q // g) * T * K if mode == "lut" else 1, dtype=np.float32)
         if mode == "lut":
             build_lut(xf, tb_t, shared_lut)
-    args = (shared_lut, prep.codes.numpy(), tb, tb_t, prep.scale_codes.numpy(), prep.scale_group_max.numpy(),
+    # column chunk: its LUT (chunk / g groups × T × K fp32) within _LUT_CHUNK_BYTES, a multiple of
+    # 8·g values (whole runs of 8 codes) and of the block size when possible
+    unit = 8 * g * prep.block_size // math.gcd(8 * g, prep.block_size)
+    chunk = max(1, _LUT_CHUNK_BYTES // (4 * T * K * (unit // g))) * unit if mode == "lut" else q
+    chunk = min(chunk, -(-q // g) * g)
+    out = np.zeros((T, p), dtype=np.float32)
+    args = (chunk, shared_lut, prep.codes.numpy(), tb, tb_t, prep.scale_codes.numpy(), prep.scale_group_max.numpy(),
             np.float32(prep.scale_offset.item()), np.float32((1 << prep.scale_bits) - 1),
             prep.scale_group, prep.block_size // g, out)
     n_tasks = -(-p // rows_per_task)
