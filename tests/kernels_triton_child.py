@@ -35,14 +35,17 @@ def main(src: str, dst: str) -> None:
     nf3 = CompressionConfig(quantizer="nf", bits=3)
     vq = CompressionConfig(quantizer="vq", bits=2, vq_dim=4)
     f32 = torch.float32
+    def available_paths_no_avx(*args):
+        return [p for p in available_paths(*args) if p != "cpu_avx512"]
+
     paths = {
-        "nf3 T1": available_paths(nf3, "cpu", f32, 1),
-        "nf3 T5": available_paths(nf3, "cpu", f32, 5),
-        "nf3 T16 bf16": available_paths(nf3, "cpu", torch.bfloat16, 16),
-        "nf3 T17": available_paths(nf3, "cpu", f32, 17),
-        "nf3 f64": available_paths(nf3, "cpu", torch.float64, 1),
-        "rtn": available_paths(CompressionConfig(quantizer="rtn", bits=3), "cpu", f32, 1),
-        "vq 64x38": available_paths(vq, "cpu", f32, 1, (64, 38)),
+        "nf3 T1": available_paths_no_avx(nf3, "cpu", f32, 1),
+        "nf3 T5": available_paths_no_avx(nf3, "cpu", f32, 5),
+        "nf3 T16 bf16": available_paths_no_avx(nf3, "cpu", torch.bfloat16, 16),
+        "nf3 T17": available_paths_no_avx(nf3, "cpu", f32, 17),
+        "nf3 f64": available_paths_no_avx(nf3, "cpu", torch.float64, 1),
+        "rtn": available_paths_no_avx(CompressionConfig(quantizer="rtn", bits=3), "cpu", f32, 1),
+        "vq 64x38": available_paths_no_avx(vq, "cpu", f32, 1, (64, 38)),
     }
     torch.save({"ys": ys, "paths": paths}, dst)
 

@@ -30,6 +30,7 @@ from reallm import CompressionConfig, compress_weight
 from reallm.kernels import (
     UnsupportedPath,
     available_paths,
+    cpu_avx512,
     frozen_matmul,
     prepare,
     unsupported_reason,
@@ -105,29 +106,55 @@ def check_close(y: torch.Tensor, x: torch.Tensor, Q: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU lookup-table path
+# CPU lookup-table paths: "cpu" (Numba, scalar) and "cpu_avx512" (C, LUT in registers)
 # ---------------------------------------------------------------------------------------------
+def skip_without_avx512(path: str) -> None:
+    if path == "cpu_avx512" and cpu_avx512.machine_reason() is not None:
+        pytest.skip(f"cpu_avx512 unavailable here: {cpu_avx512.machine_reason()}")
+
+
+def expected_cpu_limit(path: str, cfg: CompressionConfig, q: int) -> bool:
+    """The shape / format limits each CPU path states (see their module docstrings)."""
+    if path == "cpu":
+        return cfg.quantizer == "vq" and q % cfg.vq_dim != 0  # a VQ vector must not cross a row
+    g = cpu_avx512.group_size(cfg, q)
+    return g * cfg.bits > 6 or q % cfg.block_size != 0 or cfg.block_size % (8 * g) != 0
+
+
+@pytest.mark.parametrize("path", ["cpu", "cpu_avx512"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_cpu_path_matches_decode(case):
+def test_cpu_paths_match_decode(case, path):
+    skip_without_avx512(path)
     cfg, stored, shared, Q = compressed(*case)
     p, q = Q.shape
     runs = [(1, torch.float32), (3, torch.bfloat16)]
     if case[2] == "plain":
         runs += [(1, torch.bfloat16), (3, torch.float32)]
+    served = path in available_paths(cfg, "cpu", torch.float32, 1, (p, q))
+    assert served == (not expected_cpu_limit(path, cfg, q))
     for T, dtype in runs:
-        if "cpu" not in available_paths(cfg, "cpu", dtype, T, (p, q)):
-            # the only shape limit: a VQ vector must not cross a row
-            assert cfg.quantizer == "vq" and q % cfg.vq_dim
-            with pytest.raises(UnsupportedPath, match="cross rows"):
-                frozen_matmul(inputs(T, q, dtype), stored, cfg, (p, q), shared, path="cpu")
+        if not served:
+            with pytest.raises(UnsupportedPath, match=f"path '{path}' cannot serve"):
+                frozen_matmul(inputs(T, q, dtype), stored, cfg, (p, q), shared, path=path)
             continue
         x = inputs(T, q, dtype, seed=T)
-        check_close(frozen_matmul(x, stored, cfg, (p, q), shared, path="cpu"), x, Q)
+        check_close(frozen_matmul(x, stored, cfg, (p, q), shared, path=path), x, Q)
 
 
-def test_cpu_path_two_threads_and_prepared_reuse():
-    """The parallel loop over row blocks / row tasks gives the same result with 2 threads, and a
+@pytest.mark.parametrize("path", ["cpu", "cpu_avx512"])
+def test_cpu_paths_four_tokens(path):
+    skip_without_avx512(path)
+    for fmt in ("nf3", "vq3x2"):
+        cfg, stored, shared, Q = compressed(fmt, (172, 64), "perm")
+        x = inputs(4, 64, torch.float32, seed=4)
+        check_close(frozen_matmul(x, stored, cfg, (172, 64), shared, path=path), x, Q)
+
+
+@pytest.mark.parametrize("path", ["cpu", "cpu_avx512"])
+def test_cpu_paths_two_threads_and_prepared_reuse(path):
+    """The threads' share of row blocks / row tasks gives the same result with 2 threads, and a
     prepared object serves repeated calls (what the layer keeps)."""
+    skip_without_avx512(path)
     for variant in ("plain", "perm"):
         cfg, stored, shared, Q = compressed("vq3x2", (172, 64), variant)
         prep = prepare(stored, cfg, (172, 64), shared)
@@ -135,10 +162,10 @@ def test_cpu_path_two_threads_and_prepared_reuse():
         n = torch.get_num_threads()
         torch.set_num_threads(2)
         try:
-            y2 = frozen_matmul(x, stored, cfg, (172, 64), shared, path="cpu", prepared=prep)
+            y2 = frozen_matmul(x, stored, cfg, (172, 64), shared, path=path, prepared=prep)
         finally:
             torch.set_num_threads(n)
-        y1 = frozen_matmul(x, stored, cfg, (172, 64), shared, path="cpu", prepared=prep)
+        y1 = frozen_matmul(x, stored, cfg, (172, 64), shared, path=path, prepared=prep)
         check_close(y2, x, Q)
         assert torch.equal(y1, y2)  # rows are independent: the thread count changes nothing
 
@@ -146,7 +173,7 @@ def test_cpu_path_two_threads_and_prepared_reuse():
 def test_leading_dimensions_and_auto_path():
     cfg, stored, shared, Q = compressed("nf3", (64, 172), "plain")
     x = inputs(3, 172, torch.float32).view(1, 3, 172)  # (batch, seq, q)
-    assert available_paths(cfg, "cpu", torch.float32, 3, (64, 172))[0] == "cpu"
+    assert available_paths(cfg, "cpu", torch.float32, 3, (64, 172))[0] == "cpu"  # 172 % 64: not AVX-512
     y = frozen_matmul(x, stored, cfg, (64, 172), shared)
     assert y.shape == (1, 3, 64)
     check_close(y, x, Q)
@@ -208,7 +235,7 @@ def test_triton_not_offered_on_cpu_outside_the_interpreter(triton_child):
     tensors and forcing it names the reason."""
     assert os.environ.get("TRITON_INTERPRET") in (None, "0")
     cfg, stored, shared, _ = compressed("nf3", (64, 128), "plain")
-    assert available_paths(cfg, "cpu", torch.float32, 1) == ["cpu", "decode"]
+    assert paths_without_avx512(cfg, "cpu", torch.float32, 1) == ["cpu", "decode"]
     with pytest.raises(UnsupportedPath, match="TRITON_INTERPRET"):
         frozen_matmul(inputs(1, 128, torch.float32), stored, cfg, (64, 128), shared, path="triton")
 
@@ -230,22 +257,31 @@ def test_triton_cuda_matches_decode(case):
 # ---------------------------------------------------------------------------------------------
 # fallbacks and errors
 # ---------------------------------------------------------------------------------------------
+def paths_without_avx512(*args) -> list[str]:
+    return [p for p in available_paths(*args) if p != "cpu_avx512"]
+
+
 def test_available_paths_fall_back_to_decode():
     f32 = torch.float32
     nf3 = CompressionConfig(quantizer="nf", bits=3)
-    assert available_paths(nf3, "cpu", f32, 1) == ["cpu", "decode"]
+    if cpu_avx512.machine_reason() is None:  # the register-LUT path comes first where it serves
+        assert available_paths(nf3, "cpu", f32, 1, (64, 128)) == ["cpu_avx512", "cpu", "decode"]
+        assert available_paths(nf3, "cpu", f32, 1, (64, 172))[0] == "cpu"  # blocks cross rows
+        vq24 = CompressionConfig(quantizer="vq", bits=2, vq_dim=4)
+        assert available_paths(vq24, "cpu", f32, 1, (64, 128))[0] == "cpu"  # 256-entry table
+    assert paths_without_avx512(nf3, "cpu", f32, 1) == ["cpu", "decode"]
     # rotation is served (x and y transformed), so it is no reason to fall back
-    assert available_paths(nf3.replace(rotation="hadamard", permute=True), "cpu", f32, 1) == ["cpu", "decode"]
+    assert paths_without_avx512(nf3.replace(rotation="hadamard", permute=True), "cpu", f32, 1) == ["cpu", "decode"]
     for other in (CompressionConfig(quantizer="rtn", bits=3), CompressionConfig(quantizer="none", bits=16),
                   CompressionConfig(quantizer="autoencoder", bits=3)):
-        assert available_paths(other, "cpu", f32, 1) == ["decode"]
-    assert available_paths(nf3, "cpu", f32, 4) == ["cpu", "decode"]
-    assert available_paths(nf3, "cpu", f32, 5) == ["decode"]  # CPU path: 1..4 tokens
-    assert available_paths(nf3, "cpu", torch.float64, 1) == ["decode"]
+        assert paths_without_avx512(other, "cpu", f32, 1) == ["decode"]
+    assert paths_without_avx512(nf3, "cpu", f32, 4) == ["cpu", "decode"]
+    assert paths_without_avx512(nf3, "cpu", f32, 5) == ["decode"]  # CPU path: 1..4 tokens
+    assert paths_without_avx512(nf3, "cpu", torch.float64, 1) == ["decode"]
     vq = CompressionConfig(quantizer="vq", bits=2, vq_dim=4)
-    assert available_paths(vq, "cpu", f32, 1, (64, 38)) == ["decode"]  # vectors would cross rows
-    assert available_paths(vq, "cpu", f32, 1, (64, 40)) == ["cpu", "decode"]
-    assert available_paths(vq, "cpu", f32, 1) == ["cpu", "decode"]  # no shape given: not checked
+    assert paths_without_avx512(vq, "cpu", f32, 1, (64, 38)) == ["decode"]  # vectors would cross rows
+    assert paths_without_avx512(vq, "cpu", f32, 1, (64, 40)) == ["cpu", "decode"]
+    assert paths_without_avx512(vq, "cpu", f32, 1) == ["cpu", "decode"]  # no shape given: not checked
 
 
 @pytest.mark.parametrize("fmt", ["rtn", "none"])
@@ -271,6 +307,16 @@ def test_forced_unsupported_paths_raise_one_line():
     with pytest.raises(ValueError, match="q = 37"):
         frozen_matmul(inputs(1, 36, torch.float32), stored, cfg, (100, 37), shared)
     assert unsupported_reason("cpu", cfg, "cpu", torch.float32, 1, (100, 37)).startswith("VQ vectors cross rows")
+
+
+def test_avx512_build_failure_is_one_clear_reason(monkeypatch, tmp_path):
+    """A compiler that fails gives a one-line reason (and the path is simply not offered)."""
+    if cpu_avx512.machine_reason() is not None and "compil" not in cpu_avx512.machine_reason():
+        pytest.skip(f"no AVX-512 CPU here: {cpu_avx512.machine_reason()}")
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("REALLM_KERNEL_CACHE", str(tmp_path))
+    lib, why = cpu_avx512._library.__wrapped__()
+    assert lib is None and why.startswith("compiling the AVX-512 kernel with false failed") and "\n" not in why
 
 
 def test_prepare_holds_little_and_reports_missing_codebook():

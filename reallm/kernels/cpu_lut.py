@@ -306,7 +306,7 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
-def _group_table(prep: PreparedFrozen, g: int) -> Tensor:
+def group_table(prep: PreparedFrozen, g: int) -> Tensor:
     """The (2^(g·b'), g) fp32 table of one lookup: the VQ codebook, or for NF the product table of
     g consecutive levels (entry k = levels[(k >> (b·i)) & (2^b − 1)] for i < g)."""
     if prep.quantizer == "vq" or g == 1:
@@ -331,7 +331,7 @@ def cpu_frozen_matmul(x: Tensor, prep: PreparedFrozen, config: CompressionConfig
     p, q = prep.shape
     T = x.shape[0]
     g = group_size(config, q)
-    table = _group_table(prep, g)  # (K, g)
+    table = group_table(prep, g)  # (K, g)
     K = table.shape[0]
     width = g * prep.bits
     mode = "lut" if width <= _LUT_MAX_WIDTH else "dot"

@@ -3,6 +3,8 @@
 Paths, fastest first where several apply:
 - "triton": fused dequantize-matmul Triton kernel (CUDA; on CPU only under TRITON_INTERPRET=1,
   the Triton interpreter, for tests), 1–16 tokens;
+- "cpu_avx512": the same lookup-table matvec with the LUT in AVX-512 registers, 16 rows at a time
+  (C compiled once per machine), for tables of ≤ 64 entries and rows of whole scale blocks;
 - "cpu": lookup-table matvec compiled with Numba, 1–4 tokens on the CPU;
 - "decode": `reallm.container.decode_frozen` then a dense matmul — every stored format, any
   device, any token count (the fallback).
@@ -23,12 +25,12 @@ from reallm.config import CompressionConfig
 from reallm.container import decode_frozen
 from reallm.quant.hadamard import orthogonal_transform
 
-from . import cpu_lut, triton_vq
+from . import cpu_avx512, cpu_lut, triton_vq
 from .prepare import PreparedFrozen, prepare
 
 __all__ = ["PATHS", "UnsupportedPath", "available_paths", "unsupported_reason", "frozen_matmul"]
 
-PATHS = ("triton", "cpu", "decode")
+PATHS = ("triton", "cpu_avx512", "cpu", "decode")
 
 
 class UnsupportedPath(ValueError):
@@ -48,6 +50,8 @@ def unsupported_reason(
         return triton_vq.unsupported_reason(config, device, dtype, n_tokens, shape)
     if path == "cpu":
         return cpu_lut.unsupported_reason(config, device, dtype, n_tokens, shape)
+    if path == "cpu_avx512":
+        return cpu_avx512.unsupported_reason(config, device, dtype, n_tokens, shape)
     if path == "decode":
         return None  # every stored format (autoencoder matrices need their meta, see frozen_matmul)
     raise ValueError(f"unknown path {path!r}; expected one of {PATHS} or 'auto'")
@@ -71,7 +75,7 @@ def available_paths(
     """
     dev = torch.device(device)
     # On CUDA the Triton kernel is the fast path; on the CPU the interpreter is for tests only.
-    order = ("triton", "cpu") if dev.type == "cuda" else ("cpu", "triton")
+    order = ("triton",) if dev.type == "cuda" else ("cpu_avx512", "cpu", "triton")
     fast = [p for p in order if unsupported_reason(p, config, dev, dtype, n_tokens, shape) is None]
     return fast + ["decode"]
 
@@ -133,6 +137,8 @@ def frozen_matmul(
         xr = orthogonal_transform(x2, prep.rotation_seeds[1], dim=-1)  # (T, q) fp32: x M_Rᵀ
     if path == "cpu":
         z = cpu_lut.cpu_frozen_matmul(xr, prep, config)  # (T, p) fp32
+    elif path == "cpu_avx512":
+        z = cpu_avx512.avx512_frozen_matmul(xr, prep, config)  # (T, p) fp32
     else:
         z = triton_vq.triton_frozen_matmul(xr, prep, torch.float32 if prep.rotation_seeds else x.dtype)
     if prep.rotation_seeds is not None:
