@@ -59,19 +59,28 @@ _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
-/* lut[(grp * T + t) * 64 + k] = sum_i tb_t[i * K + k] * x[t * q + grp * g + i] (k < K; 0 above). */
-void reallm_lut_build(const float *x, int64_t T, int64_t q, const float *tb_t, int64_t K, int64_t g,
-                      float *lut) {
+/* lut[(grp * T + t) * 64 + k] = sum_i tb64[i * 64 + k] * x[t * q + grp * g + i]; tb64 is the (g, 64)
+   transposed table, zero-padded above K, so the LUT rows are padded with zeros too. */
+void reallm_lut_build(const float *restrict x, int64_t T, int64_t q, const float *restrict tb64, int64_t g,
+                      float *restrict lut) {
     int64_t ng = q / g;
     for (int64_t grp = 0; grp < ng; ++grp)
         for (int64_t t = 0; t < T; ++t) {
-            float *L = lut + (grp * T + t) * 64;
             const float *xg = x + t * q + grp * g;
-            for (int64_t k = 0; k < 64; ++k) L[k] = 0.0f;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (int64_t i = 0; i < g; ++i) {
-                float xi = xg[i];
-                for (int64_t k = 0; k < K; ++k) L[k] += tb_t[i * K + k] * xi;
+                const __m512 xi = _mm512_set1_ps(xg[i]);
+                const float *tb = tb64 + i * 64;
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(tb), xi, a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(tb + 16), xi, a1);
+                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(tb + 32), xi, a2);
+                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(tb + 48), xi, a3);
             }
+            float *L = lut + (grp * T + t) * 64;
+            _mm512_storeu_ps(L, a0);
+            _mm512_storeu_ps(L + 16, a1);
+            _mm512_storeu_ps(L + 32, a2);
+            _mm512_storeu_ps(L + 48, a3);
         }
 }
 
@@ -187,7 +196,7 @@ void reallm_lut_tasks(const float *x, int64_t T, const int16_t *perm16, const in
             for (int64_t t = 0; t < T; ++t)
                 for (int64_t j = 0; j < q; ++j)
                     xp[t * q + j] = x[t * q + (perm16 ? (int64_t)perm16[task * q + j] : (int64_t)perm32[task * q + j])];
-            reallm_lut_build(xp, T, q, tb_t, K, g, lut);
+            reallm_lut_build(xp, T, q, tb_t, g, lut);
         }
         rows(&a, lut, r0, r1, T, hi);
     }
@@ -251,7 +260,7 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
             return None, f"cannot write the compiled kernel under {out_dir}: {e}"
     lib = ctypes.CDLL(str(lib_path))
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    lib.reallm_lut_build.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr]
+    lib.reallm_lut_build.argtypes = [ptr, i64, i64, ptr, i64, ptr]
     lib.reallm_lut_build.restype = None
     lib.reallm_lut_tasks.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64,
                                      i64, ptr, ptr, f32, f32, i64, i64, i64, ptr]
@@ -336,7 +345,8 @@ def avx512_frozen_matmul(x: Tensor, prep: PreparedFrozen, config: CompressionCon
     g = group_size(config, q)
     table = group_table(prep, g)  # (K, g)
     K = table.shape[0]
-    tb_t = np.ascontiguousarray(table.numpy().T)  # (g, K)
+    tb_t = np.zeros((g, 64), dtype=np.float32)  # (g, 64): the table transposed, zero above K
+    tb_t[:, :K] = table.numpy().T
     xf = np.ascontiguousarray(x.to(torch.float32).numpy())  # (T, q)
     codes = prep.codes.numpy()
     scode = prep.scale_codes.numpy()
@@ -355,7 +365,7 @@ def avx512_frozen_matmul(x: Tensor, prep: PreparedFrozen, config: CompressionCon
     else:
         rows_per_task = _NO_PERM_ROWS_PER_TASK
         shared_lut = np.empty(lut_floats, dtype=np.float32)
-        lib.reallm_lut_build(_ptr(xf), T, q, _ptr(tb_t), K, g, _ptr(shared_lut))
+        lib.reallm_lut_build(_ptr(xf), T, q, _ptr(tb_t), g, _ptr(shared_lut))
     n_tasks = -(-p // rows_per_task)
     n_threads = max(1, min(torch.get_num_threads(), n_tasks))
     bounds = [n_tasks * i // n_threads for i in range(n_threads + 1)]
