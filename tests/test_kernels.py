@@ -31,6 +31,7 @@ from reallm.kernels import (
     UnsupportedPath,
     available_paths,
     cpu_avx512,
+    cpu_lut,
     frozen_matmul,
     prepare,
     unsupported_reason,
@@ -118,7 +119,7 @@ def expected_cpu_limit(path: str, cfg: CompressionConfig, q: int) -> bool:
     if path == "cpu":
         return cfg.quantizer == "vq" and q % cfg.vq_dim != 0  # a VQ vector must not cross a row
     g = cpu_avx512.group_size(cfg, q)
-    return g * cfg.bits > 6 or q % cfg.block_size != 0 or cfg.block_size % (8 * g) != 0
+    return g * cfg.bits > 8 or q % cfg.block_size != 0 or cfg.block_size % (8 * g) != 0
 
 
 @pytest.mark.parametrize("path", ["cpu", "cpu_avx512"])
@@ -148,6 +149,20 @@ def test_cpu_paths_four_tokens(path):
         cfg, stored, shared, Q = compressed(fmt, (172, 64), "perm")
         x = inputs(4, 64, torch.float32, seed=4)
         check_close(frozen_matmul(x, stored, cfg, (172, 64), shared, path=path), x, Q)
+
+
+@pytest.mark.parametrize("path", ["cpu", "cpu_avx512"])
+def test_cpu_paths_small_column_chunks(path, monkeypatch):
+    """With a tiny LUT chunk the rows are walked in several column chunks (and the AVX-512 path
+    switches permuted 256-entry tables to gathering codeword values): same results."""
+    skip_without_avx512(path)
+    module = cpu_avx512 if path == "cpu_avx512" else cpu_lut
+    monkeypatch.setattr(module, "_LUT_CHUNK_BYTES", 4096)
+    for fmt, variant in (("nf3", "perm"), ("vq2x4", "perm"), ("vq2x4", "plain"), ("vq3x2", "plain")):
+        cfg, stored, shared, Q = compressed(fmt, (64, 128), variant)
+        for T in (1, 3):
+            x = inputs(T, 128, torch.float32, seed=T)
+            check_close(frozen_matmul(x, stored, cfg, (64, 128), shared, path=path), x, Q)
 
 
 @pytest.mark.parametrize("path", ["cpu", "cpu_avx512"])
@@ -267,8 +282,8 @@ def test_available_paths_fall_back_to_decode():
     if cpu_avx512.machine_reason() is None:  # the register-LUT path comes first where it serves
         assert available_paths(nf3, "cpu", f32, 1, (64, 128)) == ["cpu_avx512", "cpu", "decode"]
         assert available_paths(nf3, "cpu", f32, 1, (64, 172))[0] == "cpu"  # blocks cross rows
-        vq24 = CompressionConfig(quantizer="vq", bits=2, vq_dim=4)
-        assert available_paths(vq24, "cpu", f32, 1, (64, 128))[0] == "cpu"  # 256-entry table
+        vq28 = CompressionConfig(quantizer="vq", bits=2, vq_dim=8)
+        assert available_paths(vq28, "cpu", f32, 1, (64, 128))[0] == "cpu"  # 65536-entry table
     assert paths_without_avx512(nf3, "cpu", f32, 1) == ["cpu", "decode"]
     # rotation is served (x and y transformed), so it is no reason to fall back
     assert paths_without_avx512(nf3.replace(rotation="hadamard", permute=True), "cpu", f32, 1) == ["cpu", "decode"]

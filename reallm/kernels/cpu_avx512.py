@@ -1,18 +1,21 @@
-"""CPU path "cpu_avx512": the lookup-table matvec with the table in AVX-512 registers.
+"""CPU path "cpu_avx512": the lookup-table matvec, 16 rows at a time with AVX-512.
 
 Same arithmetic as `reallm.kernels.cpu_lut` (for each input group of g values, its dot products
-with the K ≤ 64 table entries, computed once per row block; then one look-up per code), but
+with the K table entries, computed once per row block; then one look-up per code), but
 vectorised *across rows*: 16 rows are processed together, and for one input group their 16
-codes index the same 64-entry LUT, which sits in four zmm registers; two `vpermi2ps` and a blend
-look all 16 up at once (the scalar path spends ~6 instructions per code, this one < 1).
+codes index the same LUT row. With K ≤ 64 that row sits in four zmm registers and two
+`vpermi2ps` and a blend look all 16 up at once (the scalar path spends ~6 instructions per
+code, this one < 1); with K ≤ 256 (VQ b2 d4, b4 d2, NF b ≥ 7) the 16 look-ups are one gather
+(or, for a permuted matrix whose per-row-block LUT would not fit a cache-sized chunk, g gathers
+of the codeword values, multiplied by the permuted x: no LUT at all).
 
-Codes are read as stored: a run of 8 codes of w ≤ 6 bits is w bytes, loaded as one 64-bit word
+Codes are read as stored: a run of 8 codes of w ≤ 8 bits is w bytes, loaded as one 64-bit word
 per row (a gather over the 16 rows); `vpmultishiftqb` cuts the 8 codes into bytes and one
 `vpermt2b` lines code j of the 16 rows up as sixteen 32-bit indices. Scale blocks are
 dequantised on the fly (offset + code / (2^bits − 1) · group max).
 
-Served (`unsupported_reason`): LUT tables of K ≤ 64 entries — NF2 / NF3 (g = 2), NF4 (g = 1),
-VQ with b·d ≤ 6 (b3 d2, b2 d2, ...) —; rows made of whole scale blocks (q % B0 == 0) whose block
+Served (`unsupported_reason`): LUT tables of K ≤ 256 entries — NF2 / NF3 (g = 2), NF4..NF8
+(g = 1), VQ with b·d ≤ 8 (b3 d2, b2 d2, b2 d4, b4 d2, ...) —; rows made of whole scale blocks (q % B0 == 0) whose block
 holds whole runs of 8 codes (B0 % 8g == 0); 1–4 tokens; an x86-64 CPU with AVX-512
 F/BW/DQ/VL/VBMI (Ice Lake, Sapphire Rapids, Zen 4 and later) on Linux; a C compiler. Other
 matrices go to the scalar path.
@@ -47,7 +50,8 @@ from .prepare import FUSED_QUANTIZERS, PreparedFrozen
 __all__ = ["MAX_TOKENS", "machine_reason", "unsupported_reason", "supports", "avx512_frozen_matmul", "group_size"]
 
 MAX_TOKENS = 4
-_MAX_WIDTH = 6  # K = 2^w ≤ 64: the LUT of one group is four zmm registers
+_REGISTER_WIDTH = 6  # K = 2^w ≤ 64: the LUT of one group is four zmm registers
+_MAX_WIDTH = 8  # K ≤ 256: the 16 look-ups are one gather from the group's LUT row
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NO_PERM_ROWS_PER_TASK = 256  # rows of one call without permutation (a multiple of the 16-row tile)
 _LUT_CHUNK_BYTES = 1024 * 1024  # LUT of one column chunk: half a core's L2
@@ -59,28 +63,30 @@ _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
-/* lut[(grp * T + t) * 64 + k] = sum_i tb64[i * 64 + k] * x[t * q + grp * g + i]; tb64 is the (g, 64)
-   transposed table, zero-padded above K, so the LUT rows are padded with zeros too. */
-void reallm_lut_build(const float *restrict x, int64_t T, int64_t q, const float *restrict tb64, int64_t g,
-                      float *restrict lut) {
+/* lut[(grp * T + t) * LS + k] = sum_i tbp[i * LS + k] * x[t * q + grp * g + i], LS = 64 or 256 entries
+   per LUT row; tbp is the (g, LS) transposed table, zero-padded above K, so LUT rows are too. */
+void reallm_lut_build(const float *restrict x, int64_t T, int64_t q, const float *restrict tbp, int64_t g,
+                      int64_t LS, float *restrict lut) {
     int64_t ng = q / g;
     for (int64_t grp = 0; grp < ng; ++grp)
         for (int64_t t = 0; t < T; ++t) {
             const float *xg = x + t * q + grp * g;
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t i = 0; i < g; ++i) {
-                const __m512 xi = _mm512_set1_ps(xg[i]);
-                const float *tb = tb64 + i * 64;
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(tb), xi, a0);
-                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(tb + 16), xi, a1);
-                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(tb + 32), xi, a2);
-                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(tb + 48), xi, a3);
+            float *L = lut + (grp * T + t) * LS;
+            for (int64_t k0 = 0; k0 < LS; k0 += 64) {
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t i = 0; i < g; ++i) {
+                    const __m512 xi = _mm512_set1_ps(xg[i]);
+                    const float *tb = tbp + i * LS + k0;
+                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(tb), xi, a0);
+                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(tb + 16), xi, a1);
+                    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(tb + 32), xi, a2);
+                    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(tb + 48), xi, a3);
+                }
+                _mm512_storeu_ps(L + k0, a0);
+                _mm512_storeu_ps(L + k0 + 16, a1);
+                _mm512_storeu_ps(L + k0 + 32, a2);
+                _mm512_storeu_ps(L + k0 + 48, a3);
             }
-            float *L = lut + (grp * T + t) * 64;
-            _mm512_storeu_ps(L, a0);
-            _mm512_storeu_ps(L + 16, a1);
-            _mm512_storeu_ps(L + 32, a2);
-            _mm512_storeu_ps(L + 48, a3);
         }
 }
 
@@ -88,11 +94,16 @@ typedef struct {
     const uint8_t *codes; int64_t n_code_bytes; int64_t w; int64_t g; int64_t q; int64_t p;
     const uint8_t *scode; const float *gmax; float offset; float levels; int64_t sgroup; int64_t B;
     int64_t chunk_groups; float *out;
+    const float *xp; const float *tbt;  /* MODE 3: the task's inputs (T, q) and the (g, 256) table */
 } args_t;
 
-/* out[t, r] += sum over the codes of rows [r0, r1) (16-row tiles), LUT of those rows' inputs. */
+/* out[t, r] += sum over the codes of rows [r0, r1) (16-row tiles), LUT of those rows' inputs.
+   MODE 0: K <= 32 (one vpermi2ps), 1: K = 64 (two and a blend), 2: K <= 256 (a gather from the
+   LUT row, LS = 256), 3: no LUT: gather the g codeword values and multiply by x (for permuted
+   matrices with K > 64 whose per-row-block LUT would not stay in the cache). */
 static inline __attribute__((always_inline)) void rows_body(const args_t *a, const float *lut, int64_t r0,
-                                                            int64_t r1, const int T, const int HI) {
+                                                            int64_t r1, const int T, const int MODE) {
+    const int64_t LS = MODE >= 2 ? 256 : 64;
     const int64_t ng = a->q / a->g, cpb = a->B / a->g, row_bytes = ng * a->w / 8, bpr = a->q / a->B;
     const __m512i mask = _mm512_set1_epi32((1 << a->w) - 1);
     const __m512i bit5 = _mm512_set1_epi32(32);
@@ -142,16 +153,32 @@ static inline __attribute__((always_inline)) void rows_body(const args_t *a, con
                     const __m512i fhi = _mm512_multishift_epi64_epi8(shift_ctl, hi);
                     for (int j = 0; j < 8; ++j) {
                         __m512i idx = _mm512_maskz_permutex2var_epi8(low_byte, flo, selj[j], fhi);
-                        if (a->w < 5) idx = _mm512_and_si512(idx, mask);  /* vpermi2ps reads bits 0..4 */
-                        const float *L = lut + (v + j) * T * 64;
-                        __mmask16 up = HI ? _mm512_test_epi32_mask(idx, bit5) : 0;
+                        /* vpermi2ps reads bits 0..4 (and the blend bit 5): junk above bit w matters
+                           only when w < 5; a gather reads the whole index */
+                        if (a->w < 5 || (MODE >= 2 && a->w < 8)) idx = _mm512_and_si512(idx, mask);
+                        if (MODE == 3) {
+                            for (int64_t i = 0; i < a->g; ++i) {
+                                const __m512 wi = _mm512_i32gather_ps(idx, a->tbt + i * 256, 4);
+                                for (int t = 0; t < T; ++t)
+                                    acc[t] = _mm512_fmadd_ps(
+                                        wi, _mm512_set1_ps(a->xp[t * a->q + (v + j) * a->g + i]), acc[t]);
+                            }
+                            continue;
+                        }
+                        const float *L = lut + (v + j) * T * LS;
+                        __mmask16 up = MODE == 1 ? _mm512_test_epi32_mask(idx, bit5) : 0;
                         for (int t = 0; t < T; ++t) {
-                            const float *Lt = L + t * 64;
-                            __m512 val = _mm512_permutex2var_ps(_mm512_loadu_ps(Lt), idx, _mm512_loadu_ps(Lt + 16));
-                            if (HI) {
-                                __m512 v23 = _mm512_permutex2var_ps(_mm512_loadu_ps(Lt + 32), idx,
-                                                                    _mm512_loadu_ps(Lt + 48));
-                                val = _mm512_mask_blend_ps(up, val, v23);
+                            const float *Lt = L + t * LS;
+                            __m512 val;
+                            if (MODE == 2) {
+                                val = _mm512_i32gather_ps(idx, Lt, 4);
+                            } else {
+                                val = _mm512_permutex2var_ps(_mm512_loadu_ps(Lt), idx, _mm512_loadu_ps(Lt + 16));
+                                if (MODE == 1) {
+                                    __m512 v23 = _mm512_permutex2var_ps(_mm512_loadu_ps(Lt + 32), idx,
+                                                                        _mm512_loadu_ps(Lt + 48));
+                                    val = _mm512_mask_blend_ps(up, val, v23);
+                                }
                             }
                             acc[t] = _mm512_add_ps(acc[t], val);
                         }
@@ -174,8 +201,13 @@ static inline __attribute__((always_inline)) void rows_body(const args_t *a, con
     }
 }
 
-static void rows(const args_t *a, const float *lut, int64_t r0, int64_t r1, int64_t T, int hi) {
-#define CASE(TT) case TT: if (hi) rows_body(a, lut, r0, r1, TT, 1); else rows_body(a, lut, r0, r1, TT, 0); break;
+static void rows(const args_t *a, const float *lut, int64_t r0, int64_t r1, int64_t T, int mode) {
+#define CASE(TT) case TT: \
+    if (mode == 3) rows_body(a, lut, r0, r1, TT, 3); \
+    else if (mode == 2) rows_body(a, lut, r0, r1, TT, 2); \
+    else if (mode == 1) rows_body(a, lut, r0, r1, TT, 1); \
+    else rows_body(a, lut, r0, r1, TT, 0); \
+    break;
     switch (T) { CASE(1) CASE(2) CASE(3) CASE(4) default: break; }
 #undef CASE
 }
@@ -188,27 +220,35 @@ void reallm_lut_tasks(const float *x, int64_t T, const int16_t *perm16, const in
                       const float *tb_t, int64_t K, const uint8_t *codes, int64_t n_code_bytes, int64_t w,
                       int64_t g, int64_t q, int64_t p, const uint8_t *scode, const float *gmax, float offset,
                       float levels, int64_t sgroup, int64_t B, int64_t chunk_groups, float *out) {
-    args_t a = {codes, n_code_bytes, w, g, q, p, scode, gmax, offset, levels, sgroup, B, chunk_groups, out};
-    int hi = K > 32;
+    int permuted = perm16 || perm32;
+    args_t a = {codes, n_code_bytes, w, g, q, p, scode, gmax, offset, levels, sgroup, B, chunk_groups, out,
+                permuted ? xp : x, tb_t};
+    /* a permuted matrix rebuilds its LUT per row block: with K > 64 and a LUT larger than one
+       cache-sized chunk, gathering the codeword values themselves costs less */
+    int mode = K > 64 ? (permuted && q / g > chunk_groups ? 3 : 2) : K > 32 ? 1 : 0;
+    int64_t LS = mode >= 2 ? 256 : 64;
     for (int64_t task = task_begin; task < task_end; ++task) {
         int64_t r0 = task * rows_per_task, r1 = r0 + rows_per_task < p ? r0 + rows_per_task : p;
-        if (perm16 || perm32) {
+        if (permuted) {
             for (int64_t t = 0; t < T; ++t)
-                for (int64_t j = 0; j < q; ++j)
-                    xp[t * q + j] = x[t * q + (perm16 ? (int64_t)perm16[task * q + j] : (int64_t)perm32[task * q + j])];
-            reallm_lut_build(xp, T, q, tb_t, g, lut);
+                for (int64_t j = 0; j < q; ++j) {
+                    int64_t col = perm16 ? (int64_t)perm16[task * q + j] : (int64_t)perm32[task * q + j];
+                    xp[t * q + j] = x[t * q + col];
+                }
+            if (mode != 3) reallm_lut_build(xp, T, q, tb_t, g, LS, lut);
         }
-        rows(&a, lut, r0, r1, T, hi);
+        rows(&a, lut, r0, r1, T, mode);
     }
 }
 """
 
 
 def group_size(config: CompressionConfig, q: int | None) -> int:
-    """Values per look-up g: d for VQ; for NF 2 (b ≤ 3) or 1 (b = 4), keeping K = 2^(g·b) ≤ 64."""
+    """Values per look-up g: d for VQ; for NF 2 while the pair table fits in registers (b ≤ 3,
+    K = 2^(2b) ≤ 64), else 1 (one level per look-up)."""
     if config.quantizer == "vq":
         return config.vq_dim
-    return 2 if 2 * config.bits <= _MAX_WIDTH else 1
+    return 2 if 2 * config.bits <= _REGISTER_WIDTH else 1
 
 
 def _cpu_flags() -> set[str]:
@@ -260,7 +300,7 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
             return None, f"cannot write the compiled kernel under {out_dir}: {e}"
     lib = ctypes.CDLL(str(lib_path))
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    lib.reallm_lut_build.argtypes = [ptr, i64, i64, ptr, i64, ptr]
+    lib.reallm_lut_build.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr]
     lib.reallm_lut_build.restype = None
     lib.reallm_lut_tasks.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64,
                                      i64, ptr, ptr, f32, f32, i64, i64, i64, ptr]
@@ -295,7 +335,7 @@ def unsupported_reason(
         return f"scale_bits {config.scale_bits} > 8"
     g = group_size(config, None)
     if g * config.bits > _MAX_WIDTH:
-        return f"its table has 2^{g * config.bits} entries per look-up, more than the 64 held in registers"
+        return f"its table has 2^{g * config.bits} entries per look-up, more than 256"
     if config.block_size % (8 * g):
         return f"block size {config.block_size} is not a multiple of 8 codes ({8 * g} values)"
     if shape is not None and shape[1] % config.block_size:
@@ -345,7 +385,8 @@ def avx512_frozen_matmul(x: Tensor, prep: PreparedFrozen, config: CompressionCon
     g = group_size(config, q)
     table = group_table(prep, g)  # (K, g)
     K = table.shape[0]
-    tb_t = np.zeros((g, 64), dtype=np.float32)  # (g, 64): the table transposed, zero above K
+    row = 64 if K <= 64 else 256  # LUT row: 64 entries (in registers) or 256 (gathered)
+    tb_t = np.zeros((g, row), dtype=np.float32)  # (g, row): the table transposed, zero above K
     tb_t[:, :K] = table.numpy().T
     xf = np.ascontiguousarray(x.to(torch.float32).numpy())  # (T, q)
     codes = prep.codes.numpy()
@@ -353,9 +394,9 @@ def avx512_frozen_matmul(x: Tensor, prep: PreparedFrozen, config: CompressionCon
     gmax = np.ascontiguousarray(prep.scale_group_max.numpy())
     out = np.zeros((T, p), dtype=np.float32)
     ng = q // g
-    lut_floats = ng * T * 64
+    lut_floats = ng * T * row
     cpb = prep.block_size // g
-    chunk_groups = max(1, _LUT_CHUNK_BYTES // (T * 64 * 4 * cpb)) * cpb
+    chunk_groups = max(1, _LUT_CHUNK_BYTES // (T * row * 4 * cpb)) * cpb
     perm16 = perm32 = None
     if prep.perm is not None:
         perm = prep.perm.numpy()
@@ -365,7 +406,7 @@ def avx512_frozen_matmul(x: Tensor, prep: PreparedFrozen, config: CompressionCon
     else:
         rows_per_task = _NO_PERM_ROWS_PER_TASK
         shared_lut = np.empty(lut_floats, dtype=np.float32)
-        lib.reallm_lut_build(_ptr(xf), T, q, _ptr(tb_t), g, _ptr(shared_lut))
+        lib.reallm_lut_build(_ptr(xf), T, q, _ptr(tb_t), g, row, _ptr(shared_lut))
     n_tasks = -(-p // rows_per_task)
     n_threads = max(1, min(torch.get_num_threads(), n_tasks))
     bounds = [n_tasks * i // n_threads for i in range(n_threads + 1)]
