@@ -3,8 +3,8 @@
 Paths, fastest first where several apply:
 - "triton": fused dequantize-matmul Triton kernel (CUDA; on CPU only under TRITON_INTERPRET=1,
   the Triton interpreter, for tests), 1–16 tokens;
-- "cpu_avx512": the same lookup-table matvec with the LUT in AVX-512 registers, 16 rows at a time
-  (C compiled once per machine), for tables of ≤ 64 entries and rows of whole scale blocks;
+- "cpu_avx512": the same lookup-table matvec, 16 rows at a time with AVX-512 (C compiled once per
+  machine), for tables of ≤ 256 entries and rows of whole scale blocks;
 - "cpu": lookup-table matvec compiled with Numba, 1–4 tokens on the CPU;
 - "decode": `reallm.container.decode_frozen` then a dense matmul — every stored format, any
   device, any token count (the fallback).
@@ -114,7 +114,8 @@ def frozen_matmul(
         (..., p) tensor in x's dtype on x's device.
 
     Raises:
-        ValueError: x's last dimension is not q, or an unknown path name.
+        ValueError: x's last dimension is not q, x and the stored tensors on different devices
+            (fused paths), or an unknown path name.
         UnsupportedPath: a forced path that cannot serve this call (one line naming why).
     """
     p, q = shape
@@ -132,6 +133,8 @@ def frozen_matmul(
     if path == "decode" or T == 0:
         return _decode_matmul(x2, stored, config, shape, shared, meta).reshape(*lead, p)
     prep = prepared if prepared is not None else prepare(stored, config, shape, shared)
+    if prep.device != x.device:
+        raise ValueError(f"x is on {x.device} but the stored tensors are on {prep.device}; move one of them")
     xr = x2
     if prep.rotation_seeds is not None:
         xr = orthogonal_transform(x2, prep.rotation_seeds[1], dim=-1)  # (T, q) fp32: x M_Rᵀ
