@@ -129,13 +129,22 @@ def main(argv: list[str] | None = None) -> None:
 
         decode_bytes = sum(stored_bytes(m[0]) for m in mats) + 8 * n_weights
         rows[f"{fmt} decode"] = (decode_row(), decode_bytes)
-        paths = available_paths(cfg, dev, torch.float32, args.tokens, shapes[0][1:])
-        for path in paths[:-1]:
-            def fused(mats=mats, cfg=cfg, path=path):
-                return lambda: [frozen_matmul(xs[q], s, cfg, (p, q), sh, path=path, prepared=prep)
-                                for s, sh, (p, q), prep in mats]
+        # every fused path that serves at least one matrix of the block; a matrix it cannot
+        # serve (e.g. --small's 1376-wide down_proj for cpu_avx512) takes the auto choice
+        per_matrix = [available_paths(cfg, dev, torch.float32, args.tokens, (p, q)) for _, p, q in shapes]
+        paths = [path for path in ("triton", "cpu_avx512", "cpu") if any(path in ps for ps in per_matrix)]
+        for path in paths:
+            chosen = [path if path in ps else ps[0] for ps in per_matrix]
 
-            rows[f"{fmt} {path}"] = (fused(), sum(m[3].read_bytes() for m in mats))
+            def fused(mats=mats, cfg=cfg, chosen=chosen):
+                return lambda: [frozen_matmul(xs[q], s, cfg, (p, q), sh, path=c, prepared=prep)
+                                for (s, sh, (p, q), prep), c in zip(mats, chosen)]
+
+            others = [f"{n}: {c}" for (n, _, _), c in zip(shapes, chosen) if c != path]
+            label = f"{fmt} {path}" + (f" ({', '.join(others)})" if others else "")
+            nbytes = sum(m[3].read_bytes() if c != "decode" else stored_bytes(m[0]) + 8 * m[2][0] * m[2][1]
+                         for m, c in zip(mats, chosen))
+            rows[label] = (fused(), nbytes)
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in rows}
