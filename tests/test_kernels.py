@@ -307,7 +307,7 @@ def test_auto_path_decodes_other_formats(fmt):
     check_close(frozen_matmul(x, w.frozen, cfg, w.shape, w.shared), x, w.decode_frozen())
     with pytest.raises(UnsupportedPath) as e:
         frozen_matmul(x, w.frozen, cfg, w.shape, w.shared, path="cpu")
-    assert "\n" not in str(e.value) and f"quantizer {fmt!r}" in str(e.value)
+    assert "\n" not in str(e.value) and f"format {fmt!r}" in str(e.value)
 
 
 def test_forced_unsupported_paths_raise_one_line():
@@ -321,7 +321,7 @@ def test_forced_unsupported_paths_raise_one_line():
         frozen_matmul(x, stored, cfg, (100, 37), shared, path="gpu")
     with pytest.raises(ValueError, match="q = 37"):
         frozen_matmul(inputs(1, 36, torch.float32), stored, cfg, (100, 37), shared)
-    assert unsupported_reason("cpu", cfg, "cpu", torch.float32, 1, (100, 37)).startswith("VQ vectors cross rows")
+    assert unsupported_reason("cpu", cfg, "cpu", torch.float32, 1, (100, 37)).startswith("vectors cross rows")
 
 
 def test_avx512_build_failure_is_one_clear_reason(monkeypatch, tmp_path):
@@ -344,5 +344,5 @@ def test_prepare_holds_little_and_reports_missing_codebook():
     cfg_s, stored_s, shared_s, _ = compressed("vq3x2", (172, 64), "shared")
     with pytest.raises(ValueError, match="codebook"):
         prepare(stored_s, cfg_s, (172, 64), None)
-    with pytest.raises(ValueError, match="quantizer 'rtn'"):
+    with pytest.raises(ValueError, match="format 'rtn'"):
         prepare(stored, CompressionConfig(quantizer="rtn", bits=3), (172, 64))

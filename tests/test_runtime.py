@@ -172,6 +172,7 @@ def test_loading_decodes_nothing(tmp_path, monkeypatch):
 
 def test_one_decode_per_forward_and_norms_cached_while_adapters_do_not_change(monkeypatch):
     layer = layer_of("nf3", p=64)
+    layer.set_fast_path("off")  # the plain resident path (a fused kernel would decode nothing at all)
     tiles = []
     real = dora.decode_frozen_rows
     monkeypatch.setattr(dora, "decode_frozen_rows", lambda *a, **k: (tiles.append(a[4]), real(*a, **k))[1])

@@ -67,6 +67,9 @@ class Codec:
     bit_items: ClassVar[dict[str, str]] = {}
     #: None when `compress_weight` can encode this format; otherwise who produces it (one line)
     produced_by: ClassVar[str | None] = None
+    #: the format stores packed codes indexing a value table (`kernel_table`), with absmax block scales:
+    #: the fused dequantize-matmul kernels of `reallm.kernels` can then read it directly
+    table_kernels: ClassVar[bool] = False
 
     # -- configuration ----------------------------------------------------------------------
     def validate(self, config: CompressionConfig) -> None:
@@ -89,6 +92,11 @@ class Codec:
         """Multiply-adds `decode` spends per weight (the runtime caches formats that cost much more than
         a matmul; table lookups, unpacking and scaling count as about one)."""
         return 1.0
+
+    def kernel_table(self, stored: dict[str, Tensor], config: CompressionConfig,
+                     shared: dict[str, Tensor]) -> Tensor:
+        """(2^code_width, vector_dim) fp32: the values each code stands for (formats with `table_kernels`)."""
+        raise NotImplementedError(f"format {self.name!r} has no value table for the fused kernels")
 
     # -- shared tensors (codebook_scope="model") ------------------------------------------------
     def can_share(self, config: CompressionConfig) -> bool:

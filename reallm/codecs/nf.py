@@ -18,6 +18,10 @@ class NormalFloat(Codec):
     name = "nf"
     summary = "NormalFloat-b levels per value, absmax block scales (QLoRA, LQ-LoRA)"
     bit_items = {"codes": "codes"}
+    table_kernels = True
+
+    def kernel_table(self, stored: dict[str, Tensor], config, shared) -> Tensor:
+        return nf_levels(config.bits).to(stored["codes"].device).view(-1, 1)  # (2^b, 1)
 
     def validate(self, config) -> None:
         if not 1 <= config.bits <= 8:

@@ -40,6 +40,13 @@ class VectorQuantizer(Codec):
     name = "vq"
     summary = "k-means codebook of 2^(b·d) d-vectors, absmax block scales (AQLM-/QuIP#-like, ReALLM without decoder)"
     bit_items = {"codes": "codes", "codebook": "codebook"}
+    table_kernels = True
+
+    def kernel_table(self, stored: dict[str, Tensor], config, shared) -> Tensor:
+        codebook = stored.get("codebook", shared.get("codebook"))
+        if codebook is None:
+            raise KeyError("VQ matrix without its codebook (shared codebook missing)")
+        return codebook.to(device=stored["codes"].device, dtype=torch.float32).contiguous()  # (K, d)
 
     def validate(self, config) -> None:
         if config.vq_dim not in (1, 2, 4, 8):

@@ -10,14 +10,14 @@ Paths: "triton" (CUDA, or the Triton interpreter on CPU under TRITON_INTERPRET=1
 """
 
 from .dispatch import PATHS, UnsupportedPath, available_paths, frozen_matmul, unsupported_reason
-from .prepare import FUSED_QUANTIZERS, PreparedFrozen, prepare
+from .prepare import PreparedFrozen, fused_format, prepare
 
 __all__ = [
-    "FUSED_QUANTIZERS",
     "PATHS",
     "PreparedFrozen",
     "UnsupportedPath",
     "available_paths",
+    "fused_format",
     "frozen_matmul",
     "prepare",
     "unsupported_reason",

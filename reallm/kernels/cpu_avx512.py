@@ -45,7 +45,7 @@ from torch import Tensor
 from reallm.config import CompressionConfig
 
 from .cpu_lut import group_table
-from .prepare import FUSED_QUANTIZERS, PreparedFrozen
+from .prepare import PreparedFrozen, fused_format, values_per_code
 
 __all__ = ["MAX_TOKENS", "machine_reason", "unsupported_reason", "supports", "avx512_frozen_matmul", "group_size"]
 
@@ -246,8 +246,8 @@ void reallm_lut_tasks(const float *x, int64_t T, const int16_t *perm16, const in
 def group_size(config: CompressionConfig, q: int | None) -> int:
     """Values per look-up g: d for VQ; for NF 2 while the pair table fits in registers (b ≤ 3,
     K = 2^(2b) ≤ 64), else 1 (one level per look-up)."""
-    if config.quantizer == "vq":
-        return config.vq_dim
+    if values_per_code(config) > 1:
+        return values_per_code(config)
     return 2 if 2 * config.bits <= _REGISTER_WIDTH else 1
 
 
@@ -323,8 +323,8 @@ def unsupported_reason(
 ) -> str | None:
     """Why the AVX-512 path cannot serve this call, or None when it can (arguments as in
     `reallm.kernels.cpu_lut.unsupported_reason`)."""
-    if config.quantizer not in FUSED_QUANTIZERS:
-        return f"quantizer {config.quantizer!r} is not read by the fused kernels (only nf, vq)"
+    if not fused_format(config):
+        return f"format {config.quantizer!r} is not read by the fused kernels (no value table)"
     if torch.device(device).type != "cpu":
         return f"the CPU path runs on CPU tensors, got device {torch.device(device)}"
     if dtype not in _DTYPES:

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from reallm.config import CompressionConfig
 
-from .prepare import FUSED_QUANTIZERS, PreparedFrozen
+from .prepare import PreparedFrozen, fused_format, values_per_code
 
 __all__ = ["MAX_TOKENS", "unsupported_reason", "supports", "cpu_frozen_matmul"]
 
@@ -61,8 +61,8 @@ def _numba() -> Any:
 def group_size(config: CompressionConfig, q: int | None) -> int:
     """Values per lookup g: d for VQ; for NF the largest of 4 (b = 2) / 2 (b ≤ 4) / 1 that
     divides q and the block size and keeps K = 2^(g·b) ≤ 256."""
-    if config.quantizer == "vq":
-        return config.vq_dim
+    if values_per_code(config) > 1:
+        return values_per_code(config)
     for g in (4, 2, 1):
         if g * config.bits <= _LUT_MAX_WIDTH and config.block_size % g == 0 and (q is None or q % g == 0):
             return g
@@ -85,8 +85,8 @@ def unsupported_reason(
         n_tokens: rows of x (tokens in the batch).
         shape: (p, q) of the weight, when known (shape-dependent limits are checked then).
     """
-    if config.quantizer not in FUSED_QUANTIZERS:
-        return f"quantizer {config.quantizer!r} is not read by the fused kernels (only nf, vq)"
+    if not fused_format(config):
+        return f"format {config.quantizer!r} is not read by the fused kernels (no value table)"
     if torch.device(device).type != "cpu":
         return f"the CPU path runs on CPU tensors, got device {torch.device(device)}"
     if dtype not in _DTYPES:
@@ -97,8 +97,9 @@ def unsupported_reason(
         return "the CPU path assumes a little-endian host"
     if config.scale_bits > 8:
         return f"scale_bits {config.scale_bits} > 8"
-    if shape is not None and config.quantizer == "vq" and shape[1] % config.vq_dim:
-        return f"VQ vectors cross rows (q = {shape[1]} is not a multiple of d = {config.vq_dim})"
+    d = values_per_code(config)
+    if shape is not None and d > 1 and shape[1] % d:
+        return f"vectors cross rows (q = {shape[1]} is not a multiple of d = {d})"
     if _numba() is None:
         return "numba is not installed (pip install numba)"
     return None
@@ -309,7 +310,7 @@ def _pool() -> ThreadPoolExecutor:
 def group_table(prep: PreparedFrozen, g: int) -> Tensor:
     """The (2^(g·b'), g) fp32 table of one lookup: the VQ codebook, or for NF the product table of
     g consecutive levels (entry k = levels[(k >> (b·i)) & (2^b − 1)] for i < g)."""
-    if prep.quantizer == "vq" or g == 1:
+    if prep.values_per_code > 1 or g == 1:
         return prep.table
     key = f"cpu_nf_table_{g}"
     if key not in prep.cache:

@@ -24,15 +24,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from reallm.codecs import get_codec
 from reallm.config import CompressionConfig
 from reallm.quant.packing import packed_nbytes, unpack_bits
 from reallm.quant.permutation import index_bits
-from reallm.quant.scalar import nf_levels
 
-__all__ = ["PreparedFrozen", "prepare", "FUSED_QUANTIZERS"]
+__all__ = ["PreparedFrozen", "fused_format", "prepare", "values_per_code"]
 
-# Stored formats the fused kernels read directly; everything else is decoded by `decode_frozen`.
-FUSED_QUANTIZERS = ("nf", "vq")
+def fused_format(config: CompressionConfig) -> bool:
+    """Whether the fused kernels read this stored format directly (its codec has `table_kernels`:
+    packed codes indexing a value table, with absmax block scales); others are decoded."""
+    return get_codec(config.quantizer).table_kernels
+
+
+def values_per_code(config: CompressionConfig) -> int:
+    """1 for a scalar table (NF levels: the kernels may look up several codes at once), d for vectors."""
+    return get_codec(config.quantizer).vector_dim(config)
 
 
 @dataclass
@@ -40,7 +47,7 @@ class PreparedFrozen:
     """One frozen part in the form the fused kernels read (see the module docstring for its size).
 
     Attributes:
-        quantizer: "nf" or "vq".
+        quantizer: the stored format (one whose codec has `table_kernels`: NF, VQ).
         shape: (p, q) of the weight (out × in).
         bits: b, bits per coordinate.
         values_per_code: 1 for NF (one level per code), d for VQ (one d-vector per code).
@@ -123,8 +130,7 @@ def prepare(
         ValueError: a quantizer the kernels do not read, or stored tensors missing / of the
             wrong size (one line naming what).
     """
-    _check(config.quantizer in FUSED_QUANTIZERS,
-           f"quantizer {config.quantizer!r} has no fused kernel (only {FUSED_QUANTIZERS})")
+    _check(fused_format(config), f"format {config.quantizer!r} has no fused kernel (its codec has no table_kernels)")
     p, q = shape
     B = config.block_size
     n_blocks = -(-p * q // B)
@@ -132,19 +138,14 @@ def prepare(
         _check(key in stored, f"stored tensor {key!r} is missing")
     codes = stored["codes"].reshape(-1)
     _check(codes.dtype == torch.uint8, f"codes must be uint8, got {codes.dtype}")
-    device = codes.device
-    if config.quantizer == "nf":
-        vpc, width = 1, config.bits
-        table = nf_levels(config.bits).to(device).view(-1, 1)  # (2^b, 1)
-    else:
-        vpc, width = config.vq_dim, config.code_width
-        codebook = stored.get("codebook")
-        if codebook is None:
-            codebook = (shared or {}).get("codebook")
-        _check(codebook is not None, "VQ matrix without its codebook (shared codebook missing)")
-        _check(tuple(codebook.shape) == (config.codebook_size, vpc),
-               f"codebook must be ({config.codebook_size}, {vpc}), got {tuple(codebook.shape)}")
-        table = codebook.to(device=device, dtype=torch.float32).contiguous()  # (K, d)
+    codec = get_codec(config.quantizer)
+    vpc, width = codec.vector_dim(config), codec.code_width(config)
+    try:
+        table = codec.kernel_table(stored, config, shared or {})  # (2^width, vpc) fp32
+    except KeyError as e:
+        raise ValueError(f"cannot prepare the frozen part: {e.args[0]}") from None
+    _check(tuple(table.shape) == (1 << width, vpc),
+           f"value table must be ({1 << width}, {vpc}), got {tuple(table.shape)}")
     n_codes = n_blocks * B // vpc
     _check(codes.numel() >= packed_nbytes(n_codes, width),
            f"codes hold {codes.numel()} bytes, {packed_nbytes(n_codes, width)} needed")

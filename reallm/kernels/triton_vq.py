@@ -23,7 +23,7 @@ from torch import Tensor
 
 from reallm.config import CompressionConfig
 
-from .prepare import FUSED_QUANTIZERS, PreparedFrozen
+from .prepare import PreparedFrozen, fused_format
 
 try:  # triton ships with CUDA builds of torch; on CPU it is a test dependency (the interpreter)
     import triton
@@ -64,8 +64,8 @@ def unsupported_reason(
         n_tokens: rows of x (tokens in the batch).
         shape: (p, q) of the weight (no shape limits apply: vectors and blocks may cross rows).
     """
-    if config.quantizer not in FUSED_QUANTIZERS:
-        return f"quantizer {config.quantizer!r} is not read by the fused kernels (only nf, vq)"
+    if not fused_format(config):
+        return f"format {config.quantizer!r} is not read by the fused kernels (no value table)"
     if triton is None:
         return "triton is not installed"
     dev = torch.device(device)

@@ -34,6 +34,10 @@ from reallm.errors import UserError
 
 RuntimeMode = Literal["resident", "cache"]
 RUNTIME_MODES = ("resident", "cache")
+FastPath = Literal["auto", "off"]
+# in "cache" mode the dense cached weight serves small matrices faster than a kernel call (tens of µs of
+# overhead per call); from this many weights on, reading the packed codes wins (memory-bound matvec)
+KERNEL_MIN_WEIGHTS_WITH_CACHE = 1 << 20
 # a format whose decode costs more multiply-adds per weight than a matmul of this many tokens is cached
 # in "resident" mode (decoding it at every step would cost more than the step's matmuls)
 AUTO_CACHE_MACS_PER_WEIGHT = 64.0
@@ -158,6 +162,9 @@ class ReALLMLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self._cache: Tensor | None = None  # dense Q̂ (p, q) in the compute dtype ("cache" mode)
         self._norm_cache: tuple[Any, Tensor] | None = None  # (adapter versions, row norms (p,))
+        self._kernel_prep = None  # what the fused kernels keep (reallm.kernels.prepare), built on first use
+        self.fast_path: FastPath = "auto"  # "off": always the plain decode / dense path
+        self.last_path: str | None = None  # the path of the last forward ("triton", "cpu", ..., "decode", "cache")
         self.mode: RuntimeMode = "resident"
         self.set_mode(mode)
 
@@ -200,13 +207,44 @@ class ReALLMLinear(nn.Module):
         return self.mode
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): caches are rebuilt lazily
-        self._cache = None
-        self._norm_cache = None
+        self.clear_cache()
         return super()._apply(fn, recurse)
 
     def clear_cache(self) -> None:
         self._cache = None
         self._norm_cache = None
+        self._kernel_prep = None
+
+    def set_fast_path(self, fast_path: FastPath) -> None:
+        """"auto": small token counts without a gradient go through a fused dequantize-matmul kernel when
+        one serves the format, device and dtype (`reallm.kernels`); "off": always the plain path."""
+        if fast_path not in ("auto", "off"):
+            raise UserError(f"layer {self.name or '?'}: fast_path must be 'auto' or 'off', got {fast_path!r}")
+        self.fast_path = fast_path
+
+    def kernel_path(self, x: Tensor) -> str | None:
+        """The fused kernel path this input would take, or None (plain path). Only without a gradient to
+        x (generation, evaluation): the kernels have no backward. In "cache" mode only for large matrices."""
+        if self.fast_path == "off" or (torch.is_grad_enabled() and x.requires_grad):
+            return None
+        if not get_codec(self.config.quantizer).table_kernels:
+            return None
+        if self.effective_mode == "cache" and self.out_features * self.in_features < KERNEL_MIN_WEIGHTS_WITH_CACHE:
+            return None
+        from reallm.kernels import available_paths
+
+        n_tokens = x.numel() // max(1, self.in_features)
+        path = available_paths(self.config, x.device, x.dtype, n_tokens, (self.out_features, self.in_features))[0]
+        return None if path == "decode" else path
+
+    def _kernel_matmul(self, x: Tensor, path: str) -> Tensor:
+        from reallm.kernels import frozen_matmul, prepare
+
+        stored, shared = self._frozen_tensors(), self._shared_tensors()
+        shape = (self.out_features, self.in_features)
+        if self._kernel_prep is None:
+            self._kernel_prep = prepare(stored, self.config, shape, shared)
+        return frozen_matmul(x, stored, self.config, shape, shared, path=path, prepared=self._kernel_prep)
 
     # -- stored tensors -------------------------------------------------------------------------
     def _frozen_tensors(self) -> dict[str, Tensor]:
@@ -374,7 +412,11 @@ class ReALLMLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # x (..., q)
         norms = self._cached_norms() if self.magnitude is not None else None
         need_norms = self.magnitude is not None and norms is None
-        if self.effective_mode == "cache":
+        path = self.kernel_path(x)
+        self.last_path = path or ("cache" if self.effective_mode == "cache" else "decode")
+        if path is not None:  # fused dequantize-matmul on the packed codes (no gradient to x)
+            y = self._kernel_matmul(x, path)
+        elif self.effective_mode == "cache":
             y = FrozenMatmul.apply(x, self._dense(x.dtype if x.is_floating_point() else None))  # (..., p)
         else:
             lowrank = None
@@ -389,7 +431,7 @@ class ReALLMLinear(nn.Module):
             B, A = self._factors()
             y = y + self.lora_scale * ((x @ A.to(x.dtype).T) @ B.to(x.dtype).T)
         if self.magnitude is not None:
-            if norms is None:  # cache mode: the norms of the fp32 tiles
+            if norms is None:  # cache mode or a kernel: the norms of the fp32 tiles (once, then cached)
                 B, A = (t.detach().float() for t in self._factors())
                 norms = self._row_norms(B, A)
                 self._norm_cache = (self._adapter_key(), norms)
@@ -418,11 +460,13 @@ def _free_memory(device: torch.device) -> int | None:
     return None
 
 
-def set_runtime_mode(model: nn.Module, mode: RuntimeMode) -> dict[str, Any]:
-    """Put every ReALLMLinear of `model` in `mode`; returns `runtime_report(model)`."""
+def set_runtime_mode(model: nn.Module, mode: RuntimeMode, fast_path: FastPath | None = None) -> dict[str, Any]:
+    """Put every ReALLMLinear of `model` in `mode` (and `fast_path` when given); returns `runtime_report`."""
     for m in model.modules():
         if isinstance(m, ReALLMLinear):
             m.set_mode(mode)
+            if fast_path is not None:
+                m.set_fast_path(fast_path)
     return runtime_report(model)
 
 
@@ -431,5 +475,7 @@ def runtime_report(model: nn.Module) -> dict[str, Any]:
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ReALLMLinear)]
     modes = sorted({m.mode for _, m in layers})
     auto = [n for n, m in layers if m.mode == "resident" and m.effective_mode == "cache"]
+    paths = sorted({m.last_path for _, m in layers if m.last_path})
     return {"mode": modes[0] if len(modes) == 1 else modes, "auto_cached_layers": auto,
-            "auto_cache_macs_per_weight": AUTO_CACHE_MACS_PER_WEIGHT}
+            "auto_cache_macs_per_weight": AUTO_CACHE_MACS_PER_WEIGHT,
+            "fast_path": sorted({m.fast_path for _, m in layers}), "last_paths": paths}
