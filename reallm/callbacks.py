@@ -6,7 +6,7 @@
   `fit` phase produced and adds it to results.json, so that one run (e.g. of a sweep over bits and
   rank) gives both sides of the bits / perplexity trade-off.
 - `RunArtifacts` (`artifacts`): writes the run's figures into run_dir/figures/ and, when a W&B
-  logger is attached, uploads results, config, figures and the per-matrix table (`reallm.logging`).
+  logger is attached, uploads results, config, figures and the per-matrix table (`reallm.tracking`).
 
 They find the phase's model where the phases keep it: `pl_module.model` (evaluation, end-to-end),
 `pl_module._model` (block-wise, deliberately unregistered) or `trainer.datamodule.model` (phase 1,
@@ -320,7 +320,7 @@ class RunArtifacts(L.Callback):
         self._original: tuple[str, Tensor] | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        from reallm.logging import log_config, wandb_runs
+        from reallm.tracking import log_config, wandb_runs
 
         if trainer.global_rank == 0:
             for run in wandb_runs(trainer):
@@ -360,7 +360,7 @@ class RunArtifacts(L.Callback):
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if trainer.global_rank != 0:
             return
-        from reallm.logging import upload_run, wandb_runs
+        from reallm.tracking import upload_run, wandb_runs
 
         run_dir = getattr(pl_module, "run_dir", None)
         if run_dir is None:
@@ -379,7 +379,7 @@ class RunArtifacts(L.Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if trainer.global_rank != 0:
             return
-        from reallm.logging import wandb_runs
+        from reallm.tracking import wandb_runs
 
         for run in wandb_runs(trainer):
             run.finish(exit_code=1)

@@ -10,7 +10,7 @@ Every run writes into its --run_dir (default: a new `runs/<subcommand>-<time>-<p
 checkpoint in `run_dir/reallm/`. User errors (bad paths, bad keys, impossible configs, a NaN in a
 loss or a weight) print one line and exit non-zero (REALLM_DEBUG=1 shows the traceback).
 
-Options added to Lightning's (see `reallm.logging` and `reallm.callbacks`):
+Options added to Lightning's (see `reallm.tracking` and `reallm.callbacks`):
     --logger csv|wandb|none    metrics to run_dir/logs/metrics.csv (default), also to Weights & Biases
                                (offline without an API key; --wandb.project, --wandb.group, ...), or nowhere
     --nan_guard.*              stop at the first NaN / Inf (on by default)
@@ -36,7 +36,7 @@ import reallm.strategies  # noqa: F401  (registers --trainer.strategy ddp_matric
 from reallm.callbacks import EvalAfterFit, NonFiniteGuard, RunArtifacts
 from reallm.datamodules.base import BaseDataModule
 from reallm.errors import UserError
-from reallm.logging import WandbSettings, logger_config
+from reallm.tracking import WandbSettings, logger_config
 from reallm.modules.base import ReALLMModule
 
 

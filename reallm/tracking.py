@@ -1,4 +1,4 @@
-"""Experiment logging: the CLI's logger switch and what a run sends to Weights & Biases.
+"""Run tracking: the CLI's logger switch and what a run sends to Weights & Biases.
 
     python train.py fit ... --logger csv     # default: run_dir/logs/metrics.csv
     python train.py fit ... --logger wandb   # Weights & Biases as well (and the CSV file)
