@@ -242,7 +242,7 @@ class EvalAfterFit(L.Callback):
         dm = TextDataModule(path=self.path, model_name_or_path=source, seq_len=self.seq_len,
                             max_eval_windows=self.max_eval_windows, batch_size=self.batch_size,
                             cache_dir=self.cache_dir, allow_beyond_context=self.allow_beyond_context)
-        dm._option_prefix = "--eval_after_fit."  # errors name this callback's options
+        dm.option_prefix = "--eval_after_fit."  # errors name this callback's options
         return dm
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -257,14 +257,15 @@ class EvalAfterFit(L.Callback):
         model = phase_model(trainer, pl_module)
         if model is None or results_path is None or not results_path.is_file():
             return
-        from reallm.eval.perplexity import perplexity
+        from reallm.evaluation.perplexity import perplexity
         from reallm.files import atomic_write_json
+        from reallm.hf import has_tokenizer
 
         # the tokenizer of the base model (a stable path: its token windows are cached once for all
         # the runs of a sweep), else the one saved with the new checkpoint
         source = pl_module.model_source()
         ckpt, base = Path(run_dir) / "reallm", Path(source)
-        if base.is_dir() and not _has_tokenizer(base) and _has_tokenizer(ckpt):
+        if base.is_dir() and not has_tokenizer(base) and has_tokenizer(ckpt):
             source = str(ckpt)
         dm = self._datamodule(source)
         dm.prepare_data()
@@ -288,10 +289,6 @@ class EvalAfterFit(L.Callback):
         results["perplexity"] = {**(results.get("perplexity") or {}), **out}
         results["eval_info"] = dm.eval_info
         atomic_write_json(results_path, results)
-
-
-def _has_tokenizer(directory: Path) -> bool:
-    return (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file()
 
 
 # ------------------------------------------------------------------------------------------------

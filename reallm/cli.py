@@ -36,8 +36,9 @@ import reallm.strategies  # noqa: F401  (registers --trainer.strategy ddp_matric
 from reallm.callbacks import EvalAfterFit, NonFiniteGuard, RunArtifacts
 from reallm.datamodules.base import BaseDataModule
 from reallm.errors import UserError
-from reallm.tracking import WandbSettings, logger_config
+from reallm.hf import has_tokenizer
 from reallm.modules.base import ReALLMModule
+from reallm.tracking import WandbSettings, logger_config
 
 
 def default_run_dir(subcommand: str | None = None) -> str:
@@ -55,7 +56,7 @@ def data_source(model_name_or_path: str | None, checkpoint: str | None) -> str |
         return model_name_or_path
     if checkpoint:
         ck = Path(checkpoint)
-        if (ck / "tokenizer_config.json").is_file() or (ck / "tokenizer.json").is_file():
+        if has_tokenizer(ck):
             return str(ck)
         meta = ck / "reallm.json"
         if meta.is_file():

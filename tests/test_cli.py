@@ -60,7 +60,7 @@ def test_compress_then_evaluate_matches_direct_perplexity(tiny_dir, text_file, t
     """The whole phase 1 + evaluation through the CLI; the perplexity equals a direct computation."""
     from reallm import load_compressed
     from reallm.datamodules.text import TextDataModule
-    from reallm.eval.perplexity import perplexity
+    from reallm.evaluation.perplexity import perplexity
 
     cli_main(compress_args(tiny_dir, tmp_path / "c", "nf4"))
     compress = json.loads((tmp_path / "c" / "results.json").read_text())

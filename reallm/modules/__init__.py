@@ -5,8 +5,9 @@ from reallm.modules.autoencoder import AutoencoderPhase, PatchDataModule
 from reallm.modules.base import ReALLMModule
 from reallm.modules.blockwise import BlockwisePhase
 from reallm.modules.compress import CompressPhase
-from reallm.modules.e2e import EndToEndPhase, PerplexityMixin
+from reallm.modules.e2e import EndToEndPhase
 from reallm.modules.evaluate import EvaluatePhase
+from reallm.modules.perplexity import PerplexityMixin
 
 __all__ = ["AutoencoderPhase", "BlockwisePhase", "CompressPhase", "EndToEndPhase", "EvaluatePhase", "PatchDataModule",
            "PerplexityMixin", "ReALLMModule", "UserError"]
