@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from reallm.errors import UserError
+from reallm.hf import clean_name
 
 __all__ = ["EvalAfterFit", "NonFiniteError", "NonFiniteGuard", "RunArtifacts", "phase_model"]
 
@@ -44,12 +45,6 @@ def phase_model(trainer: L.Trainer, pl_module: L.LightningModule) -> nn.Module |
         if isinstance(cand, nn.Module):
             return cand
     return None
-
-
-def _clean(name: str) -> str:
-    for part in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "_forward_module."):
-        name = name.replace(part, "")
-    return name
 
 
 def _first_nonfinite(named: list[tuple[str, Tensor]]) -> tuple[str, str] | None:
@@ -121,7 +116,7 @@ class NonFiniteGuard(L.Callback):
             modules += [v for v in pl_module.__dict__.values() if isinstance(v, nn.Module)]
             for mod in [m for m in modules if m is not None]:
                 for n, p in mod.named_parameters():
-                    self._names.setdefault(id(p), _clean(n))
+                    self._names.setdefault(id(p), clean_name(n))
         return self._names
 
     def _trained(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[tuple[str, Tensor]]:

@@ -19,6 +19,7 @@ except ImportError:  # pragma: no cover
     Conv1D = ()  # type: ignore[assignment]
 
 __all__ = [
+    "clean_name",
     "decoder_block_index",
     "find_decoder_blocks",
     "has_tokenizer",
@@ -230,11 +231,29 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def decoder_block_index(name: str, blocks_prefix: str) -> int | None:
-    """Index of the decoder block a module name belongs to (None outside the blocks)."""
-    if not name.startswith(blocks_prefix + "."):
-        return None
-    return int(name[len(blocks_prefix) + 1:].split(".")[0])
+def decoder_block_index(name: str, blocks_prefix: str | None = None) -> int | None:
+    """The decoder block a module name belongs to: the component after `blocks_prefix` when the name is
+    inside the blocks (`model.layers.3.self_attn.q_proj` → 3), else (or without a prefix, e.g. for names read
+    from results.json) the first integer component of the name; None when there is none (`lm_head`)."""
+    if blocks_prefix and name.startswith(blocks_prefix + "."):
+        head = name[len(blocks_prefix) + 1:].split(".")[0]
+        if head.isdigit():
+            return int(head)
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "_forward_module.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter or module name without the parts FSDP, activation checkpointing, torch.compile and
+    Lightning's module wrapper insert (`_fsdp_wrapped_module.model.layers.0...` → `model.layers.0...`)."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -25,30 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from reallm.errors import UserError
+from reallm.hf import clean_name
 from reallm.modules.base import ReALLMModule
 from reallm.modules.perplexity import PerplexityMixin, input_ids_of
 from reallm.nn.dora import RuntimeMode
-
-_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def clean_name(name: str) -> str:
-    """A parameter name without the wrappers FSDP / activation checkpointing / compile insert."""
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
-
-
-def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
-    """LambdaLR factor: linear warm-up from 0 to 1 over `warmup_steps`, then cosine down to
-    `min_ratio` at `total_steps` (transformers' get_cosine_schedule_with_warmup with a floor)."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+from reallm.training.schedules import cosine_warmup
 
 
 class EndToEndPhase(PerplexityMixin, ReALLMModule):
@@ -162,7 +143,7 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
                                 weight_decay=self.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = math.ceil(self.warmup_ratio * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(warmup, total, self.min_lr_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_warmup(total, warmup, self.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

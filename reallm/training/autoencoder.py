@@ -33,6 +33,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from reallm.codecs.autoencoder import AESpec, ae_spec, from_vectors, latent_mask, pack_decoder, to_vectors
 from reallm.config import CompressionConfig
 from reallm.container import ReALLMWeight, decode_lowrank, normalize_residual, store_lowrank
+from reallm.hf import decoder_block_index
 from reallm.nn.autoencoder import PixelShuffleDecoder, quantize_decoder_
 from reallm.nn.patches import matrix_to_patches
 from reallm.nn.ste import straight_through
@@ -71,7 +72,7 @@ def group_key(config: CompressionConfig, name: str, blocks_prefix: str | None = 
     if spec.share == "type":
         return f"{base}|{kind}"
     k = int(spec.share.split(":", 1)[1])
-    block = _block_index(name, blocks_prefix)
+    block = decoder_block_index(name, blocks_prefix)
     return f"{base}|{kind}|{block // k if block is not None else name}"
 
 
@@ -80,16 +81,6 @@ def stack_key(config: CompressionConfig) -> str:
     spec = ae_spec(config).to_dict()
     spec.pop("share")
     return f"{sorted(spec.items())}|b={config.bits}|d={config.vq_dim}"
-
-
-def _block_index(name: str, blocks_prefix: str | None) -> int | None:
-    parts = name[len(blocks_prefix) + 1:].split(".") if blocks_prefix and name.startswith(blocks_prefix + ".") else []
-    if parts and parts[0].isdigit():
-        return int(parts[0])
-    for part in name.split("."):
-        if part.isdigit():
-            return int(part)
-    return None
 
 
 
