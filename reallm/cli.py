@@ -20,6 +20,7 @@ Options added to Lightning's (see `reallm.tracking` and `reallm.callbacks`):
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -70,6 +71,13 @@ def data_source(model_name_or_path: str | None, checkpoint: str | None) -> str |
     return None
 
 
+def phase_class(class_path: str) -> type[ReALLMModule]:
+    """The phase class a config's `model.class_path` names (jsonargparse has checked that it is a
+    ReALLMModule subclass)."""
+    module, _, name = str(class_path).rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 class ReALLMCLI(LightningCLI):
     """LightningCLI with the project's run directory, links and error handling."""
 
@@ -98,7 +106,7 @@ class ReALLMCLI(LightningCLI):
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         cfg["model"]["init_args"]["run_dir"] = run_dir
         checkpoint = cfg["model"]["init_args"].get("checkpoint")
-        if checkpoint and not str(cfg["model"]["class_path"]).endswith(("CompressPhase", "AutoencoderPhase")):
+        if checkpoint and phase_class(cfg["model"]["class_path"]).starts_from == "checkpoint":
             from reallm.checkpoint import read_meta
 
             read_meta(checkpoint)  # a missing or broken checkpoint is named before anything loads

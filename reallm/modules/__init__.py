@@ -1,7 +1,8 @@
 """LightningModules, one per phase, all deriving from ReALLMModule."""
 
+from reallm.datamodules.patches import PatchDataModule  # its former place: older configs name reallm.modules
 from reallm.errors import UserError
-from reallm.modules.autoencoder import AutoencoderPhase, PatchDataModule
+from reallm.modules.autoencoder import AutoencoderPhase
 from reallm.modules.base import ReALLMModule
 from reallm.modules.blockwise import BlockwisePhase
 from reallm.modules.compress import CompressPhase

@@ -36,6 +36,7 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
     """Phase 3: end-to-end causal-LM fine-tuning of the DoRA parameters of a ReALLM checkpoint."""
 
     phase = "e2e"
+    starts_from = "checkpoint"
 
     def __init__(
         self,
@@ -95,6 +96,10 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
         self.save_hyperparameters(ignore=["run_dir", "model_name_or_path", "seed"])  # no clash with the data's
 
     # -- model ------------------------------------------------------------------------------
+    @property
+    def phase_model(self) -> nn.Module | None:
+        return self.model
+
     def configure_model(self) -> None:
         if self.model is not None:
             return

@@ -31,6 +31,7 @@ class EvaluatePhase(PerplexityMixin, ReALLMModule):
     """Perplexity on every validation dataset of the datamodule; optional greedy sample."""
 
     phase = "eval"
+    starts_from = "checkpoint"  # when one is given; the base model otherwise
 
     def __init__(
         self,
@@ -78,6 +79,10 @@ class EvaluatePhase(PerplexityMixin, ReALLMModule):
         self.zero_shot_batch_size = zero_shot_batch_size
         self.model: nn.Module | None = None
         self.ppl_metrics = nn.ModuleList()
+
+    @property
+    def phase_model(self) -> nn.Module | None:
+        return self.model
 
     def configure_model(self) -> None:
         if self.checkpoint and self.method == "custom":  # label the run with the checkpoint's preset
