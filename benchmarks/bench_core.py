@@ -46,7 +46,7 @@ from reallm.quant.permutation import (  # noqa: E402
     greedy_column_permutation,
     greedy_column_permutation_reference,
 )
-from reallm.quant.vq import _kmeanspp, assign, kmeans  # noqa: E402
+from reallm.quant.vq import assign, kmeans, kmeanspp_init  # noqa: E402
 
 # scipy's '++' keeps a (K, N) float64 distance matrix; skip it above this many bytes.
 SCIPY_PP_MAX_BYTES = 2 << 30
@@ -98,7 +98,7 @@ def bench_kmeans(W: torch.Tensor, iters: int) -> None:
         # 2) same k-means++ codebook for both Lloyd-only runs (drawn as kmeans() draws its own)
         gen = torch.Generator().manual_seed(1)
         m = min(n, max(1 << 16, 256 * k))
-        init = _kmeanspp(x[torch.randperm(n, generator=gen)[:m]], k, gen)
+        init = kmeanspp_init(x[torch.randperm(n, generator=gen)[:m]], k, gen)
         res_l, t_ours_l = _timed(lambda x=x, k=k, init=init: kmeans(x, k, iters=iters, tol=0, init_codebook=init))
         mse_ours_l = _mse(x, res_l.codebook)
         xn = x.numpy()

@@ -10,7 +10,7 @@ Every run writes into its --run_dir (default: a new `runs/<subcommand>-<time>-<p
 checkpoint in `run_dir/reallm/`. User errors (bad paths, bad keys, impossible configs, a NaN in a
 loss or a weight) print one line and exit non-zero (REALLM_DEBUG=1 shows the traceback).
 
-Options added to Lightning's (see `reallm.logging` and `reallm.callbacks`):
+Options added to Lightning's (see `reallm.tracking` and `reallm.callbacks`):
     --logger csv|wandb|none    metrics to run_dir/logs/metrics.csv (default), also to Weights & Biases
                                (offline without an API key; --wandb.project, --wandb.group, ...), or nowhere
     --nan_guard.*              stop at the first NaN / Inf (on by default)
@@ -20,6 +20,7 @@ Options added to Lightning's (see `reallm.logging` and `reallm.callbacks`):
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -36,8 +37,9 @@ import reallm.strategies  # noqa: F401  (registers --trainer.strategy ddp_matric
 from reallm.callbacks import EvalAfterFit, NonFiniteGuard, RunArtifacts
 from reallm.datamodules.base import BaseDataModule
 from reallm.errors import UserError
-from reallm.logging import WandbSettings, logger_config
+from reallm.hf import has_tokenizer
 from reallm.modules.base import ReALLMModule
+from reallm.tracking import WandbSettings, logger_config
 
 
 def default_run_dir(subcommand: str | None = None) -> str:
@@ -55,7 +57,7 @@ def data_source(model_name_or_path: str | None, checkpoint: str | None) -> str |
         return model_name_or_path
     if checkpoint:
         ck = Path(checkpoint)
-        if (ck / "tokenizer_config.json").is_file() or (ck / "tokenizer.json").is_file():
+        if has_tokenizer(ck):
             return str(ck)
         meta = ck / "reallm.json"
         if meta.is_file():
@@ -67,6 +69,13 @@ def data_source(model_name_or_path: str | None, checkpoint: str | None) -> str |
                 return str(ck)
         return str(ck)
     return None
+
+
+def phase_class(class_path: str) -> type[ReALLMModule]:
+    """The phase class a config's `model.class_path` names (jsonargparse has checked that it is a
+    ReALLMModule subclass)."""
+    module, _, name = str(class_path).rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 class ReALLMCLI(LightningCLI):
@@ -97,7 +106,7 @@ class ReALLMCLI(LightningCLI):
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         cfg["model"]["init_args"]["run_dir"] = run_dir
         checkpoint = cfg["model"]["init_args"].get("checkpoint")
-        if checkpoint and not str(cfg["model"]["class_path"]).endswith(("CompressPhase", "AutoencoderPhase")):
+        if checkpoint and phase_class(cfg["model"]["class_path"]).starts_from == "checkpoint":
             from reallm.checkpoint import read_meta
 
             read_meta(checkpoint)  # a missing or broken checkpoint is named before anything loads

@@ -6,7 +6,7 @@ traceback). The specific ones stay `ValueError`s as well, for callers of the Pyt
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "CompressionError", "UnsupportedModelError", "UserError"]
+__all__ = ["CheckpointError", "CompressionError", "NonFiniteError", "UnsupportedModelError", "UserError"]
 
 
 class UserError(Exception):
@@ -23,3 +23,7 @@ class CheckpointError(UserError, ValueError):
 
 class UnsupportedModelError(UserError, ValueError):
     """A model the surgery cannot handle (no recognisable stack of decoder blocks)."""
+
+
+class NonFiniteError(UserError):
+    """A NaN or Inf in a loss, a metric or a weight (one line: what, where, at which step)."""

@@ -19,13 +19,17 @@ except ImportError:  # pragma: no cover
     Conv1D = ()  # type: ignore[assignment]
 
 __all__ = [
+    "clean_name",
     "decoder_block_index",
     "find_decoder_blocks",
+    "has_tokenizer",
     "is_linear",
     "linear_weight",
     "load_hf_model",
     "load_tokenizer",
     "maybe_tokenizer",
+    "model_context",
+    "model_device",
     "read_weight",
     "resolve_safetensors",
     "set_module",
@@ -71,6 +75,36 @@ def maybe_tokenizer(*sources: str | None):
             return AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError):
             continue
+    return None
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    """Whether a directory holds a saved Hugging Face tokenizer (its tokenizer_config.json or tokenizer.json)."""
+    d = Path(directory)
+    return (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file()
+
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def model_context(model_name_or_path: str | None) -> int | None:
+    """The context length of a model (its config's ``max_position_embeddings``, or ``n_positions`` etc.),
+    read from its Hugging Face config (a hub id, a model directory or a ReALLM checkpoint directory);
+    None when there is no readable config or it names no context."""
+    if not model_name_or_path:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+    except (OSError, ValueError, KeyError):
+        return None
+    if hasattr(config, "get_text_config"):  # multimodal configs keep the language model's apart
+        config = config.get_text_config()
+    for key in _CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
     return None
 
 
@@ -147,6 +181,12 @@ def read_weight(source: str, name: str, layout: str = "linear") -> torch.Tensor 
 # ---------------------------------------------------------------------------------------------
 # structure
 # ---------------------------------------------------------------------------------------------
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter (the CPU for a model without parameters)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear or GPT-2's Conv1D (a plain dense layer, before compression)."""
     return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
@@ -191,11 +231,29 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def decoder_block_index(name: str, blocks_prefix: str) -> int | None:
-    """Index of the decoder block a module name belongs to (None outside the blocks)."""
-    if not name.startswith(blocks_prefix + "."):
-        return None
-    return int(name[len(blocks_prefix) + 1:].split(".")[0])
+def decoder_block_index(name: str, blocks_prefix: str | None = None) -> int | None:
+    """The decoder block a module name belongs to: the component after `blocks_prefix` when the name is
+    inside the blocks (`model.layers.3.self_attn.q_proj` → 3), else (or without a prefix, e.g. for names read
+    from results.json) the first integer component of the name; None when there is none (`lm_head`)."""
+    if blocks_prefix and name.startswith(blocks_prefix + "."):
+        head = name[len(blocks_prefix) + 1:].split(".")[0]
+        if head.isdigit():
+            return int(head)
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "_forward_module.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter or module name without the parts FSDP, activation checkpointing, torch.compile and
+    Lightning's module wrapper insert (`_fsdp_wrapped_module.model.layers.0...` → `model.layers.0...`)."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -29,16 +29,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 
+from reallm.hf import decoder_block_index  # noqa: E402
+
 FIGURE_DIR = "figures"
 DPI = 120
-_BLOCK_RE = re.compile(r"\.(\d+)\.")
-
-
-def block_index(name: str) -> int | None:
-    """The decoder block a layer belongs to: the first integer component of its name
-    (`model.layers.3.self_attn.q_proj` → 3), None when there is none."""
-    m = _BLOCK_RE.search(f".{name}.")
-    return int(m.group(1)) if m else None
 
 
 def layer_type(name: str) -> str:
@@ -74,7 +68,7 @@ def plot_error_by_block(series: dict[str, Sequence[dict[str, Any]]], path: str |
     points: dict[str, dict[str, list[tuple[int, float]]]] = {}  # type → method → [(block, err)]
     for method, matrices in series.items():
         for m in matrices:
-            err, blk = m.get("rel_frobenius_error"), block_index(m["name"])
+            err, blk = m.get("rel_frobenius_error"), decoder_block_index(m["name"])
             if err is None or blk is None or not math.isfinite(err):
                 continue
             points.setdefault(layer_type(m["name"]), {}).setdefault(method, []).append((blk, err))

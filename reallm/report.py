@@ -92,7 +92,7 @@ def _row(r: dict[str, Any], src: dict[str, Any] | None, label: str, is_base: boo
 def _distinguish(rows: list[dict[str, Any]]) -> None:
     """Rows sharing a label get the config values that differ among them (`bits=2, rank=4`), or
     their run directory's name when nothing differs."""
-    from reallm.logging import flatten
+    from reallm.tracking import flatten
 
     by_label: dict[str, list[dict[str, Any]]] = {}
     for row in rows:

@@ -252,7 +252,7 @@ def _launch(cmd: list[str], env: dict[str, str]) -> int:
 
 
 def _metric(run_dir: Path, name: str | None) -> float | None:
-    from reallm.logging import summary_metrics
+    from reallm.tracking import summary_metrics
 
     try:
         results = json.loads((run_dir / "results.json").read_text())

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from reallm.adaptive import Candidate, brute_force, choose, evaluate_fixed, lp_price
-from reallm.modules.autoencoder import assign_groups
+from reallm.training.autoencoder import assign_groups
 
 
 def random_instance(seed: int, n_matrices: int = 5, n_cands: int = 4, with_shared: bool = True):
@@ -101,3 +101,77 @@ def test_assign_groups_balances_devices():
     assert set(owner.values()) == {0, 1, 2} and max(loads) <= 4 / 3 * sum(costs.values()) / 3 + max(costs.values())
     assert assign_groups(costs, 3) == owner  # deterministic: every device computes the same
     assert set(assign_groups(costs, 1).values()) == {0}
+
+
+def _stored_candidates():
+    """Three real matrices, each compressed two ways: NF3 (own tensors only) and 2-bit VQ with one
+    codebook shared by the three (model scope), as the autoencoder phase stores them."""
+    import torch
+
+    from reallm import CompressionConfig, compress_weight
+    from reallm.container import relative_error
+    from reallm.surgery import fit_shared_tensors
+
+    torch.manual_seed(0)
+    layers = {f"layers.{i}.proj": torch.nn.Linear(q, p, bias=False) for i, (p, q) in
+              enumerate([(64, 64), (64, 128), (128, 64)])}
+    nf3 = CompressionConfig(quantizer="nf", bits=3)
+    vq2 = CompressionConfig(quantizer="vq", bits=2, vq_dim=2, codebook_scope="model", kmeans_iters=3)
+    (tensors, numel), = fit_shared_tensors([(n, m, vq2) for n, m in layers.items()], progress=False).values()
+    matrices = []
+    for name, layer in layers.items():
+        W = layer.weight.detach()
+        found = {}
+        for label, cfg, shared in (("nf3", nf3, None), ("vq2", vq2, tensors)):
+            weight = compress_weight(W, cfg, name=name, shared=shared, shared_numel=numel if shared else None)
+            found[label] = (weight, {"rel_frobenius_error": relative_error(W, weight.dequantize()),
+                                     "w_norm2": float(W.square().sum())})
+        matrices.append((name, found))
+    return matrices, numel
+
+
+@pytest.mark.parametrize("beta", [2.0, 2.3, 2.9, 3.2])  # infeasible, all vq2, mixed, all nf3
+def test_select_is_the_brute_force_choice_and_charges_shared_tensors(beta):
+    """reallm.candidates.select over stored containers: the same picks as brute force over the rows
+    computed by hand (own bits = total - share of the codebook, error term n * rel_err^2, the codebook's
+    bits paid once), and every matrix that picked the shared codebook is charged by the weights of exactly
+    those matrices (meta["shared_numel"])."""
+    from reallm.adaptive import AdaptiveConfig
+    from reallm.candidates import select
+
+    matrices, numel = _stored_candidates()
+    codebook_bits = sum(t.numel() * t.element_size() * 8
+                        for t in matrices[0][1]["vq2"][0].shared.values())
+    rows = []
+    for _, found in matrices:
+        row = []
+        for label, (weight, stats) in found.items():
+            n = weight.shape[0] * weight.shape[1]
+            own = weight.bits()["total"] - (codebook_bits * n / numel if weight.shared else 0.0)
+            row.append(Candidate(label, own, n * stats["rel_frobenius_error"] ** 2, "cb" if weight.shared else None))
+        rows.append(row)
+    budget = beta * numel
+    best = brute_force(rows, budget, {"cb": codebook_bits})
+    adaptive = AdaptiveConfig(budget=beta, candidates={"nf3": {}, "vq2": {}})
+    if best is None:
+        with pytest.raises(Exception, match="no configuration fits"):
+            select(matrices, ["nf3", "vq2"], adaptive)
+        return
+    out = select(matrices, ["nf3", "vq2"], adaptive)
+    assert [out.picks[name].label for name, _ in matrices] == [rows[m][j].label for m, j in enumerate(best[1])]
+    assert out.summary["adaptive"]["objective_value"] == pytest.approx(best[0], rel=1e-9)
+    users = sum(p.weight.shape[0] * p.weight.shape[1] for p in out.picks.values() if p.label == "vq2")
+    for pick in out.picks.values():
+        assert pick.stats["config"] == pick.label and "w_norm2" not in pick.stats and pick.record["reason"]
+        if pick.label == "vq2":
+            assert pick.weight.meta["shared_numel"] == users
+
+
+def test_select_without_a_choice_takes_the_one_candidate():
+    from reallm.candidates import select
+
+    matrices, _ = _stored_candidates()
+    only = [(name, {"vq2": found["vq2"]}) for name, found in matrices]
+    out = select(only, ["vq2"], None)
+    assert [p.label for p in out.picks.values()] == ["vq2"] * 3 and out.summary == {}
+    assert {p.weight.meta["shared_numel"] for p in out.picks.values()} == {64 * 64 + 2 * 64 * 128}

@@ -195,16 +195,6 @@ def test_interrupted_run_resumes(adaptive_run, tiny_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("preset", ["reallm-3bit", "reallm-2bit"])
-def test_presets_run_one_fast_step(preset, tiny_dir, tmp_path):
-    fast = tmp_path / "fast.yaml"  # the preset's candidates and networks, only the sizes made tiny
-    fast.write_text("model:\n  init_args:\n    compression: {kmeans_iters: 3}\n    schedule: {kmeans_iters: 3}\n")
-    cli_main(ae_args(tiny_dir, tmp_path / "run", fast, "--trainer.fast_dev_run", "true", preset=preset))
-    res = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert res["method"] == preset and res["compressed_matrices"] == 14
-    assert res["adaptive"]["bits_per_weight"] <= res["adaptive"]["budget_bits_per_weight"] + 1e-9
-
-
 @pytest.mark.slow
 def test_two_processes_give_the_single_device_checkpoint(adaptive_run, tiny_dir, tmp_path):
     """Groups are divided among 2 CPU processes (gloo); each group trains exactly as on one device."""

@@ -10,15 +10,10 @@ import pytest
 import torch
 
 from reallm.datamodules import BaseDataModule, TextDataModule
-from reallm.datamodules import text as text_mod
-from reallm.datamodules.text import (
-    c4_windows,
-    load_texts,
-    resolve_source,
-    stream_windows,
-    tokenize,
-    wikitext_windows,
-)
+from reallm.evaluation import sources as sources_mod
+from reallm.evaluation import windows as windows_mod
+from reallm.evaluation.sources import load_texts, resolve_source
+from reallm.evaluation.windows import c4_windows, stream_windows, tokenize, wikitext_windows
 
 N_WORDS = 200  # word-level test vocabulary: "w0".."w199" -> ids 3..202; <unk>=0, <s>=1, </s>=2
 
@@ -312,8 +307,9 @@ def test_tinystories_datamodule(shared_dir, tmp_path, monkeypatch):
         raise AssertionError("cache miss: text re-read or re-tokenized")
 
     with monkeypatch.context() as m:
-        m.setattr(text_mod, "tokenize", forbidden)
-        m.setattr(text_mod, "load_texts", forbidden)
+        m.setattr(windows_mod, "tokenize", forbidden)
+        m.setattr(windows_mod, "load_texts", forbidden)
+        m.setattr(sources_mod, "load_texts", forbidden)
         dm2 = TextDataModule(**kwargs)
         dm2.setup("fit")
     assert [f.stat().st_mtime_ns for f in sorted(cache.glob("*.pt"))] == mtimes

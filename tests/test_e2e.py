@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from reallm.checkpoint import load_compressed, read_meta
 from reallm.modules import BlockwisePhase, EndToEndPhase, UserError
-from reallm.modules.e2e import cosine_with_warmup
+from reallm.training.schedules import cosine_warmup
 
 ROOT = Path(__file__).parents[1]
 
@@ -43,11 +43,29 @@ def phase2(phase1, tmp_path_factory):
     return run_dir / "reallm"
 
 
-def test_cosine_schedule_with_warmup():
-    f = cosine_with_warmup(3, 103, min_ratio=0.1)
-    assert [round(f(s), 4) for s in range(3)] == [0.3333, 0.6667, 1.0]
-    assert f(3) == pytest.approx(1.0) and f(53) == pytest.approx(0.55) and f(103) == pytest.approx(0.1)
-    assert all(f(s) >= f(s + 1) for s in range(3, 110))
+@pytest.mark.parametrize("total, warmup, floor", [(103, 3, 0.1), (40, 0, 0.0), (12, 11, 0.05), (1, 1, 0.0)])
+def test_cosine_schedule_with_warmup(total, warmup, floor):
+    """The one schedule (phase 3 and the autoencoder recipe) against torch's own schedulers: LinearLR from
+    1/(W+1) to 1 over the W = min(warmup, total - 1) warm-up steps, then CosineAnnealingLR down to the floor
+    at `total`; the floor after it."""
+    f = cosine_warmup(total, warmup, min_ratio=floor)
+    W = min(warmup, total - 1)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - W, eta_min=floor)
+    if W:
+        warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / (W + 1), end_factor=1.0, total_iters=W)
+        ref = torch.optim.lr_scheduler.SequentialLR(opt, [warm, cosine], milestones=[W])
+    else:
+        ref = cosine
+    expected = []
+    for _ in range(total + 1):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    assert [f(s) for s in range(total + 1)] == pytest.approx(expected, abs=1e-9)
+    assert all(f(s) == pytest.approx(floor) for s in range(total, total + 5))
+    if total == 103:  # the hand values: warm-up 1/4, 2/4, 3/4, peak at step 3, half-way 0.55, floor 0.1
+        assert [f(s) for s in (0, 1, 2, 3, 53, 103)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 0.55, 0.1])
 
 
 def test_validation_loss_decreases_frozen_identical_and_phase2_loads(phase1, phase2, tmp_path):

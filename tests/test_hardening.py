@@ -20,6 +20,7 @@ from tiny_models import save_tiny_model_dir, tiny_llama, word_tokenizer, write_t
 from reallm.callbacks import NonFiniteError, NonFiniteGuard
 from reallm.checkpoint import CheckpointError, load_compressed, save_adapters, save_compressed
 from reallm.cli import cli_main
+from reallm.modules.base import ReALLMModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ["--trainer.accelerator", "cpu"]
@@ -59,12 +60,17 @@ def one_line_error(capsys, exc_info, *needles, code=None) -> str:
 # ------------------------------------------------------------------------------------------------
 # NaN / Inf guard
 # ------------------------------------------------------------------------------------------------
-class _Diverging(L.LightningModule):
-    """A two-layer regression whose second layer's weight turns NaN at optimiser step 3."""
+class _Diverging(ReALLMModule):
+    """A two-layer regression whose second layer's weight turns NaN at optimiser step 3 (a phase of its
+    own: the guard reads the phase contract)."""
 
     def __init__(self):
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+
+    @property
+    def phase_model(self):
+        return None  # no model apart from the module: its parameters are named from the module itself
 
     def training_step(self, batch, batch_idx):
         if self.global_step == 3:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from reallm.datamodules import TextDataModule
-from reallm.datamodules.text import tokenize, wikitext_windows
-from reallm.eval import greedy_generate, perplexity
+from reallm.evaluation import WindowPerplexity, greedy_generate, perplexity
+from reallm.evaluation.windows import tokenize, wikitext_windows
 
 REFERENCE_PPL = 4.42  # ../shared/README.md: stories260K, fp32, L=512, first 200k tokens of TinyStories
 
@@ -32,6 +32,24 @@ def test_perplexity_matches_direct_computation(tiny_llama):
         assert out["value"] == pytest.approx(ref, rel=1e-5)
         assert out["nll"] == pytest.approx(math.log(ref), rel=1e-5)
         assert (out["tokens"], out["windows"], out["context"]) == (5 * 63, 5, 64)
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 7 * 11, 1 << 25])
+def test_window_perplexity_matches_cross_entropy_in_any_chunking(chunk_elements):
+    """The one accumulator: windows scored a few positions at a time (chunk_elements logits per update:
+    one position, 7 positions, everything) give exp(mean cross-entropy) of the shifted tokens, in float64."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 12, 11, generator=g) * 3  # (B, L, V)
+    ids = torch.randint(0, 11, (3, 12), generator=g)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 11).double(), ids[:, 1:].reshape(-1))
+    metric = WindowPerplexity(chunk_elements=chunk_elements)
+    metric.add_windows(logits[:2], ids[:2])
+    metric.add_windows(logits[2:], ids[2:])
+    out = metric.result()
+    assert metric.total_log_probs.dtype == torch.float64
+    assert out["tokens"] == 3 * 11
+    assert out["nll"] == pytest.approx(float(ref), rel=1e-12)
+    assert out["value"] == pytest.approx(math.exp(float(ref)), rel=1e-12)
 
 
 def test_perplexity_restores_mode_and_checks_shape(tiny_llama):

@@ -14,6 +14,7 @@ from tiny_models import save_tiny_model_dir, write_text
 
 from reallm import plots
 from reallm.cli import cli_main
+from reallm.hf import decoder_block_index
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ["--trainer.accelerator", "cpu"]
@@ -36,9 +37,12 @@ def _image(path: Path):
 
 
 def test_names_and_front():
-    assert plots.block_index("model.layers.12.mlp.down_proj") == 12
-    assert plots.block_index("transformer.h.3.attn.c_attn") == 3
-    assert plots.block_index("lm_head") is None
+    assert decoder_block_index("model.layers.12.mlp.down_proj") == 12
+    assert decoder_block_index("transformer.h.3.attn.c_attn") == 3
+    assert decoder_block_index("lm_head") is None
+    # with the blocks' prefix, the component after it (an integer earlier in the name does not count)
+    assert decoder_block_index("model.7.layers.2.mlp.up_proj", "model.7.layers") == 2
+    assert decoder_block_index("model.7.layers.2.mlp.up_proj") == 7
     assert plots.layer_type("model.layers.0.self_attn.q_proj") == "q_proj"
     pts = [(3.0, 10.0), (2.0, 40.0), (3.5, 11.0), (3.2, 9.0), (2.0, 50.0)]
     assert plots.pareto_front(pts) == [(2.0, 40.0), (3.0, 10.0), (3.2, 9.0)]

@@ -16,7 +16,8 @@ import yaml
 from tiny_models import save_tiny_model_dir
 
 from reallm.cli import cli_main
-from reallm.logging import (
+from reallm.sweep import SweepError, check_sweep, command_line, example_parameter_sets, load_sweep, program_args
+from reallm.tracking import (
     WANDB_LOGGER,
     WandbSettings,
     flatten,
@@ -25,7 +26,6 @@ from reallm.logging import (
     summary_metrics,
     upload_run,
 )
-from reallm.sweep import SweepError, check_sweep, command_line, example_parameter_sets, load_sweep, program_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))

@@ -89,8 +89,8 @@ def _direct_accuracy(model, tok) -> float:
 
 def test_zero_shot_on_our_model_matches_a_direct_computation(checkpoint, task_dir):
     from reallm import load_compressed
+    from reallm.evaluation.zeroshot import zero_shot
     from reallm.nn.dora import ReALLMLinear
-    from reallm.zeroshot import zero_shot
 
     model = load_compressed(checkpoint)
     assert any(isinstance(m, ReALLMLinear) for m in model.modules())  # our model object, not a copy
@@ -114,7 +114,7 @@ def test_zeroshot_command_writes_results(checkpoint, task_dir, tmp_path, capsys)
 
 
 def test_unknown_task_and_missing_folder_are_one_line(checkpoint, task_dir, tmp_path, capsys):
-    from reallm.zeroshot import ZeroShotError, main, task_manager
+    from reallm.evaluation.zeroshot import ZeroShotError, main, task_manager
 
     with pytest.raises(ZeroShotError, match=r"unknown lm-eval task\(s\) \['nope'\]"):
         task_manager(["nope"], include_path=str(task_dir), include_defaults=False)

@@ -1,29 +1,15 @@
-"""Language-model text: evaluation windows by the protocol rules, training windows by calibration sampling.
+"""The text datamodule: protocol windows (`reallm.evaluation`) served to Lightning, and their token cache.
 
-Evaluation follows ``../shared/docs/protocol.md`` (the GPTQ protocol):
-
-- **WikiText rule** (WikiText-2 and any other text): the rows joined with ``"\\n\\n"`` (a plain ``.txt``
-  file: its whole text as is), tokenized once as one text with the tokenizer's BOS added once at the
-  start; ``floor(N / L)`` non-overlapping windows of ``L`` tokens.
-- **C4 rule**: with ``random.Random(0)``, 256 times: draw a random document until one has at least ``L``
-  tokens (each document tokenized with BOS at its start), then a random window of ``L`` tokens in it.
-
-Training windows are GPTQ-style calibration samples, deterministic for a seed: random offsets into
-the one token stream (WikiText rule) or random document / random offset (C4 rule).
-
-Everything tokenized is cached once per (data, tokenizer, rule, L, seed, counts) under ``cache_dir``.
+Evaluation windows follow ``../shared/docs/protocol.md`` (the WikiText and C4 rules,
+`reallm.evaluation.windows`); training windows are calibration samples from the same module. Every source's
+windows are built once per (data, tokenizer, rule, L, seed, counts) and cached under ``cache_dir``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-import random
-import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,60 +19,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from reallm.datamodules.base import BaseDataModule
-from reallm.hf import load_tokenizer
+from reallm.errors import UserError
+from reallm.evaluation.sources import TextSource, c4_train_file, resolve_source, with_rules
+from reallm.evaluation.windows import sampling, source_windows
+from reallm.hf import load_tokenizer, model_context
 
-__all__ = [
-    "PRESETS",
-    "RULES",
-    "TextDataModule",
-    "TextSource",
-    "c4_train_file",
-    "c4_windows",
-    "load_texts",
-    "load_tokenizer",
-    "model_context",
-    "resolve_source",
-    "stream_windows",
-    "tokenize",
-    "wikitext_windows",
-]
+__all__ = ["DEFAULT_SEQ_LEN_CAP", "TextDataModule"]
 
-RULES = ("wikitext", "c4")
-C4_EVAL_WINDOWS = 256  # protocol: 256 windows of L tokens
-C4_EVAL_SEED = 0  # protocol: Python's random seeded 0 (fixed, whatever the datamodule's seed)
 DEFAULT_SEQ_LEN_CAP = 2048  # protocol.md: evaluation at L = 2048 for 7B-class models (4096 on request)
-C4_TRAIN_SHARDS = 1024  # allenai/c4 "en": en/c4-train.00000-of-01024.json.gz ... 01023
 _CACHE_VERSION = 1  # bump when the window construction changes, to invalidate old caches
-
-# Hub presets. "wikitext" is the legacy id of Salesforce/wikitext; the canonical id is used so that the
-# load does not depend on a redirect.
-PRESETS: dict[str, dict[str, Any]] = {
-    "wikitext2": {
-        "path": "Salesforce/wikitext",
-        "config": "wikitext-2-raw-v1",
-        "eval": {"split": "test"},
-        "train": {"split": "train"},
-        "rule": "wikitext",
-    },
-    "c4": {
-        "path": "allenai/c4",
-        "config": None,
-        "eval": {
-            "split": "validation",
-            "data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"},
-        },
-        # shard 00000 by default; TextDataModule(c4_train_shard=k) reads shard k (phase 3 reads 00001 so that
-        # it does not train on phase 2's calibration shard, method.md §7)
-        "train": {"split": "train", "data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}},
-        "rule": "c4",
-    },
-}
-
-# C4's own shard files ("c4-validation.00000-of-00008.json.gz", "c4-train.00001-of-01024.json.gz"): evaluated
-# and sampled with the C4 rule when given as local files, like the "c4" preset.
-_C4_FILE = re.compile(r"^c4-.+\.jsonl?(\.gz)?$", re.IGNORECASE)
-
-_FILE_FORMATS = {".txt": "txt", ".text": "txt", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer.model",
@@ -95,252 +36,6 @@ _TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
-
-
-# --------------------------------------------------------------------------------------------------
-# sources
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TextSource:
-    """Where one text dataset comes from, resolved from a user spec (see :func:`resolve_source`)."""
-
-    spec: str  # what the user wrote
-    kind: str  # "file" | "preset" | "hub"
-    name: str  # dataset name (results key)
-    path: str  # local file path or hub id
-    config: str | None = None  # hub config name
-    split: str | None = None  # hub split (None: chosen at load, see load_texts)
-    data_files: dict[str, str] | None = field(default=None, hash=False)
-    file_format: str | None = None  # "txt" | "json" | "parquet" for local files
-    rule: str = "wikitext"  # the rule its windows are built with ("auto": chosen from the source)
-
-    def identity(self) -> dict[str, Any]:
-        """What identifies the data content, for the cache key (local files: path, size, mtime)."""
-        if self.kind == "file":
-            st = os.stat(self.path)
-            return {"file": str(Path(self.path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        return {"hub": self.path, "config": self.config, "split": self.split, "data_files": self.data_files}
-
-
-def _file_format(path: Path) -> str | None:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":  # datasets' json loader reads .json.gz / .jsonl.gz
-        suffixes = suffixes[:-1]
-        fmt = _FILE_FORMATS.get(suffixes[-1]) if suffixes else None
-        return fmt if fmt == "json" else None
-    return _FILE_FORMATS.get(suffixes[-1]) if suffixes else None
-
-
-def c4_train_file(shard: int) -> str:
-    """The path of C4 train shard ``shard`` inside ``allenai/c4`` (0 -> ``en/c4-train.00000-of-01024.json.gz``)."""
-    if not isinstance(shard, int) or not 0 <= shard < C4_TRAIN_SHARDS:
-        raise ValueError(f"c4_train_shard must be an integer in [0, {C4_TRAIN_SHARDS - 1}], got {shard!r}")
-    return f"en/c4-train.{shard:05d}-of-{C4_TRAIN_SHARDS:05d}.json.gz"
-
-
-def resolve_source(spec: str, role: str = "eval", c4_train_shard: int = 0) -> TextSource:
-    """Resolve a data spec into a :class:`TextSource`, checking that a local file exists.
-
-    ``spec`` is one of:
-
-    - a local file: ``.txt`` (the text is the file, exactly), ``.json`` / ``.jsonl`` (``.gz`` too) or
-      ``.parquet`` with a ``"text"`` field, one row per document; C4's own shard files, named
-      ``c4-*.json[l][.gz]`` (e.g. ``c4-validation.00000-of-00008.json.gz``), get the C4 rule, any other
-      file the WikiText rule;
-    - a preset: ``"wikitext2"`` (hub ``Salesforce/wikitext``, ``wikitext-2-raw-v1``, test split for
-      evaluation, train split for training) or ``"c4"`` (hub ``allenai/c4``, shard
-      ``en/c4-validation.00000-of-00008.json.gz`` for evaluation, ``en/c4-train.<c4_train_shard>-of-01024.json.gz``
-      for training, shard 00000 by default);
-    - a Hugging Face dataset id with a ``"text"`` column, optionally ``"id:config"`` and/or ``"id@split"``
-      (default split: ``test``, else ``validation`` for evaluation; ``train`` for training).
-
-    ``role`` is ``"eval"`` or ``"train"`` (it picks the preset's split / shard); ``c4_train_shard`` picks the
-    training shard of the ``"c4"`` preset (0..1023; evaluation always uses the protocol's validation shard).
-
-    Raises:
-        FileNotFoundError: ``spec`` names a local file (a path, or a name with a file extension) that
-            does not exist.
-    """
-    if role not in ("eval", "train"):
-        raise ValueError(f"role must be 'eval' or 'train', got {role!r}")
-    spec = str(spec)
-    path = Path(spec).expanduser()
-    fmt = _file_format(path)
-    looks_local = spec.startswith(("/", "./", "../", "~", ".\\")) or fmt is not None or path.exists()
-    if looks_local:
-        if not path.is_file():
-            raise FileNotFoundError(f"text data file not found: {str(path)!r} (from data spec {spec!r})")
-        if fmt is None:
-            raise ValueError(
-                f"unsupported text file {str(path)!r}: expected one of "
-                f"{sorted(_FILE_FORMATS)} (json also as .json.gz / .jsonl.gz)"
-            )
-        name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
-        name = Path(name).stem  # "tinystories_valid.txt" -> "tinystories_valid", "c4.jsonl.gz" -> "c4"
-        rule = "c4" if _C4_FILE.match(path.name) else "wikitext"
-        return TextSource(spec=spec, kind="file", name=name, path=str(path), file_format=fmt, rule=rule)
-
-    key = spec.lower()
-    if key in PRESETS:
-        preset = PRESETS[key]
-        part = preset[role]
-        if key == "c4" and role == "train":
-            part = {**part, "data_files": {"train": c4_train_file(c4_train_shard)}}
-        return TextSource(
-            spec=spec,
-            kind="preset",
-            name=key,
-            path=preset["path"],
-            config=preset["config"],
-            split=part["split"],
-            data_files=part.get("data_files"),
-            rule=preset["rule"],
-        )
-
-    hub_id, _, split = spec.partition("@")  # "id[:config][@split]"
-    hub_id, _, config = hub_id.partition(":")
-    split = split or ("train" if role == "train" else None)
-    config = config or None
-    return TextSource(
-        spec=spec, kind="hub", name=hub_id.rstrip("/").split("/")[-1], path=hub_id, config=config, split=split
-    )
-
-
-def load_texts(source: str | TextSource, role: str = "eval") -> Sequence[str]:
-    """The rows (documents) of a text source, in their stored order.
-
-    A ``.txt`` file gives one row: its whole text exactly as stored (no newline translation). Local
-    json / jsonl / parquet files and hub datasets are read with :func:`datasets.load_dataset` and give
-    their ``"text"`` column (a lazy column: rows are read on access).
-    """
-    src = source if isinstance(source, TextSource) else resolve_source(source, role)
-    if src.kind == "file" and src.file_format == "txt":
-        with open(src.path, encoding="utf-8", newline="") as f:
-            return [f.read()]
-
-    import datasets
-
-    if src.kind == "file":
-        ds = datasets.load_dataset(src.file_format, data_files=src.path, split="train")
-    else:
-        ds = datasets.load_dataset(src.path, src.config, data_files=src.data_files, split=src.split)
-        if isinstance(ds, datasets.DatasetDict):  # no split given: evaluation on test, else validation
-            for split in ("test", "validation"):
-                if split in ds:
-                    ds = ds[split]
-                    break
-            else:
-                raise ValueError(
-                    f"dataset {src.path!r} has no 'test' or 'validation' split (splits: {list(ds)}); "
-                    f"name one as '{src.spec}@<split>'"
-                )
-    if "text" not in ds.column_names:
-        raise ValueError(f"text source {src.spec!r} has no 'text' column (columns: {ds.column_names})")
-    return ds["text"]
-
-
-# --------------------------------------------------------------------------------------------------
-# tokenization and windows (pure functions, no Lightning)
-# --------------------------------------------------------------------------------------------------
-_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
-
-
-def model_context(model_name_or_path: str | None) -> int | None:
-    """The context length of a model (its config's ``max_position_embeddings``, or ``n_positions`` etc.),
-    read from its Hugging Face config (a hub id, a model directory or a ReALLM checkpoint directory);
-    None when there is no readable config or it names no context."""
-    if not model_name_or_path:
-        return None
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model_name_or_path)
-    except (OSError, ValueError, KeyError):
-        return None
-    if hasattr(config, "get_text_config"):  # multimodal configs keep the language model's apart
-        config = config.get_text_config()
-    for key in _CONTEXT_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def tokenize(tokenizer, text: str, add_bos: bool = True) -> list[int]:
-    """Token ids of ``text`` as one sequence, with the tokenizer's BOS once at the start (if it has one)."""
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return ([bos] if add_bos and bos is not None else []) + list(ids)
-
-
-def wikitext_windows(token_ids: Tensor | Sequence[int], seq_len: int) -> Tensor:
-    """The WikiText rule: ``floor(N / L)`` consecutive non-overlapping windows, ``(N,) -> (n, L)``."""
-    ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
-    n = ids.numel() // seq_len
-    if n == 0:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    return ids[: n * seq_len].reshape(n, seq_len).clone()  # (n, L)
-
-
-def _window_start(rng: random.Random, length: int, seq_len: int) -> int:
-    # GPTQ's draw, `randint(0, len - L - 1)`, so that the GPTQ C4 sample is reproduced exactly; GPTQ
-    # raises for len == L, where the one window is taken without a draw.
-    return rng.randint(0, length - seq_len - 1) if length > seq_len else 0
-
-
-def c4_windows(
-    docs_token_ids: Sequence[Sequence[int]], seq_len: int, n: int = C4_EVAL_WINDOWS, seed: int = C4_EVAL_SEED
-) -> Tensor:
-    """The C4 rule: ``n`` windows of ``L`` tokens, ``(n, L)``, drawn with ``random.Random(seed)``.
-
-    Each time: pick ``docs[rng.randint(0, len(docs) - 1)]`` until one has at least ``L`` tokens, then
-    the window starting at ``rng.randint(0, len(doc) - L - 1)`` (GPTQ's ``datautils.get_c4``; a
-    document of exactly ``L`` tokens gives its one window without a draw). ``docs_token_ids`` may be a
-    lazy sequence that tokenizes on access: only the drawn documents are read.
-    """
-    if len(docs_token_ids) == 0:
-        raise ValueError("c4_windows: no documents")
-    if isinstance(docs_token_ids, list | tuple) and not any(len(d) >= seq_len for d in docs_token_ids):
-        raise ValueError(f"c4_windows: no document has {seq_len} tokens or more")
-    max_draws = 100 * len(docs_token_ids) + 10_000  # bound the search when no document is long enough
-    rng = random.Random(seed)
-    out = torch.empty(n, seq_len, dtype=torch.long)
-    for k in range(n):
-        for _ in range(max_draws):
-            doc = docs_token_ids[rng.randint(0, len(docs_token_ids) - 1)]
-            if len(doc) >= seq_len:
-                break
-        else:
-            raise ValueError(f"c4_windows: no document with {seq_len} tokens found in {max_draws} draws")
-        start = _window_start(rng, len(doc), seq_len)
-        out[k] = torch.as_tensor(list(doc[start : start + seq_len]), dtype=torch.long)
-    return out  # (n, L)
-
-
-def stream_windows(token_ids: Tensor | Sequence[int], seq_len: int, n: int, seed: int = 0) -> Tensor:
-    """Calibration windows from one token stream: ``n`` windows at offsets drawn with
-    ``random.Random(seed)`` (GPTQ's WikiText-2 calibration sampling), ``(N,) -> (n, L)``."""
-    ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
-    if ids.numel() < seq_len:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    rng = random.Random(seed)
-    starts = [_window_start(rng, ids.numel(), seq_len) for _ in range(n)]
-    return torch.stack([ids[s : s + seq_len] for s in starts])  # (n, L)
-
-
-class _TokenizedDocs(Sequence):
-    """Documents tokenized on first access (C4 shards: only the drawn documents are tokenized)."""
-
-    def __init__(self, texts: Sequence[str], encode: Callable[[str], list[int]]) -> None:
-        self.texts, self.encode, self._memo = texts, encode, {}
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if i not in self._memo:
-            self._memo[i] = self.encode(self.texts[i])
-        return self._memo[i]
 
 
 class _Windows(Dataset):
@@ -354,22 +49,6 @@ class _Windows(Dataset):
         return self.windows[i]
 
 
-def _with_rules(sources: list[TextSource], rule: str | Sequence[str], arg: str) -> list[TextSource]:
-    """The sources with the rule each one is built with: ``rule`` is one rule for every source or a
-    list of one per source; "auto" keeps the rule the source resolved to (c4 for C4, wikitext else)."""
-    rules = [rule] * len(sources) if isinstance(rule, str) else list(rule)
-    if len(rules) != len(sources):
-        raise ValueError(f"{arg}: {len(rules)} rules for {len(sources)} sources; give one rule for all, or one "
-                         f"rule per source")
-    for r in rules:
-        if r not in (*RULES, "auto"):
-            raise ValueError(f"{arg} must be one of {(*RULES, 'auto')} (or a list of them), got {r!r}")
-    return [src if r == "auto" else dataclasses.replace(src, rule=r) for src, r in zip(sources, rules)]
-
-
-# --------------------------------------------------------------------------------------------------
-# datamodule
-# --------------------------------------------------------------------------------------------------
 class TextDataModule(BaseDataModule):
     """Token windows for causal language models: protocol evaluation windows and calibration windows.
 
@@ -441,7 +120,7 @@ class TextDataModule(BaseDataModule):
         self.seq_len_cap = int(seq_len_cap)
         self.allow_beyond_context = bool(allow_beyond_context)
         self._seq_len: int | None = None
-        self._option_prefix = "--data.init_args."  # how the user spells this module's options (for errors)
+        self.option_prefix = "--data.init_args."  # how the user spells this module's options (for errors)
         self.eval_rule = eval_rule
         self.train_rule = train_rule
         self.max_eval_windows = max_eval_windows
@@ -454,10 +133,10 @@ class TextDataModule(BaseDataModule):
         paths = [path] if isinstance(path, str) else list(path)
         if not paths:
             raise ValueError("path: give at least one evaluation dataset")
-        self.eval_sources = _with_rules([resolve_source(p, "eval") for p in paths], eval_rule, "eval_rule")
+        self.eval_sources = with_rules([resolve_source(p, "eval") for p in paths], eval_rule, "eval_rule")
         train_paths = [train_path] if isinstance(train_path, str) else list(train_path or [])
         c4_train_file(c4_train_shard)  # a bad shard number fails here, whatever the sources
-        self.train_sources = _with_rules([resolve_source(p, "train", c4_train_shard) for p in train_paths],
+        self.train_sources = with_rules([resolve_source(p, "train", c4_train_shard) for p in train_paths],
                                          train_rule, "train_rule")
 
         self._tokenizer = None
@@ -489,9 +168,7 @@ class TextDataModule(BaseDataModule):
         return self._seq_len
 
     def _resolve_seq_len(self) -> int:
-        from reallm.errors import UserError
-
-        opt = self._option_prefix
+        opt = self.option_prefix
         context = model_context(self.model_name_or_path)
         if self._seq_len_arg is None:
             if context is None:
@@ -516,10 +193,7 @@ class TextDataModule(BaseDataModule):
                 )
         return self._tokenizer
 
-    # ---------------------------------------------------------------------------------------- rules
-    def _rule(self, src: TextSource, role: str) -> str:
-        return src.rule  # chosen per source at construction (see _with_rules)
-
+    # ---------------------------------------------------------------------------------------- counts
     def _split_train_counts(self) -> list[int]:
         k = len(self.train_sources)
         return [self.train_sequences // k + (i < self.train_sequences % k) for i in range(k)]
@@ -555,30 +229,14 @@ class TextDataModule(BaseDataModule):
 
     def _windows(self, src: TextSource, role: str, count: int | None = None) -> tuple[Tensor, dict]:
         """(windows (n, L), meta) of one source, from the cache or built and cached."""
-        rule = self._rule(src, role)
-        if role == "eval":
-            count = C4_EVAL_WINDOWS if rule == "c4" else None
-            seed = C4_EVAL_SEED if rule == "c4" else None
-        else:
-            seed = self.seed
-        path = self._cache_file(src, role, rule, count, seed)
+        count, seed = sampling(src.rule, role, count, self.seed)
+        path = self._cache_file(src, role, src.rule, count, seed)
         if path.is_file():
             obj = torch.load(path, map_location="cpu", weights_only=True)
             return obj["windows"].long(), obj["meta"]
 
-        rank_zero_info(f"tokenizing {src.spec!r} ({role}, {rule} rule, L={self.seq_len}) -> {path}")
-        texts = load_texts(src, role)
-        meta: dict[str, Any] = {"rule": rule, "seq_len": self.seq_len, "seed": seed, "tokens": None}
-        if rule == "wikitext":
-            ids = tokenize(self.tokenizer, "\n\n".join(texts))  # one text, one BOS
-            meta["tokens"] = len(ids)
-            if role == "eval":
-                windows = wikitext_windows(ids, self.seq_len)
-            else:
-                windows = stream_windows(ids, self.seq_len, count, seed)
-        else:
-            docs = _TokenizedDocs(texts, lambda t: tokenize(self.tokenizer, t))  # one BOS per document
-            windows = c4_windows(docs, self.seq_len, n=count, seed=seed)
+        rank_zero_info(f"tokenizing {src.spec!r} ({role}, {src.rule} rule, L={self.seq_len}) -> {path}")
+        windows, meta = source_windows(src, self.tokenizer, self.seq_len, role, count, seed)
 
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")

@@ -1,10 +1,11 @@
-"""The one base of every phase's LightningModule: model source, run directory, results.json."""
+"""The one base of every phase's LightningModule: the phase contract, model source, run directory,
+results.json."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -16,14 +17,26 @@ from reallm.nn.dora import RuntimeMode
 __all__ = ["ReALLMModule"]
 
 
+StartsFrom = Literal["base_model", "checkpoint"]
+
+
 class ReALLMModule(L.LightningModule):
     """Base of all phases (compression, block-wise, end-to-end, evaluation).
 
-    Holds what every phase shares: where the model comes from, the run directory, and the
+    The phase contract, which the CLI and the callbacks rely on instead of probing attributes:
+
+    - `phase`: its name in results.json ("compress", "blockwise", "e2e", "eval");
+    - `starts_from`: "base_model" (the phase reads the base model, `checkpoint` is unused) or
+      "checkpoint" (it reads the ReALLM checkpoint given as `checkpoint`; the evaluation phase reads the
+      base model when none is given), so that the CLI checks that checkpoint before anything loads;
+    - `phase_model`: the model the phase compresses, trains or evaluates (None before it is loaded).
+
+    It also holds what every phase shares: where the model comes from, the run directory, and the
     results.json writer (protocol.md schema: phase, model, method, git_sha, seed, time_s, config).
     """
 
-    phase: str = "base"
+    phase: ClassVar[str] = "base"
+    starts_from: ClassVar[StartsFrom] = "base_model"
 
     def __init__(
         self,
@@ -50,6 +63,12 @@ class ReALLMModule(L.LightningModule):
         self.runtime: RuntimeMode = "resident"  # how compressed linears run (phases that load one set it)
         self.resolved_config: dict[str, Any] = {}  # set by the CLI before the run
         self._t0 = time.time()
+
+    @property
+    def phase_model(self) -> torch.nn.Module | None:
+        """The model this phase compresses, trains or evaluates; None until it is loaded. Every phase
+        implements it."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare its phase_model")
 
     # -- helpers for subclasses -----------------------------------------------------------
     def model_source(self) -> str:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from reallm.errors import UserError
-from reallm.hf import resolve_safetensors
+from reallm.hf import model_device, resolve_safetensors
 
 __all__ = [
     "ActivationCache",
@@ -88,11 +88,6 @@ class _Stop(Exception):
 _NO_CACHE = {"past_key_values": None, "past_key_value": None, "layer_past": None, "use_cache": False}
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module,
@@ -125,7 +120,7 @@ def capture_block_inputs(
     def run(ids: Tensor) -> Tensor:
         handle = block.register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            model(input_ids=ids.to(_model_device(model)), use_cache=False)
+            model(input_ids=ids.to(model_device(model)), use_cache=False)
         except _Stop:
             pass
         finally:

@@ -75,6 +75,7 @@ class BlockwisePhase(ReALLMModule):
     """Phase 2: block-wise distillation of each compressed block against the original block."""
 
     phase = "blockwise"
+    starts_from = "checkpoint"
 
     def __init__(
         self,
@@ -168,6 +169,10 @@ class BlockwisePhase(ReALLMModule):
         self._micro = 1
 
     # -- model ------------------------------------------------------------------------------
+    @property
+    def phase_model(self) -> nn.Module | None:
+        return self._model
+
     @property
     def model(self) -> nn.Module:
         if self._model is None:

@@ -23,92 +23,20 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torchmetrics.text import Perplexity
 
 from reallm.errors import UserError
+from reallm.hf import clean_name
 from reallm.modules.base import ReALLMModule
+from reallm.modules.perplexity import PerplexityMixin, input_ids_of
 from reallm.nn.dora import RuntimeMode
-
-_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def clean_name(name: str) -> str:
-    """A parameter name without the wrappers FSDP / activation checkpointing / compile insert."""
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
-
-
-def _input_ids(batch: Any) -> Tensor:
-    return (batch if isinstance(batch, Tensor) else batch["input_ids"]).long()
-
-
-def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
-    """LambdaLR factor: linear warm-up from 0 to 1 over `warmup_steps`, then cosine down to
-    `min_ratio` at `total_steps` (transformers' get_cosine_schedule_with_warmup with a floor)."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-class PerplexityMixin:
-    """Validation perplexity (protocol.md) on every evaluation dataset of the datamodule.
-
-    One torchmetrics `Perplexity` per dataset (float64 accumulation, synced across processes by
-    `compute()`); logs `ppl/<dataset>` and `val/loss` (mean token NLL of the first dataset), keeps
-    `self.perplexity` ({dataset: {context, value, tokens}}) and `self.validation_history`.
-    A LightningModule using it calls `setup_perplexity()` in `setup()` and implements `lm_logits`.
-    """
-
-    def setup_perplexity(self) -> None:
-        dm = self.trainer.datamodule if self.trainer is not None else None
-        names = list(getattr(dm, "dataset_names", []) or [])
-        # fresh states: those of an earlier `validate` are inference tensors
-        self.ppl_metrics = nn.ModuleList(Perplexity().set_dtype(torch.float64) for _ in names)
-        self.ppl_names = names
-        self.perplexity: dict[str, Any] = {}
-        self.validation_history: list[dict[str, Any]] = []
-
-    def lm_logits(self, input_ids: Tensor) -> Tensor:  # pragma: no cover - implemented by the module
-        raise NotImplementedError
-
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        ids = _input_ids(batch)  # (B, L)
-        logits = self.lm_logits(ids)  # (B, L, V)
-        # window tokens 1..L-1 are predicted from the ones before them
-        self.ppl_metrics[dataloader_idx].update(logits[:, :-1].to(torch.float64), ids[:, 1:])
-
-    def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:  # partial sanity batches are not a perplexity
-            for m in self.ppl_metrics:
-                m.reset()
-            return
-        seq_len = getattr(self.trainer.datamodule, "seq_len", None)
-        results: dict[str, Any] = {}
-        for name, metric in zip(self.ppl_names, self.ppl_metrics):
-            if not metric.update_called:
-                continue
-            value = float(metric.compute())
-            results[name] = {"context": seq_len, "value": value, "tokens": int(metric.count.item())}
-            self.log(f"ppl/{name}", value, sync_dist=False, prog_bar=True)
-            metric.reset()
-        if results:
-            first = next(iter(results.values()))
-            self.log("val/loss", math.log(first["value"]), sync_dist=False)
-            self.perplexity = results
-            self.validation_history.append({"step": int(self.trainer.global_step),
-                                            "epoch": int(self.trainer.current_epoch),
-                                            **{k: v["value"] for k, v in results.items()}})
+from reallm.training.schedules import cosine_warmup
 
 
 class EndToEndPhase(PerplexityMixin, ReALLMModule):
     """Phase 3: end-to-end causal-LM fine-tuning of the DoRA parameters of a ReALLM checkpoint."""
 
     phase = "e2e"
+    starts_from = "checkpoint"
 
     def __init__(
         self,
@@ -168,6 +96,10 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
         self.save_hyperparameters(ignore=["run_dir", "model_name_or_path", "seed"])  # no clash with the data's
 
     # -- model ------------------------------------------------------------------------------
+    @property
+    def phase_model(self) -> nn.Module | None:
+        return self.model
+
     def configure_model(self) -> None:
         if self.model is not None:
             return
@@ -216,11 +148,11 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
                                 weight_decay=self.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = math.ceil(self.warmup_ratio * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(warmup, total, self.min_lr_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_warmup(total, warmup, self.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        ids = _input_ids(batch)  # (B, L)
+        ids = input_ids_of(batch)  # (B, L)
         with self._autocast():
             loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, batch_size=ids.shape[0])

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
-from torchmetrics.text import Perplexity
+from torch import Tensor, nn
 
 from reallm.errors import UserError
+from reallm.evaluation.perplexity import model_logits
 from reallm.hf import load_hf_model
 from reallm.modules.base import ReALLMModule
+from reallm.modules.perplexity import PerplexityMixin
 from reallm.nn.dora import RuntimeMode
 
 
@@ -26,10 +27,11 @@ def load_model_for_eval(model_name_or_path: str | None, checkpoint: str | None, 
     return load_hf_model(model_name_or_path, dtype)
 
 
-class EvaluatePhase(ReALLMModule):
+class EvaluatePhase(PerplexityMixin, ReALLMModule):
     """Perplexity on every validation dataset of the datamodule; optional greedy sample."""
 
     phase = "eval"
+    starts_from = "checkpoint"  # when one is given; the base model otherwise
 
     def __init__(
         self,
@@ -76,7 +78,11 @@ class EvaluatePhase(ReALLMModule):
         self.zero_shot_limit = zero_shot_limit
         self.zero_shot_batch_size = zero_shot_batch_size
         self.model: nn.Module | None = None
-        self.metrics = nn.ModuleList()
+        self.ppl_metrics = nn.ModuleList()
+
+    @property
+    def phase_model(self) -> nn.Module | None:
+        return self.model
 
     def configure_model(self) -> None:
         if self.checkpoint and self.method == "custom":  # label the run with the checkpoint's preset
@@ -88,32 +94,15 @@ class EvaluatePhase(ReALLMModule):
             self.model.eval()
 
     def setup(self, stage: str) -> None:
-        names = self.trainer.datamodule.dataset_names if self.trainer.datamodule else []
-        if len(self.metrics) != len(names):
-            self.metrics = nn.ModuleList(Perplexity() for _ in names)
+        self.setup_perplexity()
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
-        logits = self.model(batch).logits  # (B, L, V)
-        # window tokens 1..L-1 are predicted from the ones before them
-        self.metrics[dataloader_idx].update(logits[:, :-1].float(), batch[:, 1:])
-
-    def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
-            return
-        dm = self.trainer.datamodule
-        results: dict[str, Any] = {}
-        for name, metric in zip(dm.dataset_names, self.metrics):
-            value = float(metric.compute())
-            tokens = int(metric.count.item()) if hasattr(metric, "count") else None
-            self.log(f"ppl/{name}", value, sync_dist=False)
-            results[name] = {"context": dm.seq_len, "value": value, "tokens": tokens}
-            metric.reset()
-        self._perplexity = results
+    def lm_logits(self, input_ids: Tensor) -> Tensor:
+        return model_logits(self.model, input_ids)  # (B, L, V)
 
     def on_validation_end(self) -> None:
         if self.trainer.sanity_checking or self.global_rank != 0 or self.trainer.state.fn != "validate":
             return
-        payload: dict[str, Any] = {"perplexity": getattr(self, "_perplexity", {})}
+        payload: dict[str, Any] = {"perplexity": self.perplexity}
         if self.checkpoint:
             from reallm.checkpoint import read_meta
 
@@ -128,13 +117,13 @@ class EvaluatePhase(ReALLMModule):
         if self.prompt:
             from transformers import AutoTokenizer
 
-            from reallm.eval.perplexity import greedy_generate
+            from reallm.evaluation.perplexity import greedy_generate
 
             tok = AutoTokenizer.from_pretrained(self.trainer.datamodule.model_name_or_path)
             payload["sample"] = {"prompt": self.prompt,
                                  "text": greedy_generate(self.model, tok, self.prompt, self.max_new_tokens)}
         if self.zero_shot_tasks:
-            from reallm.zeroshot import zero_shot
+            from reallm.evaluation.zeroshot import zero_shot
 
             limit = self.zero_shot_limit
             limit = int(limit) if limit is not None and limit >= 1 else limit

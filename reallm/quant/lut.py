@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from reallm.quant.packing import _group, unpack_bits
+from reallm.quant.packing import code_group, unpack_bits
 
 __all__ = ["decode_codes"]
 
@@ -47,7 +47,7 @@ def decode_codes(packed: Tensor, width: int, n: int, table: Tensor, start: int =
     field = _FIELD_BITS.get(width)
     if field is None and width != 16:  # widths whose groups span more than 3 bytes
         return table[unpack_bits(packed, width, n, start=start)]
-    g, gbytes = _group(width)
+    g, gbytes = code_group(width)
     lead = start % g  # start at a group boundary (byte aligned)
     first = start - lead
     total = lead + n

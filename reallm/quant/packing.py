@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["pack_bits", "unpack_bits", "packed_nbytes"]
+__all__ = ["code_group", "pack_bits", "packed_nbytes", "unpack_bits"]
 
 # Number of codes processed at once; a multiple of 8 so that every chunk starts on a byte boundary
 # (chunk * width bits is then a whole number of bytes). Temporaries are a few int64 copies of a
@@ -42,7 +42,7 @@ def packed_nbytes(n: int, width: int) -> int:
     return (n * width + 7) // 8
 
 
-def _group(width: int) -> tuple[int, int]:
+def code_group(width: int) -> tuple[int, int]:
     """Codes per group and bytes per group: a group of g codes spans lcm(width, 8) bits."""
     lcm = width * 8 // math.gcd(width, 8)
     return lcm // width, lcm // 8
@@ -75,7 +75,7 @@ def pack_bits(codes: Tensor, width: int) -> Tensor:
     if n == 0:
         return out
     limit = 1 << width
-    g, gbytes = _group(width)
+    g, gbytes = code_group(width)
     for start in range(0, n, _CHUNK_CODES):
         chunk = flat[start : start + _CHUNK_CODES].to(torch.int64)  # (c,)
         lo, hi = torch.aminmax(chunk)
@@ -116,7 +116,7 @@ def unpack_bits(packed: Tensor, width: int, n: int, start: int = 0) -> Tensor:
         raise ValueError(f"start must be >= 0, got {start}")
     packed = packed.reshape(-1)
     if start:
-        g, _ = _group(width)
+        g, _ = code_group(width)
         aligned = start - start % g  # groups of g codes start on a byte boundary
         b0 = aligned * width // 8
         lead = start - aligned
@@ -129,7 +129,7 @@ def unpack_bits(packed: Tensor, width: int, n: int, start: int = 0) -> Tensor:
     out = torch.empty(n, dtype=torch.int64, device=packed.device)
     if n == 0:
         return out
-    g, gbytes = _group(width)
+    g, gbytes = code_group(width)
     mask = (1 << width) - 1
     for start in range(0, n, _CHUNK_CODES):
         c = min(_CHUNK_CODES, n - start)

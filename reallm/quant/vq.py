@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["KMeansResult", "kmeans", "assign"]
+__all__ = ["KMeansResult", "assign", "kmeans", "kmeanspp_init"]
 
 # Target number of distance entries (chunk * K) per chunk. On CPU a chunk that stays in cache is far
 # faster than a big one; on an accelerator bigger chunks amortise kernel launches. Both stay well
@@ -186,11 +186,16 @@ def assign(x: Tensor, codebook: Tensor, chunk_size: int | None = None) -> Tensor
     return out
 
 
-def _kmeanspp(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
+def kmeanspp_init(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
     """Greedy k-means++ seeding on ``x`` (M, d) -> ``(k, d)``.
 
     D^2 sampling (Arthur & Vassilvitskii 2007) with ``2 + int(ln k)`` candidates per step, keeping
     the candidate that lowers the potential most (the "greedy k-means++" of scikit-learn).
+
+    Args:
+        x: the points (M, d).
+        k: number of centres.
+        gen: the generator of every draw (on ``x``'s device).
     """
     m = x.shape[0]
     device = x.device
@@ -282,7 +287,7 @@ def kmeans(
     else:
         m = min(n, max(_INIT_MIN_POINTS, _INIT_POINTS_PER_CODEWORD * k))
         pool = xf if m == n else xf[torch.randperm(n, generator=gen, device=device)[:m]]
-        c = _kmeanspp(pool, k, gen)
+        c = kmeanspp_init(pool, k, gen)
 
     chunk = chunk_size or _default_chunk(k, device)
     transposed = k <= _TRANSPOSED_MAX_K

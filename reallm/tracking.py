@@ -1,4 +1,4 @@
-"""Experiment logging: the CLI's logger switch and what a run sends to Weights & Biases.
+"""Run tracking: the CLI's logger switch and what a run sends to Weights & Biases.
 
     python train.py fit ... --logger csv     # default: run_dir/logs/metrics.csv
     python train.py fit ... --logger wandb   # Weights & Biases as well (and the CSV file)
@@ -180,13 +180,14 @@ def summary_metrics(results: dict[str, Any]) -> dict[str, float]:
 
 def matrix_table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """Columns and rows of the per-matrix table (name, block, type, shape, bits, error)."""
-    from reallm.plots import block_index, layer_type
+    from reallm.hf import decoder_block_index
+    from reallm.plots import layer_type
 
     columns = ["name", "block", "type", "rows", "cols", "bits", "nominal", "rel_frobenius_error"]
     rows = []
     for m in results.get("matrices") or []:
         shape = m.get("shape") or [None, None]
-        rows.append([m["name"], block_index(m["name"]), layer_type(m["name"]), shape[0], shape[1],
+        rows.append([m["name"], decoder_block_index(m["name"]), layer_type(m["name"]), shape[0], shape[1],
                      m.get("bits"), m.get("nominal"), m.get("rel_frobenius_error")])
     return columns, rows
 
