@@ -201,7 +201,7 @@ def _heatmaps(rows: list[dict[str, Any]], out: Path, layer: str | None, limit: i
             print(f"warning: no heat map for {r['label']}: the base model {r.get('model')!r} cannot be read",
                   file=sys.stderr)
             continue
-        low = lay._lowrank_product()
+        low = lay.lowrank_product()
         written.append(plots.plot_weight_heatmaps(W, lay.dequantize(), out / f"heatmap_{_safe(r['label'])}.png",
                                                   lowrank=None if low is None else low.detach(),
                                                   name=f"{r['label']}: {name}"))

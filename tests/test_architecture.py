@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("stored formats", ("reallm.codecs",)),
     ("config", ("reallm.config",)),
     ("container", ("reallm.container",)),
+    ("fused kernels", ("reallm.kernels",)),
     ("compressed linear", ("reallm.nn.dora",)),
     ("model", ("reallm.surgery", "reallm.checkpoint", "reallm.bits", "reallm.store")),
     ("training", ("reallm.training", "reallm.adaptive", "reallm.candidates")),

@@ -71,7 +71,7 @@ class RunArtifacts(L.Callback):
                 return None
         with torch.no_grad():
             W_hat = layer.dequantize().cpu()
-            low = layer._lowrank_product()
+            low = layer.lowrank_product()
             low = None if low is None else low.detach().float().cpu()
         return name, W, W_hat, low
 

@@ -345,7 +345,8 @@ class ReALLMLinear(nn.Module):
         dt = self.config.lowrank_dtype
         return storage.fake_store(self.lora_B, dt), storage.fake_store(self.lora_A.T, dt).T
 
-    def _lowrank_product(self) -> Tensor | None:
+    def lowrank_product(self) -> Tensor | None:
+        """s·B A (p, q) as the layer computes it (stored precision), or None without a low-rank part."""
         if not self.rank:
             return None
         B, A = self._factors()
@@ -390,7 +391,7 @@ class ReALLMLinear(nn.Module):
     def dequantize(self) -> Tensor:
         """The effective weight W_ft (p, q) in fp32, as the forward uses it."""
         W = self.frozen_weight()
-        BA = self._lowrank_product()
+        BA = self.lowrank_product()
         if BA is not None:
             W = W + BA.float()
         scale = self._dora_scale()
