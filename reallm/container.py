@@ -180,7 +180,7 @@ def row_tiles(shape: tuple[int, int], config: CompressionConfig, max_elems: int 
     """Row ranges [r0, r1) that `decode_frozen_rows` decodes, each of at most ~`max_elems` values (at least
     one permutation row block); one range covering all rows when the format cannot be tiled."""
     p, q = shape
-    if not row_tileable(config):
+    if not row_tileable(config) or not get_codec(config.quantizer).decodes_ranges:
         return [(0, p)]
     align = config.permute_rows if config.permute else 1
     rows = max(align, (max_elems // max(1, q)) // align * align)

@@ -89,7 +89,7 @@ def test_mode_switch_gives_same_output():
     layer.set_mode("cache")
     cached = layer(x)
     assert layer._cache is not None and layer._cache.shape == (48, 64)
-    assert torch.allclose(cached, resident, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(cached, resident, rtol=1e-5, atol=1e-6)  # resident may take a fused kernel
 
 
 def test_stored_precision_is_what_the_layer_computes_with():

@@ -10,9 +10,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from reallm.codecs.base import PIPELINE_BIT_ITEMS, Codec, Encoded
+from reallm.codecs.base import PIPELINE_BIT_ITEMS, PIPELINE_TRAINABLE, Codec, Encoded
 
-__all__ = ["Codec", "Encoded", "PIPELINE_BIT_ITEMS", "get_codec", "names", "register"]
+__all__ = ["Codec", "Encoded", "PIPELINE_BIT_ITEMS", "PIPELINE_TRAINABLE", "get_codec", "names", "register"]
 
 _REGISTRY: dict[str, Codec] = {}
 

@@ -241,7 +241,7 @@ def decode_autoencoder(
         raise KeyError("autoencoder matrix without latent_codes / latent_codebook / decoder meta")
     device = codes_packed.device
     decoder = unpack_decoder(meta["decoder"], {k: v for k, v in src.items() if k.startswith("decoder.")}, device)
-    decoder.eval()
+    decoder.eval().requires_grad_(False)  # the decoder is frozen; a trainable latent codebook gets gradients
     mask = latent_mask(shape, spec, device)  # (n, 1, h, w)
     n, _, h, w = mask.shape
     groups = spec.latent_channels // d
@@ -252,8 +252,7 @@ def decode_autoencoder(
     z = from_vectors(vec)  # (n, e2, h, w)
     p0, p1 = spec.patch_hw
     chunk = max(1, _DECODE_CHUNK_ELEMS // (max(decoder.channels) * p0 * p1))  # bounds the largest activation
-    with torch.no_grad():
-        out = torch.cat([decoder(z[s:s + chunk]) for s in range(0, n, chunk)])  # (n, 1, P0, P1)
+    out = torch.cat([decoder(z[s:s + chunk]) for s in range(0, n, chunk)])  # (n, 1, P0, P1)
     return patches_to_matrix(out, shape, spec.patch_hw)
 
 
@@ -263,6 +262,8 @@ class PatchAutoencoder(Codec):
     summary = "latent VQ codes decoded by a trained PixelShuffle decoder (ReALLM; made by the autoencoder phase)"
     bit_items = {"latent_codes": "latent", "latent_codebook": "latent", "decoder": "decoder"}
     produced_by = "the autoencoder phase (configs/ae.yaml with a reallm-* preset), not by compress_weight"
+    decodes_ranges = False  # one decoder pass gives the whole matrix
+    trainable = {"codebook": ("latent_codebook",)}
 
     def validate(self, config) -> None:
         ae_spec(config)

@@ -26,6 +26,9 @@ if TYPE_CHECKING:  # the config imports the registry, never the other way round 
 __all__ = ["Codec", "Encoded", "PIPELINE_BIT_ITEMS"]
 
 # stored tensors written by the shared pipeline stages (not by a codec), and their bit items
+# stored floating tensors of the pipeline that fine-tuning may train (codes stay frozen), by item
+PIPELINE_TRAINABLE: dict[str, tuple[str, ...]] = {"scales": ("scale_group_max", "scale_offset")}
+
 PIPELINE_BIT_ITEMS: dict[str, str] = {
     "scale_codes": "scales",
     "scale_group_max": "scales",
@@ -70,6 +73,11 @@ class Codec:
     #: the format stores packed codes indexing a value table (`kernel_table`), with absmax block scales:
     #: the fused dequantize-matmul kernels of `reallm.kernels` can then read it directly
     table_kernels: ClassVar[bool] = False
+    #: `decode_range` reads only the range's stored values (otherwise the runtime decodes in one tile)
+    decodes_ranges: ClassVar[bool] = True
+    #: stored floating tensors that fine-tuning may train while the codes stay frozen, by item
+    #: ("codebook", "scales"); written back at their stored precision, so the accounted bits do not change
+    trainable: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     # -- configuration ----------------------------------------------------------------------
     def validate(self, config: CompressionConfig) -> None:

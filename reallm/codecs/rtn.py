@@ -20,6 +20,7 @@ class RoundToNearest(Codec):
     summary = "asymmetric int-b with min / step per block (baseline)"
     absmax_scales = False  # the block's own min and step replace the absmax scale
     bit_items = {"codes": "codes", "rtn_lo": "scales", "rtn_step": "scales"}
+    trainable = {"scales": ("rtn_lo", "rtn_step")}
 
     def validate(self, config) -> None:
         if not 1 <= config.bits <= 8:

@@ -41,6 +41,7 @@ class VectorQuantizer(Codec):
     summary = "k-means codebook of 2^(b·d) d-vectors, absmax block scales (AQLM-/QuIP#-like, ReALLM without decoder)"
     bit_items = {"codes": "codes", "codebook": "codebook"}
     table_kernels = True
+    trainable = {"codebook": ("codebook",)}
 
     def kernel_table(self, stored: dict[str, Tensor], config, shared) -> Tensor:
         codebook = stored.get("codebook", shared.get("codebook"))

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from reallm import storage
-from reallm.codecs import get_codec
+from reallm.codecs import PIPELINE_TRAINABLE, get_codec
 from reallm.container import ReALLMWeight, decode_frozen, decode_frozen_rows, row_tiles, tile_plan
 from reallm.errors import UserError
 
@@ -62,13 +62,19 @@ class ResidentMatmul(torch.autograd.Function):
     """y = x Q̂ᵀ with Q̂ decoded tile by tile from the layer's stored tensors, never whole.
 
     Also returns the DoRA row norms ‖Q̂ + s·B A‖ (p,) from the same tiles when `lowrank` = (B, A) is given
-    (detached fp32 factors; an empty tensor otherwise). Backward decodes the tiles again and returns only
-    the input gradient: nothing of Q̂ is saved between forward and backward.
+    (detached fp32 factors; an empty tensor otherwise). Backward decodes the tiles again and returns the
+    input gradient; nothing of Q̂ is saved between forward and backward. When stored tensors of the layer
+    are trained (`stored`: codebooks, scales; codes stay frozen), backward also re-decodes each tile under
+    autograd and pulls the tile's weight gradient gyᵀ x back to them (x is then saved).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, layer: ReALLMLinear, lowrank: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    def forward(ctx, x: Tensor, layer: ReALLMLinear, lowrank: tuple[Tensor, Tensor] | None,
+                *stored: Tensor) -> tuple[Tensor, Tensor]:
         ctx.layer = layer
+        ctx.n_stored = len(stored)
+        if stored:
+            ctx.save_for_backward(x)
         y = x.new_empty(*x.shape[:-1], layer.out_features)  # (..., p)
         norms = torch.empty(layer.out_features if lowrank else 0, device=x.device, dtype=torch.float32)
         for r0, r1, Q in layer.frozen_tiles():  # Q (r1 − r0, q) fp32
@@ -81,13 +87,28 @@ class ResidentMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, _grad_norms: Tensor):  # grad_y (..., p)
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
         layer = ctx.layer
-        grad_x = grad_y.new_zeros(*grad_y.shape[:-1], layer.in_features)  # (..., q)
-        for r0, r1, Q in layer.frozen_tiles():
-            grad_x += grad_y[..., r0:r1] @ Q.to(grad_y.dtype)
-        return grad_x, None, None
+        need_x = ctx.needs_input_grad[0]
+        need_stored = any(ctx.needs_input_grad[3:])
+        grad_x = grad_y.new_zeros(*grad_y.shape[:-1], layer.in_features) if need_x else None  # (..., q)
+        grads: list[Tensor | None] = [None] * ctx.n_stored
+        if need_stored:
+            (x,) = ctx.saved_tensors
+            x2, gy2 = x.reshape(-1, layer.in_features).float(), grad_y.reshape(-1, layer.out_features).float()
+            leaves = {k: p.detach().requires_grad_(True) for k, p in layer.stored_params.items()}
+            with torch.enable_grad():
+                for r0, r1, Q in layer._decoded_tiles(leaves):  # Q depends on the leaves
+                    if need_x:
+                        grad_x += grad_y[..., r0:r1] @ Q.detach().to(grad_y.dtype)
+                    G = gy2[:, r0:r1].T @ x2  # (r1 − r0, q): the tile's weight gradient
+                    for k, g in zip(leaves, torch.autograd.grad(Q, list(leaves.values()), G, allow_unused=True)):
+                        if g is not None:
+                            i = list(leaves).index(k)
+                            grads[i] = g if grads[i] is None else grads[i] + g
+        elif need_x:
+            for r0, r1, Q in layer.frozen_tiles():
+                grad_x += grad_y[..., r0:r1] @ Q.to(grad_y.dtype)
+        return (grad_x, None, None, *grads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +180,7 @@ class ReALLMLinear(nn.Module):
         self._frozen_specs = _register_stored(self, "frozen__", weight.frozen)
         # shared with other layers (a model-wide codebook, a decoder): the checkpoint stores it once
         self._shared_specs = _register_stored(self, "shared__", weight.shared)
+        self.stored_params = nn.ParameterDict()  # stored tensors being fine-tuned (`make_stored_trainable`)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self._cache: Tensor | None = None  # dense Q̂ (p, q) in the compute dtype ("cache" mode)
         self._norm_cache: tuple[Any, Tensor] | None = None  # (adapter versions, row norms (p,))
@@ -202,6 +224,8 @@ class ReALLMLinear(nn.Module):
     def effective_mode(self) -> RuntimeMode:
         """The mode the layer runs in: its `mode`, except that in "resident" mode a format whose decoder
         costs more than AUTO_CACHE_MACS_PER_WEIGHT per weight is cached."""
+        if len(self.stored_params):
+            return "resident"  # a dense copy would be stale after every step of the trained stored tensors
         if self.mode == "resident" and self.decode_macs_per_weight > AUTO_CACHE_MACS_PER_WEIGHT:
             return "cache"
         return self.mode
@@ -225,7 +249,7 @@ class ReALLMLinear(nn.Module):
     def kernel_path(self, x: Tensor) -> str | None:
         """The fused kernel path this input would take, or None (plain path). Only without a gradient to
         x (generation, evaluation): the kernels have no backward. In "cache" mode only for large matrices."""
-        if self.fast_path == "off" or (torch.is_grad_enabled() and x.requires_grad):
+        if self.fast_path == "off" or (torch.is_grad_enabled() and x.requires_grad) or len(self.stored_params):
             return None
         if not get_codec(self.config.quantizer).table_kernels:
             return None
@@ -247,11 +271,49 @@ class ReALLMLinear(nn.Module):
         return frozen_matmul(x, stored, self.config, shape, shared, path=path, prepared=self._kernel_prep)
 
     # -- stored tensors -------------------------------------------------------------------------
-    def _frozen_tensors(self) -> dict[str, Tensor]:
-        return _read_stored(self, "frozen__", self._frozen_specs)
+    def _frozen_tensors(self, values: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        return self._with_trained(_read_stored(self, "frozen__", self._frozen_specs), "frozen__", values)
 
-    def _shared_tensors(self) -> dict[str, Tensor]:
-        return _read_stored(self, "shared__", self._shared_specs)
+    def _shared_tensors(self, values: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        return self._with_trained(_read_stored(self, "shared__", self._shared_specs), "shared__", values)
+
+    def _with_trained(self, tensors: dict[str, Tensor], prefix: str, values: dict[str, Tensor] | None):
+        """Stored tensors, those being trained replaced by their parameter (or `values`) rounded to the stored
+        dtype: the forward sees exactly what would be saved. The value stays fp32 with a straight-through
+        gradient (a gradient taken in fp16 would flush the small ones to zero)."""
+        source = values if values is not None else self.stored_params
+        for k in tensors:
+            key = _buffer_name(k, prefix)
+            if key in source:
+                t = source[key]
+                tensors[k] = t + (t.detach().to(tensors[k].dtype).to(t.dtype) - t.detach())
+        return tensors
+
+    # -- training stored tensors (codes stay frozen) ---------------------------------------------------
+    def trainable_stored_keys(self, items: tuple[str, ...] = ("codebook", "scales")) -> list[str]:
+        """Buffer names (`frozen__*`, `shared__*`) of the stored floating tensors that fine-tuning may train
+        for `items` (the format's `trainable`, plus the pipeline's block-scale maxima)."""
+        codec = get_codec(self.config.quantizer)
+        wanted = {k for item in items for k in codec.trainable.get(item, ())}
+        if codec.blockwise and codec.absmax_scales:
+            wanted |= {k for item in items for k in PIPELINE_TRAINABLE.get(item, ())}
+        out = []
+        for prefix, specs in (("frozen__", self._frozen_specs), ("shared__", self._shared_specs)):
+            out += [_buffer_name(k, prefix) for k, (dt, _) in specs.items() if k in wanted and dt.is_floating_point]
+        return out
+
+    def write_back_stored(self) -> None:
+        """End of training: the trained stored tensors go back into the stored buffers at their stored
+        precision and stop being parameters (the layer is frozen again, fused kernels serve it again)."""
+        with torch.no_grad():
+            for key, param in list(self.stored_params.items()):
+                prefix = "frozen__" if key.startswith("frozen__") else "shared__"
+                specs = self._frozen_specs if prefix == "frozen__" else self._shared_specs
+                dtype, shape = specs[key[len(prefix):].replace("__", ".")]
+                value = param.detach().to(dtype).reshape(-1).contiguous()
+                self._buffers[key] = value.view(torch.uint8).clone() if value.is_floating_point() else value.clone()
+                del self.stored_params[key]
+        self.clear_cache()
 
     def container(self) -> ReALLMWeight:
         """The layer's current state as a ReALLMWeight (frozen part + current low-rank)."""
@@ -260,8 +322,11 @@ class ReALLMLinear(nn.Module):
             dt = self.config.lowrank_dtype
             lowrank.update({f"L1.{k}": v for k, v in storage.encode_stored(self.lora_B, dt).items()})
             lowrank.update({f"L2.{k}": v for k, v in storage.encode_stored(self.lora_A.T, dt).items()})
-        return ReALLMWeight((self.out_features, self.in_features), self.config, self._frozen_tensors(), lowrank,
-                            dict(self.meta), self._shared_tensors())
+        # at their stored dtype (a trained tensor is an fp32 parameter)
+        frozen = {k: v.detach().to(self._frozen_specs[k][0]) for k, v in self._frozen_tensors().items()}
+        shared = {k: v.detach().to(self._shared_specs[k][0]) for k, v in self._shared_tensors().items()}
+        return ReALLMWeight((self.out_features, self.in_features), self.config, frozen, lowrank, dict(self.meta),
+                            shared)
 
     def adapter_tensors(self) -> dict[str, Tensor]:
         """Trainable parts in stored form (what adapters.safetensors keeps for this layer)."""
@@ -303,8 +368,8 @@ class ReALLMLinear(nn.Module):
             return
         yield from self._decoded_tiles()
 
-    def _decoded_tiles(self):
-        stored, shared = self._frozen_tensors(), self._shared_tensors()
+    def _decoded_tiles(self, values: dict[str, Tensor] | None = None):
+        stored, shared = self._frozen_tensors(values), self._shared_tensors(values)
         shape = (self.out_features, self.in_features)
         plan = tile_plan(stored, self.config, shape)
         for r0, r1 in row_tiles(shape, self.config, TILE_ELEMS):
@@ -353,8 +418,8 @@ class ReALLMLinear(nn.Module):
         return self.lora_scale * (B @ A)  # (p, q)
 
     def _adapter_key(self) -> tuple:
-        A, B, m = self.lora_A, self.lora_B, self.magnitude
-        return tuple((t._version, t.data_ptr(), t.dtype) for t in (A, B, m)) + (self.lora_scale,)
+        ts = (self.lora_A, self.lora_B, self.magnitude, *self.stored_params.values())
+        return tuple((t._version, t.data_ptr(), t.dtype) for t in ts) + (self.lora_scale,)
 
     @torch.no_grad()
     def _row_norms(self, B: Tensor, A: Tensor) -> Tensor:
@@ -424,7 +489,7 @@ class ReALLMLinear(nn.Module):
             if need_norms:
                 B, A = (t.detach().float() for t in self._factors())
                 lowrank = (B, A)
-            y, fresh = ResidentMatmul.apply(x, self, lowrank)
+            y, fresh = ResidentMatmul.apply(x, self, lowrank, *self.stored_params.values())
             if need_norms:
                 norms = fresh
                 self._norm_cache = (self._adapter_key(), norms)
@@ -459,6 +524,48 @@ def _free_memory(device: torch.device) -> int | None:
         except ImportError:  # pragma: no cover
             return None
     return None
+
+
+def make_stored_trainable(model: nn.Module, items: tuple[str, ...] = ("codebook", "scales")) -> int:
+    """Fine-tune stored tensors of every compressed linear while the codes stay frozen (issue: trainable
+    codebooks and scales): for `items` ("codebook": VQ codebooks, autoencoder latent codebooks;
+    "scales": the block-scale maxima and offset, RTN's min and step), each stored floating tensor becomes
+    an fp32 parameter; the forward computes with it cast to its stored dtype, so what trains is exactly what
+    is saved and the accounted bits do not change. A tensor shared by several layers (a model-wide codebook)
+    becomes one parameter. Returns the number of trainable values added. `write_back_stored` undoes it."""
+    from reallm.files import tensor_digest
+
+    shared_params: dict[tuple[str, str], nn.Parameter] = {}
+    n = 0
+    for layer in model.modules():
+        if not isinstance(layer, ReALLMLinear):
+            continue
+        frozen, shared = _read_stored(layer, "frozen__", layer._frozen_specs), _read_stored(layer, "shared__",
+                                                                                           layer._shared_specs)
+        for key in layer.trainable_stored_keys(items):
+            if key in layer.stored_params:
+                continue
+            if key.startswith("shared__"):
+                value = shared[key[len("shared__"):].replace("__", ".")]
+                ident = (key, tensor_digest(value))
+                if ident not in shared_params:
+                    shared_params[ident] = nn.Parameter(value.detach().float().clone())
+                    n += value.numel()
+                param = shared_params[ident]
+            else:
+                value = frozen[key[len("frozen__"):].replace("__", ".")]
+                param = nn.Parameter(value.detach().float().clone())
+                n += value.numel()
+            layer.stored_params[key] = param
+        layer.clear_cache()
+    return n
+
+
+def write_back_stored(model: nn.Module) -> None:
+    """`ReALLMLinear.write_back_stored` for every compressed linear of `model`."""
+    for layer in model.modules():
+        if isinstance(layer, ReALLMLinear):
+            layer.write_back_stored()
 
 
 def set_runtime_mode(model: nn.Module, mode: RuntimeMode, fast_path: FastPath | None = None) -> dict[str, Any]:
