@@ -57,15 +57,13 @@ def data_source(model_name_or_path: str | None, checkpoint: str | None) -> str |
         ck = Path(checkpoint)
         if (ck / "tokenizer_config.json").is_file() or (ck / "tokenizer.json").is_file():
             return str(ck)
-        meta = ck / "reallm.json"
-        if meta.is_file():
-            import json
+        from reallm.checkpoint import read_meta
+        from reallm.errors import CheckpointError
 
-            try:
-                return json.loads(meta.read_text()).get("base_model") or str(ck)
-            except ValueError:
-                return str(ck)
-        return str(ck)
+        try:  # without a tokenizer of its own, the base model's
+            return read_meta(ck).get("base_model") or str(ck)
+        except CheckpointError:  # named when the phase reads the checkpoint
+            return str(ck)
     return None
 
 
