@@ -243,7 +243,9 @@ class ReALLMHfQuantizer(HfQuantizer):
             model.config.auto_map = {**(getattr(model.config, "auto_map", None) or {}),
                                      "AutoConfig": f"{LOADER_MODULE}.{LOADER_CLASS}"}
         qc.config_sha256 = fmt.config_digest(json.loads(model.config.to_json_string(use_diff=True)))
-        return state, {"reallm_format_version": str(fmt.FORMAT_VERSION)}
+        # no metadata of ours: safetensors writes a header's metadata entries in a random order (a Rust
+        # HashMap), so beyond transformers' single "format" entry the bytes would differ between two saves
+        return state, {}
 
     def is_serializable(self) -> bool:
         return True
