@@ -228,9 +228,14 @@ def push_to_hub(
     if refresh_card:
         write_model_card(directory, results=results, command=command, repo_id=repo_id)
     api = HfApi(token=token)
-    repo = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(directory), repo_id=getattr(repo, "repo_id", repo_id),
-                             repo_type="model", commit_message=commit_message or "Upload ReALLM checkpoint")
+    try:
+        repo = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=str(directory), repo_id=getattr(repo, "repo_id", repo_id),
+                                 repo_type="model", commit_message=commit_message or "Upload ReALLM checkpoint")
+    except OSError as e:  # huggingface_hub's HTTP, offline and missing-token errors are all OSErrors
+        text = " ".join(str(e).split())
+        raise UserError(f"cannot upload {directory} to the Hub repository {repo_id}: {text[:300]} (the checkpoint "
+                        f"is complete; retry with: python -m reallm.hub {directory} {repo_id})") from None
     return str(getattr(info, "commit_url", info))
 
 

@@ -20,6 +20,7 @@ from reallm.config import CompressionConfig
 from reallm.container import ReALLMWeight, compress_weight, relative_error, shared_training_vectors
 from reallm.errors import CompressionError
 from reallm.hf import find_decoder_blocks, is_linear, linear_weight, set_module
+from reallm.hf_quantizer import attach_quantizer
 from reallm.nn.dora import ReALLMLinear, RuntimeMode
 
 FilterFn = Callable[[str, nn.Module], bool]
@@ -51,6 +52,7 @@ def swap_in(model: nn.Module, name: str, weight: ReALLMWeight, *, mode: RuntimeM
     layer.layout = "linear" if isinstance(old, nn.Linear) else "conv1d"
     layer.stats = dict(stats or {})
     set_module(model, name, layer)
+    attach_quantizer(model)  # model.save_pretrained writes a ReALLM checkpoint
     return layer
 
 
@@ -180,6 +182,7 @@ def compress_(
         }
         if on_layer is not None:
             on_layer(name, layer)
+    attach_quantizer(model)  # model.save_pretrained writes a ReALLM checkpoint (reallm.hf_quantizer)
     return summary
 
 
