@@ -48,7 +48,6 @@ from reallm.files import (
     sha256_file,
 )
 from reallm.hf import set_module
-from reallm.hf_quantizer import LOADER_FILE, LOADER_SOURCE, _drop_loader_reference, attach_quantizer
 from reallm.nn.dora import RuntimeMode, set_runtime_mode
 from reallm.surgery import iter_reallm_layers
 
@@ -160,6 +159,8 @@ def save_compressed(
         command: the command that made the model (model card).
     """
     from transformers import PreTrainedModel
+
+    from reallm.hf_quantizer import LOADER_FILE, LOADER_SOURCE, _drop_loader_reference, attach_quantizer
 
     final = Path(directory).absolute()
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -515,6 +516,8 @@ def _load_compressed_v1(directory: Path, *, adapters: str, mode: RuntimeMode) ->
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(f"{frozen_path}: missing tensor 'dense.{left[0]}' ({len(left)} missing)")
+    from reallm.hf_quantizer import attach_quantizer
+
     attach_quantizer(model, meta.get("base_model"))  # model.save_pretrained writes it as format 2
     return model
 
@@ -528,6 +531,8 @@ def export_dense(model: nn.Module, directory: str | os.PathLike, *, tokenizer=No
 
     Layers are merged one at a time into the state dict (the model itself is not modified).
     """
+    from reallm.hf_quantizer import _drop_loader_reference
+
     final = Path(directory).absolute()
     final.parent.mkdir(parents=True, exist_ok=True)
     compressed = dict(iter_reallm_layers(model))

@@ -469,4 +469,5 @@ def unexpected_key_pattern(qc: dict[str, Any]) -> str:
     report as unexpected: the quantizer reads them itself)."""
     names = "|".join(re.escape(n) for n in sorted(qc["layers"]))
     parts = "|".join(["frozen", "bias", *ADAPTER_PARTS])
-    return rf"^(?:{names})\.(?:{parts})(?:\.|$)|^{re.escape(SHARED_PREFIX)}" if names else rf"^{re.escape(SHARED_PREFIX)}"
+    shared = rf"^{re.escape(SHARED_PREFIX)}"
+    return rf"^(?:{names})\.(?:{parts})(?:\.|$)|{shared}" if names else shared

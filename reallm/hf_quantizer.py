@@ -1,7 +1,8 @@
 """The `reallm` quantization method of Hugging Face transformers: `from_pretrained` / `save_pretrained`.
 
-Importing this module (any `import reallm` does) registers, with transformers' own registries
-(`transformers.quantizers.auto.register_quantization_config` / `register_quantizer`):
+Importing this module registers, with transformers' own registries (`transformers.quantizers.auto.
+register_quantization_config` / `register_quantizer`; `import reallm` arranges for the import, see
+`reallm.hf_registration`):
 
 - `ReALLMConfig`, the `quantization_config` of config.json (`quant_method: "reallm"`; fields in
   `reallm.hf_format`);
@@ -23,11 +24,10 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -42,6 +42,9 @@ from reallm.errors import CheckpointError, UserError
 from reallm.hf import is_linear, linear_weight, set_module
 from reallm.nn.dora import RUNTIME_MODES
 
+if TYPE_CHECKING:  # transformers.modeling_utils may be importing this module (reallm.hf_registration)
+    from transformers import PreTrainedModel
+
 __all__ = ["LOADER_FILE", "LOADER_SOURCE", "ReALLMConfig", "ReALLMHfQuantizer", "attach_quantizer", "reallm_version"]
 
 LOADER_MODULE = "configuration_reallm"
@@ -50,8 +53,8 @@ LOADER_CLASS = "ReALLMAutoConfig"
 # the loader module written into every checkpoint: `trust_remote_code=True` (lm-eval's --model hf, pipelines)
 # imports it in a process that has not imported reallm; it registers the quantizer and hands over to the
 # architecture's own config class (it defines no model code)
-LOADER_SOURCE = '''"""Loads this ReALLM checkpoint with `trust_remote_code=True` in a process that has not imported reallm
-(e.g. `lm_eval --model hf --model_args pretrained=<dir>,trust_remote_code=True`): importing reallm registers
+LOADER_SOURCE = '''"""Loads this ReALLM checkpoint with `trust_remote_code=True` in a process that has not imported
+reallm (e.g. `lm_eval --model hf --model_args pretrained=<dir>,trust_remote_code=True`): importing reallm registers
 its quantizer (quant_method "reallm") with transformers; the config is then the architecture's own.
 Needs the reallm package (pip install reallm). Written by reallm.checkpoint.save_compressed."""
 
@@ -329,6 +332,8 @@ def attach_quantizer(model: nn.Module, base_model: str | None = None) -> ReALLMH
         model: the model.
         base_model: the uncompressed model it comes from (default: its config's name_or_path).
     """
+    from transformers import PreTrainedModel
+
     if not isinstance(model, PreTrainedModel):
         return None
     current = getattr(model, "hf_quantizer", None)

@@ -132,7 +132,8 @@ def model_card(directory: str | os.PathLike, *, model: nn.Module | None = None,
         lines.append("")
     zs = (res.get("zero_shot") or {}).get("tasks") or {}
     if zs:
-        lines += ["## Zero-shot accuracy (lm-eval-harness, acc)", "", "| task | acc | documents |", "| --- | --- | --- |"]
+        lines += ["## Zero-shot accuracy (lm-eval-harness, acc)", "", "| task | acc | documents |",
+                  "| --- | --- | --- |"]
         lines += [f"| {t} | {_fmt(r.get('acc'), 4)} | {r.get('samples', '-')} |" for t, r in zs.items()]
         lines.append("")
     lines += [
@@ -179,7 +180,7 @@ def verify_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
     with fmt.TensorFiles(weight_files(directory)) as files:
         fmt.verify_dense(meta, files)
         fmt.read_layers(meta, files)
-    for name, entry in meta["adapter_sets"].items():
+    for name in meta["adapter_sets"]:
         if name != "default":
             fmt.read_adapter_file(directory, meta, name)
     return meta

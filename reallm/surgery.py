@@ -20,7 +20,6 @@ from reallm.config import CompressionConfig
 from reallm.container import ReALLMWeight, compress_weight, relative_error, shared_training_vectors
 from reallm.errors import CompressionError
 from reallm.hf import find_decoder_blocks, is_linear, linear_weight, set_module
-from reallm.hf_quantizer import attach_quantizer
 from reallm.nn.dora import ReALLMLinear, RuntimeMode
 
 FilterFn = Callable[[str, nn.Module], bool]
@@ -52,8 +51,16 @@ def swap_in(model: nn.Module, name: str, weight: ReALLMWeight, *, mode: RuntimeM
     layer.layout = "linear" if isinstance(old, nn.Linear) else "conv1d"
     layer.stats = dict(stats or {})
     set_module(model, name, layer)
-    attach_quantizer(model)  # model.save_pretrained writes a ReALLM checkpoint
+    _attach_quantizer(model)
     return layer
+
+
+def _attach_quantizer(model: nn.Module) -> None:
+    """model.save_pretrained writes a ReALLM checkpoint (reallm.hf_quantizer; imported here, when a model is
+    compressed, not with the package)."""
+    from reallm.hf_quantizer import attach_quantizer
+
+    attach_quantizer(model)
 
 
 def iter_reallm_layers(model: nn.Module) -> Iterator[tuple[str, ReALLMLinear]]:
@@ -182,7 +189,7 @@ def compress_(
         }
         if on_layer is not None:
             on_layer(name, layer)
-    attach_quantizer(model)  # model.save_pretrained writes a ReALLM checkpoint (reallm.hf_quantizer)
+    _attach_quantizer(model)
     return summary
 
 

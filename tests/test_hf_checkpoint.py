@@ -283,3 +283,41 @@ def test_copy_keeps_loading(saved, tmp_path):
     """Nothing in a checkpoint depends on where it is (the Hub's snapshot directories are copies)."""
     copy = shutil.copytree(saved, tmp_path / "elsewhere")
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(copy)), logits(load_compressed(saved)))
+
+
+@pytest.mark.parametrize("order", ["reallm first", "transformers first"])
+def test_import_reallm_registers_the_method_in_either_order(order):
+    """`import reallm` does not import transformers' quantizer registry (seconds of imports a light command
+    does not need) yet the method is registered whenever the registry is imported, before or after."""
+    first, second = "import reallm", "import transformers.quantizers.auto as auto"
+    if order == "transformers first":
+        first, second = second, first
+    code = (f"import sys\n{first}\n"
+            "lazy = 'transformers.quantizers.auto' not in sys.modules\n"
+            f"{second}\n"
+            "import transformers.quantizers.auto as auto\n"
+            "print(lazy, auto.AUTO_QUANTIZER_MAPPING['reallm'].__name__,\n"
+            "      auto.AUTO_QUANTIZATION_CONFIG_MAPPING['reallm'].__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lazy = "True" if order == "reallm first" else "False"
+    assert proc.stdout.split() == [lazy, "ReALLMHfQuantizer", "ReALLMConfig"]
+
+
+def test_fine_tuned_checkpoint_checks_its_frozen_part_against_the_source(tmp_path):
+    """save_compressed(frozen_from=): the source may be of either format; a changed frozen tensor is refused
+    (fine-tuning changes only the adapters) and nothing is written."""
+    model = load_compressed(OLD / "nf3_svd_int8")
+    with torch.no_grad():
+        for _, layer in iter_reallm_layers(model):
+            layer.lora_B.add_(0.01)
+    first = save_compressed(model, tmp_path / "ft1", frozen_from=OLD / "nf3_svd_int8")
+    second = save_compressed(model, tmp_path / "ft2", frozen_from=first)
+    assert ckpt.frozen_digests(second) == ckpt.frozen_digests(first) == ckpt.frozen_digests(OLD / "nf3_svd_int8")
+    assert ckpt.read_meta(second)["extra"]["frozen_from"]["checkpoint"] == str(first)
+    name, layer = next(iter(iter_reallm_layers(model)))
+    layer._buffers["frozen__scale_codes"][0] ^= 1
+    with pytest.raises(CheckpointError, match=f"the frozen part of layer '{name}' differs from the one in"):
+        save_compressed(model, tmp_path / "ft3", frozen_from=first)
+    assert not (tmp_path / "ft3").exists()
