@@ -183,6 +183,7 @@ def save_compressed(
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         quantizer.save_options = {"files": files, "base_model": base, "extra": extra, "loader": True}
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        fmt.read_config_file(tmp / CONFIG_FILE)  # the seal matches what transformers wrote
         from reallm.hub import write_model_card
 
         write_model_card(tmp, model=model, command=command, location=final)

@@ -245,7 +245,9 @@ class ReALLMHfQuantizer(HfQuantizer):
         if options.get("loader"):
             model.config.auto_map = {**(getattr(model.config, "auto_map", None) or {}),
                                      "AutoConfig": f"{LOADER_MODULE}.{LOADER_CLASS}"}
-        qc.config_sha256 = fmt.config_digest(json.loads(model.config.to_json_string(use_diff=True)))
+        written = json.loads(model.config.to_json_string(use_diff=True))  # what config.save_pretrained writes,
+        written.pop("transformers_weights", None)  # which it removes first
+        qc.config_sha256 = fmt.config_digest(written)
         # no metadata of ours: safetensors writes a header's metadata entries in a random order (a Rust
         # HashMap), so beyond transformers' single "format" entry the bytes would differ between two saves
         return state, {}
