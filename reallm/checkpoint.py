@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +183,8 @@ def save_compressed(
         atomic_write_text(tmp / LOADER_FILE, LOADER_SOURCE)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         quantizer.save_options = {"files": files, "base_model": base, "extra": extra, "loader": True}
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        with _no_transformers_progress_bars():
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
         fmt.read_config_file(tmp / CONFIG_FILE)  # the seal matches what transformers wrote
         from reallm.hub import write_model_card
 
@@ -366,7 +368,8 @@ def _load_compressed_v2(directory: Path, *, adapters: str, mode: RuntimeMode) ->
     extra_set = fmt.read_adapter_file(directory, qc, adapters) if adapters != "default" else None
     weight_files(directory)  # a missing shard is named here
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype="auto", local_files_only=True)
+        with _no_transformers_progress_bars():  # a local directory: no download to show
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype="auto", local_files_only=True)
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
@@ -378,6 +381,27 @@ def _load_compressed_v2(directory: Path, *, adapters: str, mode: RuntimeMode) ->
     if mode != qc["runtime_mode"]:
         set_runtime_mode(model, mode)
     return model
+
+
+@contextmanager
+def _no_transformers_progress_bars():
+    """transformers 5 draws a bar for every load and save ("Loading weights", "Writing model shards"); the
+    commands of this project keep stderr for their own bars and one-line errors. The previous setting of
+    transformers and huggingface_hub is restored."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    transformers_on, hub_off = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if transformers_on:
+            hf_logging.enable_progress_bar()
+        if hub_off:
+            disable_progress_bars()
+        else:
+            enable_progress_bars()
 
 
 # ---------------------------------------------------------------------------------------------

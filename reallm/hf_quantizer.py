@@ -149,7 +149,7 @@ class _AwaitingLayer(nn.Module):
         # plain attributes, not parameters: some models' weight initialisation reads a submodule's weight by
         # name (GPT-2 rescales `c_proj.weight`); an empty tensor gives it nothing to do and nothing to load
         self.weight = torch.empty(0, device="cpu")
-        self.bias = None
+        self.bias = torch.empty(0, device="cpu")
 
     def forward(self, *args, **kwargs):  # pragma: no cover - never left in a returned model
         raise RuntimeError(f"compressed layer {self.name!r} was not loaded")
