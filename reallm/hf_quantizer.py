@@ -261,10 +261,23 @@ class ReALLMHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
         """`model.dequantize()`: every compressed linear becomes a plain nn.Linear with its effective weight."""
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         for name, layer in fmt.compressed_layers(model):
-            dense = layer.merge()
+            dense = _conv1d(layer) if layer.layout == "conv1d" else layer.merge()
             set_module(model, name, dense.to(dtype) if dtype is not None else dense)
         return model
+
+
+@torch.no_grad()
+def _conv1d(layer: nn.Module) -> nn.Module:
+    """GPT-2's layer type (weight stored (in, out)) with a compressed layer's effective weight and bias."""
+    from transformers.pytorch_utils import Conv1D
+
+    W = layer.dequantize()  # (p, q) fp32
+    dense = Conv1D(layer.out_features, layer.in_features).to(W.device)
+    dense.weight.copy_(W.T)
+    dense.bias.copy_(layer.bias.float() if layer.bias is not None else torch.zeros_like(dense.bias))
+    return dense
 
 
 @contextmanager

@@ -199,10 +199,10 @@ def push_to_hub(
 ) -> str:
     """Upload a checkpoint directory to the Hub as a model repository (created if needed).
 
-    The checkpoint is verified first (a corrupted one is never uploaded). The model card is written when
-    there is none, or when `results` / `command` are given (`refresh_card` forces either way); without
-    `results`, the run's results.json beside the checkpoint (`<run_dir>/results.json` for
-    `<run_dir>/reallm`) is used when it exists.
+    The checkpoint is verified first (a corrupted one is never uploaded). The model card is kept if there is
+    one (a run's card names its command line), written when there is none or when `results` / `command` are
+    given (`refresh_card` forces either way); a card written without `results` uses the run's results.json
+    beside the checkpoint (`<run_dir>/results.json` for `<run_dir>/reallm`) when it exists.
 
     Args:
         directory: the checkpoint (`save_compressed`, or `model.save_pretrained`).
@@ -222,10 +222,10 @@ def push_to_hub(
     if not _HUB_ID.match(repo_id):
         raise UserError(f"repo_id must be '<user or org>/<name>', got {repo_id!r}")
     verify_checkpoint(directory)
-    if results is None and (directory.parent / "results.json").is_file():
-        results = directory.parent / "results.json"
-    if refresh_card is None:
+    if refresh_card is None:  # the card a run wrote (with its command line) is kept unless told otherwise
         refresh_card = not (directory / CARD_FILE).is_file() or results is not None or command is not None
+    if refresh_card and results is None and (directory.parent / "results.json").is_file():
+        results = directory.parent / "results.json"
     if refresh_card:
         write_model_card(directory, results=results, command=command, repo_id=repo_id)
     api = HfApi(token=token)

@@ -321,3 +321,19 @@ def test_fine_tuned_checkpoint_checks_its_frozen_part_against_the_source(tmp_pat
     with pytest.raises(CheckpointError, match=f"the frozen part of layer '{name}' differs from the one in"):
         save_compressed(model, tmp_path / "ft3", frozen_from=first)
     assert not (tmp_path / "ft3").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dequantize_gives_a_plain_model(arch, tmp_path):
+    """transformers' `model.dequantize()`: every compressed linear becomes an nn.Linear holding its effective
+    weight; the model computes what it computed and is no longer a quantized model."""
+    model = compressed(arch)
+    model.save_pretrained(tmp_path / "ck")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    ref = logits(loaded)
+    plain = loaded.dequantize()
+    assert not list(iter_reallm_layers(plain)) and getattr(plain, "hf_quantizer", None) is None
+    assert "quantization_config" not in plain.config.to_dict()
+    assert float((logits(plain) - ref).abs().max()) < 1e-4
+    plain.save_pretrained(tmp_path / "dense")
+    assert float((logits(AutoModelForCausalLM.from_pretrained(tmp_path / "dense")) - ref).abs().max()) < 1e-4

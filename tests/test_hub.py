@@ -100,8 +100,10 @@ def test_a_corrupted_checkpoint_is_never_uploaded(checkpoint, fake_hub):
 
 
 def test_hub_command_and_its_errors(checkpoint, fake_hub, monkeypatch, capsys):
+    card = (checkpoint / "README.md").read_text()
     assert hub_main([str(checkpoint), "me/tiny"]) == 0
     assert capsys.readouterr().out.strip() == "https://huggingface.co/me/tiny/commit/0123abc"
+    assert fake_hub.calls[-1][2]["files"]["README.md"].decode() == card  # a checkpoint's own card is kept
     assert hub_main([str(checkpoint), "not a repo id"]) == 1
     assert "repo_id must be" in capsys.readouterr().err
 
