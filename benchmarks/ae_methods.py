@@ -50,7 +50,8 @@ def ppl(model, win) -> float:
 
 def compress(preset: str, out: Path, threads: int) -> tuple[Path, float]:
     run_dir = out / preset
-    if (run_dir / "results.json").is_file() and (run_dir / "reallm" / "reallm.json").is_file():
+    if (run_dir / "results.json").is_file() and any((run_dir / "reallm" / f).is_file()
+                                                    for f in ("config.json", "reallm.json")):  # format 2 or 1
         return run_dir, float("nan")
     t0 = time.time()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}

@@ -1,6 +1,7 @@
 """ReALLM: LLM compression (low-rank + neural-decoded VQ) and DoRA fine-tuning.
 
 Python API (see README):
+    import reallm  # registers the "reallm" quantization method with transformers (from_pretrained)
     from reallm import CompressionConfig, compress_, save_compressed, load_compressed, bits_report
 """
 
@@ -14,6 +15,9 @@ from reallm.checkpoint import (
 from reallm.config import CompressionConfig
 from reallm.container import ReALLMWeight, compress_weight
 from reallm.errors import CheckpointError, CompressionError, UnsupportedModelError, UserError
+from reallm.files import LIBRARY_VERSION
+from reallm.hf_registration import register_with_transformers
+from reallm.hub import push_to_hub
 from reallm.nn.dora import ReALLMLinear
 from reallm.surgery import compress_, iter_reallm_layers, mark_only_adapters_trainable
 
@@ -33,7 +37,10 @@ __all__ = [
     "iter_reallm_layers",
     "load_compressed",
     "mark_only_adapters_trainable",
+    "push_to_hub",
     "save_adapters",
     "save_compressed",
 ]
-__version__ = "0.1.0"
+__version__ = LIBRARY_VERSION
+
+register_with_transformers()

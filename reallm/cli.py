@@ -16,6 +16,7 @@ Options added to Lightning's (see `reallm.tracking` and `reallm.callbacks`):
     --nan_guard.*              stop at the first NaN / Inf (on by default)
     --eval_after_fit.path      perplexity of a fit phase's result, added to its results.json
     --artifacts.*              figures in run_dir/figures/ (on by default) and the W&B uploads
+    --push_to_hub <user>/<repo>  upload the checkpoint of a fit phase to the Hugging Face Hub (reallm.hub)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import importlib
 import logging
 import os
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -59,15 +61,13 @@ def data_source(model_name_or_path: str | None, checkpoint: str | None) -> str |
         ck = Path(checkpoint)
         if has_tokenizer(ck):
             return str(ck)
-        meta = ck / "reallm.json"
-        if meta.is_file():
-            import json
+        from reallm.checkpoint import read_meta
+        from reallm.errors import CheckpointError
 
-            try:
-                return json.loads(meta.read_text()).get("base_model") or str(ck)
-            except ValueError:
-                return str(ck)
-        return str(ck)
+        try:  # without a tokenizer of its own, the base model's
+            return read_meta(ck).get("base_model") or str(ck)
+        except CheckpointError:  # named when the phase reads the checkpoint
+            return str(ck)
     return None
 
 
@@ -98,6 +98,16 @@ class ReALLMCLI(LightningCLI):
         parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
         parser.add_lightning_class_args(EvalAfterFit, "eval_after_fit")
         parser.add_lightning_class_args(RunArtifacts, "artifacts")
+        parser.add_argument("--push_to_hub", type=str | None, default=None,
+                            help="<user or org>/<repo>: after a fit phase, upload run_dir/reallm (with its model "
+                                 "card) to the Hugging Face Hub; credentials: HF_TOKEN or `hf auth login`")
+
+    def parse_arguments(self, parser, args) -> None:
+        # the command line, for the model card of the checkpoint the run writes
+        argv = sys.argv[1:] if args is None else args
+        self.command = "python train.py " + (shlex.join(str(a) for a in argv) if isinstance(argv, (list, tuple))
+                                             else str(argv))
+        super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -120,6 +130,25 @@ class ReALLMCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._hand_config()
+
+    def after_fit(self) -> None:
+        self._publish_checkpoint()
+
+    def _publish_checkpoint(self) -> None:
+        """The checkpoint a fit phase wrote gets its model card from the run (results.json, command line), and
+        goes to the Hub with --push_to_hub."""
+        cfg = self.config[self.subcommand]
+        run_dir = Path(cfg["run_dir"])
+        checkpoint = run_dir / "reallm"
+        if not self.trainer.is_global_zero or not (checkpoint / "config.json").is_file():
+            return
+        from reallm.hub import push_to_hub, write_model_card
+
+        results = run_dir / "results.json"
+        write_model_card(checkpoint, results=results if results.is_file() else None, command=self.command)
+        if cfg.get("push_to_hub"):
+            url = push_to_hub(checkpoint, cfg["push_to_hub"], refresh_card=False)
+            print(f"uploaded {checkpoint} to {url}", flush=True)
 
     def _hand_config(self) -> None:
         """Give the module its resolved config (results.json) and write run_dir/config.yaml.

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_save_safetensors", "atomic_write_json", "atomic_write_text", "git_sha", "publish_dir",
+__all__ = ["LIBRARY_VERSION", "atomic_save_safetensors", "atomic_write_json", "atomic_write_text", "git_sha",
+           "publish_dir",
            "sha256_file", "tensor_digest"]
 
 
@@ -93,6 +94,9 @@ def publish_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+LIBRARY_VERSION = "0.1.0"  # reallm's version (pyproject.toml's; the package's __version__)
 
 
 def git_sha() -> str | None:

@@ -51,7 +51,16 @@ def swap_in(model: nn.Module, name: str, weight: ReALLMWeight, *, mode: RuntimeM
     layer.layout = "linear" if isinstance(old, nn.Linear) else "conv1d"
     layer.stats = dict(stats or {})
     set_module(model, name, layer)
+    _attach_quantizer(model)
     return layer
+
+
+def _attach_quantizer(model: nn.Module) -> None:
+    """model.save_pretrained writes a ReALLM checkpoint (reallm.hf_quantizer; imported here, when a model is
+    compressed, not with the package)."""
+    from reallm.hf_quantizer import attach_quantizer
+
+    attach_quantizer(model)
 
 
 def iter_reallm_layers(model: nn.Module) -> Iterator[tuple[str, ReALLMLinear]]:
@@ -180,6 +189,7 @@ def compress_(
         }
         if on_layer is not None:
             on_layer(name, layer)
+    _attach_quantizer(model)
     return summary
 
 

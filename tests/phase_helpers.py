@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 SHARED = (Path(__file__).parents[1] / ".." / "shared").resolve()
 TOKENIZER = SHARED / "models" / "stories260K"
@@ -110,7 +109,10 @@ def frozen_state(model) -> dict[str, torch.Tensor]:
 
 
 def adapters_of(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return load_file(Path(checkpoint) / "adapters.safetensors")
+    """The default adapter set of a checkpoint, in stored form."""
+    from reallm.checkpoint import read_adapters
+
+    return read_adapters(checkpoint)
 
 
 def copy_tree(src: Path, dst: Path) -> Path:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tiny_models import ALL, sample_ids, save_tiny_model_dir
 
 from reallm import load_compressed, save_compressed
+from reallm.checkpoint import read_meta
 from reallm.cli import cli_main
 from reallm.codecs import autoencoder as ae_format
 from reallm.config import CompressionConfig
@@ -140,9 +141,9 @@ def test_accounted_bits_equal_saved_bytes(adaptive_run):
         return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
                    if k != "__metadata__" and keep(k))
 
-    nbytes = file_bytes(run / "reallm" / "reallm.safetensors",  # shared tensors are stored once
-                        lambda k: not k.startswith("dense.") and not k.endswith(".bias"))
-    nbytes += file_bytes(run / "reallm" / "adapters.safetensors")
+    dense = set(read_meta(run / "reallm")["dense"])  # embeddings, norms: not decoder linears
+    nbytes = file_bytes(run / "reallm" / "model.safetensors",  # shared tensors are stored once
+                        lambda k: k not in dense and not k.endswith(".bias"))
     accounted = res["bits"]["decoder_linears"] * sum(m["shape"][0] * m["shape"][1] for m in res["matrices"])
     assert accounted / 8 == pytest.approx(nbytes, rel=0.01)
 
@@ -174,9 +175,9 @@ def test_save_load_identical_logits(tmp_path):
     save_compressed(model, tmp_path / "ck")
     back = load_compressed(tmp_path / "ck")
     assert torch.equal(logits(back), ref)
-    meta = json.loads((tmp_path / "ck" / "reallm.json").read_text())
+    meta = read_meta(tmp_path / "ck")
     digests = {d for rec in meta["layers"].values() for d in rec["shared"].values()}
-    n_shared = sum(1 for k in load_file(tmp_path / "ck" / "reallm.safetensors") if k.startswith("shared."))
+    n_shared = sum(1 for k in load_file(tmp_path / "ck" / "model.safetensors") if k.startswith("reallm.shared."))
     assert n_shared == len(digests) < sum(len(rec["shared"]) for rec in meta["layers"].values())  # stored once
 
 
@@ -190,8 +191,8 @@ def test_interrupted_run_resumes(adaptive_run, tiny_dir, tmp_path):
     for p in (again / "partial").glob("0*.json"):  # only the candidates survive the "interruption"
         p.unlink()
     cli_main(ae_args(tiny_dir, again, tiny_yaml))
-    a = load_file(run / "reallm" / "reallm.safetensors")
-    b = load_file(again / "reallm" / "reallm.safetensors")
+    a = load_file(run / "reallm" / "model.safetensors")
+    b = load_file(again / "reallm" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -206,4 +207,4 @@ def test_two_processes_give_the_single_device_checkpoint(adaptive_run, tiny_dir,
                           capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
-    assert sha(tmp_path / "ddp" / "reallm" / "reallm.safetensors") == sha(run / "reallm" / "reallm.safetensors")
+    assert sha(tmp_path / "ddp" / "reallm" / "model.safetensors") == sha(run / "reallm" / "model.safetensors")

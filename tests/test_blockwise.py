@@ -17,7 +17,7 @@ from phase_helpers import (  # noqa: F401 (_one_thread is an autouse fixture)
 )
 from safetensors.torch import load_file
 
-from reallm.checkpoint import load_compressed, read_meta
+from reallm.checkpoint import frozen_digests, load_compressed, read_meta
 from reallm.hf import find_decoder_blocks
 from reallm.modules import BlockwisePhase, UserError
 from reallm.modules.blocks import (
@@ -186,16 +186,18 @@ def test_every_block_loss_decreases(uninterrupted):
     assert res["bits"]["decoder_linears"] > 2
 
 
-def test_frozen_part_bit_identical_and_referenced(phase1, uninterrupted):
+def test_frozen_part_bit_identical_and_checked(phase1, uninterrupted):
     run_dir, module = uninterrupted
     before = frozen_state(load_compressed(phase1.checkpoint))
     after = frozen_state(module.model)
     assert before.keys() == after.keys()
     for k in before:
         assert torch.equal(before[k], after[k].cpu()), k
-    # the new checkpoint references the phase-1 frozen file, and only its adapters changed
+    # the new checkpoint is complete on its own, its frozen part checked equal to phase 1's when it was
+    # written, and only its adapters changed
     meta = read_meta(run_dir / "reallm")
-    assert meta["frozen_ref"] and not (run_dir / "reallm" / "reallm.safetensors").exists()
+    assert meta["extra"]["frozen_from"]["checkpoint"] == str(phase1.checkpoint.absolute())
+    assert frozen_digests(run_dir / "reallm") == frozen_digests(phase1.checkpoint)
     old, new = adapters_of(phase1.checkpoint), adapters_of(run_dir / "reallm")
     assert old.keys() == new.keys()
     assert any(not torch.equal(old[k], new[k]) for k in old)

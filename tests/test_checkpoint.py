@@ -52,10 +52,11 @@ def test_save_load_identical_logits(tmp_path, build, cfg):
     save_compressed(model, tmp_path / "ck")
     back = load_compressed(tmp_path / "ck")
     assert torch.equal(logits(model), logits(back))
-    meta = json.loads((tmp_path / "ck" / "reallm.json").read_text())
-    assert meta["format_version"] == ckpt.FORMAT_VERSION
-    assert set(meta["files"]) == {"reallm.safetensors", "adapters.safetensors"}
-    assert all("bits" in rec and "config" in rec for rec in meta["layers"].values())
+    qc = json.loads((tmp_path / "ck" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "reallm" and qc["format_version"] == ckpt.FORMAT_VERSION == 2
+    assert set(qc["layers"]) == {name for name, _ in iter_reallm_layers(model)}
+    assert all("bits" in rec and "config" in rec and len(rec["sha256"]) == 64 for rec in qc["layers"].values())
+    assert (tmp_path / "ck" / "model.safetensors").is_file() and not (tmp_path / "ck" / "reallm.json").exists()
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
@@ -88,42 +89,68 @@ def saved(tmp_path):
     return save_compressed(model, tmp_path / "ck")
 
 
+def _data_offset(path: Path) -> int:
+    """Where a safetensors file's tensor bytes start (after the 8-byte length and the JSON header)."""
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
 def test_corrupted_file_is_refused(saved):
-    path = saved / "reallm.safetensors"
+    path = saved / "model.safetensors"
     raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
+    start = _data_offset(path)
+    raw[start + (len(raw) - start) // 2] ^= 0xFF  # one byte of some tensor
     path.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match=r"reallm\.safetensors: checksum mismatch"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: checksum mismatch of"):
         load_compressed(saved)
 
 
 def test_truncated_file_is_refused(saved):
-    path = saved / "adapters.safetensors"
+    path = saved / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match=r"adapters\.safetensors: checksum mismatch"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unreadable safetensors file"):
         load_compressed(saved)
 
 
 def test_wrong_version_is_refused(saved):
-    path = saved / "reallm.json"
-    meta = json.loads(path.read_text())
-    meta["format_version"] = 99
-    path.write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=r"reallm\.json: format version 99 is not supported"):
+    ckpt.reseal_config(saved, lambda c: c["quantization_config"].__setitem__("format_version", 99))
+    with pytest.raises(CheckpointError, match=r"config\.json: ReALLM checkpoint format version 99 is not supported "
+                                              r"by this reallm \(it reads versions 1 and 2\): upgrade reallm"):
+        load_compressed(saved)
+
+
+def test_edited_config_is_refused(saved):
+    path = saved / "config.json"
+    path.write_text(path.read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
+    with pytest.raises(CheckpointError, match=r"config\.json: checksum mismatch"):
         load_compressed(saved)
 
 
 def test_missing_tensor_is_refused(saved):
-    path = saved / "reallm.safetensors"
+    path = saved / "model.safetensors"
     tensors = load_file(path)
     victim = next(k for k in tensors if k.endswith(".frozen.codes"))
     del tensors[victim]
-    save_file(tensors, path)
-    meta = json.loads((saved / "reallm.json").read_text())
-    meta["files"]["reallm.safetensors"] = ckpt.sha256_file(path)  # consistent checksum
-    ckpt.write_meta(saved, meta)  # re-sealed: reallm.json refuses hand edits otherwise
-    with pytest.raises(CheckpointError, match=f"reallm.safetensors: missing tensor '{victim}'"):
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"model.safetensors: missing tensor '{victim}'"):
         load_compressed(saved)
+
+
+def test_version_1_errors_are_still_named(tmp_path):
+    """A corrupted or edited directory of format 1 (reallm.json) is refused as before."""
+    import shutil
+
+    old = shutil.copytree(Path(__file__).parent / "data" / "checkpoints_v1" / "rtn3", tmp_path / "v1")
+    path = old / "reallm.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"reallm\.safetensors: checksum mismatch"):
+        load_compressed(old)
+    meta = json.loads((old / "reallm.json").read_text())
+    meta["format_version"] = 99
+    ckpt.write_meta(old, meta)
+    with pytest.raises(CheckpointError, match=r"reallm\.json: format version 99 is not supported"):
+        load_compressed(old)
 
 
 def test_missing_directory_is_refused(tmp_path):
@@ -132,17 +159,16 @@ def test_missing_directory_is_refused(tmp_path):
 
 
 def test_interrupted_save_leaves_nothing_that_loads(tmp_path, monkeypatch):
+    import transformers.modeling_utils as hf_modeling
+
     model = compressed()
-    real = ckpt.atomic_save_safetensors
-    calls = []
+    real = hf_modeling.safe_save_file
 
-    def failing(tensors, path, metadata=None):
-        calls.append(path)
-        if len(calls) == 2:  # the frozen part is written, then the adapters fail
-            raise RuntimeError("simulated crash")
-        return real(tensors, path, metadata)
+    def failing(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        raise RuntimeError("simulated crash")  # the weights are written, then the process dies
 
-    monkeypatch.setattr(ckpt, "atomic_save_safetensors", failing)
+    monkeypatch.setattr(hf_modeling, "safe_save_file", failing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         save_compressed(model, tmp_path / "ck")
     assert not (tmp_path / "ck").exists()

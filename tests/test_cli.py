@@ -133,7 +133,7 @@ def test_interrupted_phase1_resumes_to_an_identical_checkpoint(tiny_dir, tmp_pat
     cli_main(compress_args(tiny_dir, tmp_path / "resumed", "vq-2bit"))
     # the 6 finished matrices were skipped, not recomputed
     assert all(p.stat().st_mtime_ns == t for p, t in done_before.items())
-    for name in ("reallm.safetensors", "adapters.safetensors"):
+    for name in ("model.safetensors", "config.json"):
         assert _sha(tmp_path / "resumed" / "reallm" / name) == _sha(tmp_path / "straight" / "reallm" / name)
 
 
@@ -199,7 +199,7 @@ def test_two_process_phase1_gives_the_single_device_checkpoint(tiny_dir, tmp_pat
     proc = _run_train(compress_args(tiny_dir, tmp_path / "ddp", "vq-2bit", "--trainer.devices", "2",
                                     "--trainer.strategy", "ddp_matrices"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for name in ("reallm.safetensors", "adapters.safetensors"):
+    for name in ("model.safetensors", "config.json"):
         assert _sha(tmp_path / "ddp" / "reallm" / name) == _sha(single / "reallm" / name)
 
 
@@ -211,6 +211,7 @@ def test_phase1_keeps_a_bf16_models_dense_dtype(tmp_path):
     from tiny_models import ALL, word_tokenizer
 
     from reallm import iter_reallm_layers, load_compressed
+    from reallm.checkpoint import read_meta
 
     base = tmp_path / "qwen2-bf16"
     ALL["qwen2"]().to(torch.bfloat16).save_pretrained(base)  # q/k/v biases, untied head
@@ -218,16 +219,18 @@ def test_phase1_keeps_a_bf16_models_dense_dtype(tmp_path):
     cli_main(compress_args(base, tmp_path / "auto", "nf3"))
     cli_main(compress_args(base, tmp_path / "fp32", "nf3", "--data.init_args.dtype", "float32"))
 
-    stored = load_file(tmp_path / "auto" / "reallm" / "reallm.safetensors")
-    dense = {k: v for k, v in stored.items() if k.startswith("dense.")}
+    stored = load_file(tmp_path / "auto" / "reallm" / "model.safetensors")
+    dense_keys = set(read_meta(tmp_path / "auto" / "reallm")["dense"])  # embeddings, norms, head
+    dense = {k: v for k, v in stored.items() if k in dense_keys}
     biases = {k: v for k, v in stored.items() if k.endswith(".bias")}
     assert dense and {v.dtype for v in dense.values()} == {torch.bfloat16}
     assert biases and {v.dtype for v in biases.values()} == {torch.bfloat16}
     original = load_file(base / "model.safetensors")
     for k, v in dense.items():
-        assert torch.equal(v, original[k[len("dense."):]]), k  # the stored values, bit-exactly
-    assert {v.dtype for k, v in load_file(tmp_path / "fp32" / "reallm" / "reallm.safetensors").items()
-            if k.startswith("dense.")} == {torch.float32}
+        assert torch.equal(v, original[k]), k  # the stored values, bit-exactly
+    fp32_keys = set(read_meta(tmp_path / "fp32" / "reallm")["dense"])
+    assert {v.dtype for k, v in load_file(tmp_path / "fp32" / "reallm" / "model.safetensors").items()
+            if k in fp32_keys} == {torch.float32}
 
     model = load_compressed(tmp_path / "auto" / "reallm")
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16

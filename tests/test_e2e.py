@@ -20,9 +20,8 @@ from phase_helpers import (  # noqa: F401 (_one_thread is an autouse fixture)
     text_datamodule,
     trainer,
 )
-from safetensors.torch import load_file
 
-from reallm.checkpoint import load_compressed, read_meta
+from reallm.checkpoint import frozen_digests, load_compressed, read_meta
 from reallm.modules import BlockwisePhase, EndToEndPhase, UserError
 from reallm.training.schedules import cosine_warmup
 
@@ -89,8 +88,9 @@ def test_validation_loss_decreases_frozen_identical_and_phase2_loads(phase1, pha
     assert res["phase"] == "e2e" and res["optimizer_steps"] == 8
     assert res["perplexity"]["tinystories_valid"]["value"] == pytest.approx(hist[-1]["tinystories_valid"])
     out = tmp_path / "run" / "reallm"
-    meta = read_meta(out)
-    assert meta["frozen_ref"] and not (out / "reallm.safetensors").exists()
+    meta = read_meta(out)  # complete on its own; its frozen part was checked equal to phase 2's when written
+    assert meta["extra"]["frozen_from"]["checkpoint"] == str(Path(phase2).absolute())
+    assert frozen_digests(out) == frozen_digests(phase2)
     # the saved adapters are the trained ones; the frozen part is phase 1's, untouched
     reloaded = load_compressed(out)
     for k, v in frozen_state(reloaded).items():
@@ -148,8 +148,8 @@ def test_ddp_two_processes_resident_gives_the_adapters_of_the_dense_cache(phase1
         assert res["phase"] == "e2e" and res["optimizer_steps"] == 1 and res["runtime"]["mode"] == runtime
         assert int(res["config"]["trainer"]["devices"]) == 2
         load_compressed(run / "reallm")
-        adapters[runtime] = load_file(run / "reallm" / "adapters.safetensors")
-    start = load_file(phase1.checkpoint / "adapters.safetensors")
+        adapters[runtime] = adapters_of(run / "reallm")
+    start = adapters_of(phase1.checkpoint)
     assert any(not torch.equal(start[k], adapters["resident"][k]) for k in start)  # the step changed them
     for k, v in adapters["cache"].items():
         torch.testing.assert_close(adapters["resident"][k].float(), v.float(), rtol=1e-4, atol=1e-5)

@@ -18,7 +18,13 @@ from phase_helpers import SHARED, data_args, make_phase1
 from tiny_models import save_tiny_model_dir, tiny_llama, word_tokenizer, write_text
 
 from reallm.callbacks import NonFiniteError, NonFiniteGuard
-from reallm.checkpoint import CheckpointError, load_compressed, save_adapters, save_compressed
+from reallm.checkpoint import (
+    CheckpointError,
+    adapters_fingerprint,
+    load_compressed,
+    save_adapters,
+    save_compressed,
+)
 from reallm.cli import cli_main
 from reallm.modules.base import ReALLMModule
 
@@ -167,7 +173,8 @@ def test_phase1_same_seed_same_bytes(tiny_dir, tmp_path, capfd):
     random.seed(1234)
     cli_main(compress_args(tiny_dir, tmp_path / "b", "vq-3bit-ft", *extra))
     a, b = _hashes(tmp_path / "a" / "reallm"), _hashes(tmp_path / "b" / "reallm")
-    assert {"reallm.safetensors", "adapters.safetensors", "reallm.json"} <= set(a)
+    assert {"model.safetensors", "config.json", "generation_config.json"} <= set(a)
+    del a["README.md"], b["README.md"]  # the model card names its own command line (run directories differ)
     assert a == b
 
 
@@ -180,8 +187,7 @@ def test_e2e_same_seed_same_adapters(tmp_path, capfd):
                   str(tmp_path / run), *data_args(p, sequences=12, batch_size=4)])
     out = capfd.readouterr()
     assert ETA.search(out.out + out.err)
-    assert _hashes(tmp_path / "a" / "reallm")["adapters.safetensors"] == \
-        _hashes(tmp_path / "b" / "reallm")["adapters.safetensors"]
+    assert adapters_fingerprint(tmp_path / "a" / "reallm") == adapters_fingerprint(tmp_path / "b" / "reallm")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,7 +201,8 @@ def _logits(model) -> torch.Tensor:
 
 def test_fuzzed_checkpoints_never_load_silently_wrong(tmp_path):
     """Flip random bytes in, truncate, and extend every file of a saved checkpoint: loading either
-    raises CheckpointError or gives exactly the original logits."""
+    raises CheckpointError or gives exactly the original logits. (README.md, the model card, is
+    documentation: nothing reads it, so it is left out.)"""
     from reallm import CompressionConfig, compress_
     from reallm.surgery import iter_reallm_layers
 
@@ -210,9 +217,9 @@ def test_fuzzed_checkpoints_never_load_silently_wrong(tmp_path):
     ref = _logits(load_compressed(ck))
     ref_other = _logits(load_compressed(ck, adapters="other"))
     rng = random.Random(0)
-    files = sorted(p for p in ck.rglob("*") if p.is_file())
-    assert {"reallm.json", "reallm.safetensors", "adapters.safetensors", "config.json", "tokenizer.json"} <= {
-        p.name for p in files}
+    files = sorted(p for p in ck.rglob("*") if p.is_file() and p.name != "README.md")
+    assert {"config.json", "model.safetensors", "other.safetensors", "generation_config.json", "tokenizer.json",
+            "configuration_reallm.py"} <= {p.name for p in files}
     outcomes = {"refused": 0, "identical": 0}
     for path in files:
         raw = path.read_bytes()
@@ -247,10 +254,11 @@ def test_user_errors_are_one_line(tiny_dir, tmp_path, capsys):
     cli_main(compress_args(tiny_dir, run, "rtn3", "--trainer.fast_dev_run", "true", "--artifacts.figures", "false"))
     capsys.readouterr()
     text = write_text(tmp_path / "words.txt")
-    frozen = run / "reallm" / "reallm.safetensors"
-    raw = bytearray(frozen.read_bytes())
-    raw[len(raw) // 3] ^= 0x40
-    frozen.write_bytes(bytes(raw))
+    weights = run / "reallm" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")  # the tensors' bytes, after the header
+    raw[start + (len(raw) - start) // 3] ^= 0x40
+    weights.write_bytes(bytes(raw))
     eval_args = ["validate", "--config", str(ROOT / "configs/eval.yaml"), "--data.init_args.path", str(text),
                  "--data.init_args.seq_len", "32", "--data.init_args.cache_dir", str(tmp_path / "cache"), *CPU]
     cases = [
@@ -259,7 +267,7 @@ def test_user_errors_are_one_line(tiny_dir, tmp_path, capsys):
          ("nothing", "does not exist"), 1),
         # a corrupted checkpoint
         ([*eval_args, "--model.init_args.checkpoint", str(run / "reallm"), "--run_dir", str(tmp_path / "e1")],
-         ("reallm.safetensors: checksum mismatch",), 1),
+         ("model.safetensors: checksum mismatch",), 1),
         # a run directory that cannot be created
         (compress_args(tiny_dir, tmp_path / "words.txt" / "sub"), ("words.txt",), 1),
         # accelerators this machine does not have (TPU: not even its package)

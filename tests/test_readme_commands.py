@@ -130,3 +130,44 @@ def test_readme_commands_run_as_printed(tmp_path):
         assert 1 < r["perplexity"]["tinystories_valid"]["value"] < 100
     assert results["blockwise"]["complete"] and len(results["blockwise"]["blocks"]) == 5
     assert results["e2e"]["complete"] and results["e2e"]["perplexity"]["tinystories_valid"]["context"] == 64
+
+
+def test_readme_three_lines_from_the_demo_checkpoint(tmp_path, single_thread):
+    """"From `make demo`'s checkpoint to generated text, in three lines": the Makefile's demo compression
+    (its own command, kmeans shortened), then the README's three lines in a fresh process, as printed, from
+    the directory layout the demo makes; the text is the greedy continuation of `load_compressed`'s model."""
+    if not (ROOT / SHARED_REL / "models" / "stories260K").resolve().is_dir():
+        pytest.skip("the demo needs ../shared/models/stories260K")
+    import torch
+    from transformers import AutoTokenizer
+
+    from reallm import load_compressed
+
+    makefile = (ROOT / "Makefile").read_text()
+    demo = re.sub(r"\s*\\\n\s*", " ", makefile.split("\ndemo:", 1)[1]).splitlines()
+    command = next(line.strip() for line in demo if "train.py fit" in line)
+    values = {"$(PY)": sys.executable, "$(PRESET)": "vq-3bit", "$(MODEL)": f"{SHARED_REL}/models/stories260K",
+              "$(CPU)": "--trainer.accelerator cpu", "$(RUN)": str(tmp_path / "runs" / "demo-vq-3bit")}
+    for k, v in values.items():
+        command = command.replace(k, v)
+    assert "$(" not in command, command
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*shlex.split(command), *SHORT["configs/ae.yaml"], "--artifacts.figures", "false"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"in three lines:\n\n```python\n(.*?)```", section, flags=re.S).group(1)
+    assert len(block.strip().splitlines()) == 3
+    proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    checkpoint = tmp_path / "runs" / "demo-vq-3bit" / "compress" / "reallm"
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    ids = tok("Once upon a time", return_tensors="pt")
+    with torch.no_grad():
+        out = load_compressed(checkpoint).generate(**ids, max_new_tokens=40, do_sample=False)
+    assert out.shape[1] == ids.input_ids.shape[1] + 40
+    assert proc.stdout.strip() == tok.decode(out[0]).strip()

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import reallm.nn.dora as dora
 from reallm import CompressionConfig, compress_, load_compressed, save_compressed
-from reallm.checkpoint import FROZEN_FILE
+from reallm.checkpoint import WEIGHTS_FILE
 from reallm.errors import UserError
 from reallm.nn.dora import ReALLMLinear, runtime_report, set_runtime_mode
 from reallm.surgery import iter_reallm_layers, mark_only_adapters_trainable
@@ -94,8 +94,8 @@ def test_dtype_casts_never_change_a_stored_tensor(tmp_path):
         assert stored["codes"].dtype == torch.uint8 and stored["scale_group_max"].dtype == torch.float32
         assert layer._shared_tensors()["codebook"].dtype == torch.float16
     save_compressed(model, tmp_path / "b")
-    a, b = load_file(tmp_path / "a" / FROZEN_FILE), load_file(tmp_path / "b" / FROZEN_FILE)
-    frozen = [k for k in a if ".frozen." in k or k.startswith("shared.")]
+    a, b = load_file(tmp_path / "a" / WEIGHTS_FILE), load_file(tmp_path / "b" / WEIGHTS_FILE)
+    frozen = [k for k in a if ".frozen." in k or k.startswith("reallm.shared.")]
     assert frozen and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in frozen)
 
 

@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from reallm.checkpoint import ADAPTER_FILE, read_meta
+from reallm.checkpoint import adapters_fingerprint
 from reallm.errors import UserError
 from reallm.files import atomic_save_safetensors, atomic_write_json
 from reallm.hf import find_decoder_blocks, resolve_safetensors
@@ -303,9 +303,8 @@ class BlockwisePhase(ReALLMModule):
         t0 = time.time()
         windows = self._calibration_windows()
         n, seq_len = windows.shape
-        meta = read_meta(self.checkpoint)
         self._fingerprint = {
-            "checkpoint_adapters": meta["files"].get(ADAPTER_FILE),
+            "checkpoint_adapters": adapters_fingerprint(self.checkpoint),
             "calibration": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16],
             "lr": self.lr, "betas": list(self.betas), "weight_decay": self.weight_decay,
             "effective_batch": self.effective_batch, "micro_batch": self._micro,
