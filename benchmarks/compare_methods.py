@@ -67,21 +67,22 @@ def evaluate(out: Path, name: str, model_args: list[str], texts: list[str], wind
 
 
 def band_notes(rows: list[dict]) -> list[str]:
-    """One line per 2- or 3-bit row: inside its band, or outside it and the overhead item that weighs most."""
+    """One line per 2- or 3-bit row: inside its band, or outside it and the two largest items beside the codes."""
     from reallm.report import bits_breakdown
 
     lines = []
     for r in rows:
         nominal, bits = r["bits"].get("nominal"), r["bits"].get("decoder_linears")
+        if isinstance(nominal, list) and nominal:  # matrices chose different formats (reallm-*): the preset's b
+            nominal = min(nominal)
         if not isinstance(nominal, (int, float)) or int(nominal) not in BANDS or bits is None:
             continue
         lo, hi = BANDS[int(nominal)]
         if lo <= bits <= hi:
             lines.append(f"- {r['label']}: {bits:.3f} bits, within {lo}–{hi}")
             continue
-        overhead = {k: v for k, v in bits_breakdown(r["matrices"]).items() if k not in _CODE_ITEMS}
-        worst = max(overhead.items(), key=lambda kv: kv[1], default=None)
-        why = f": {worst[0]} costs {worst[1]:.3f} bit per weight" if worst else ""
+        overhead = [(k, v) for k, v in bits_breakdown(r["matrices"]).items() if k not in _CODE_ITEMS]  # largest first
+        why = f"; largest items beside the codes: {', '.join(f'{k} {v:.3f}' for k, v in overhead[:2])}" if overhead else ""
         lines.append(f"- {r['label']}: {bits:.3f} bits, OUTSIDE {lo}–{hi}{why}")
     return lines
 
