@@ -22,7 +22,12 @@ time of the compression:
   ``reallm.quant.e8p.e8_residual_quantize`` with stages ("e8p",), ("e8p", "e8_1bit"),
   ("e8p", "e8p") on the rotated matrix's horizontal 8-vectors, one searched scale per stage;
   codes + one fp32 scale per stage + two int64 rotation seeds (as the container stores them);
-- ``NF3, container`` as a 3-bit reference: ``CompressionConfig(quantizer="nf", bits=3)``.
+- ``NF3, container`` as a 3-bit reference: ``CompressionConfig(quantizer="nf", bits=3)``;
+- the stored formats of the presets, through ``compress_weight`` with the compression settings of
+  ``configs/methods/<preset>.yaml`` and the method seed (absmax block scales, bits from the container's
+  own accounting, per-matrix codebooks: ``codebook_scope`` is a model-level choice):
+  ``aqlm-2bit, container`` (additive 2x8, beam 8), ``quip-2bit, container`` (Hadamard + E8P),
+  ``quip-3bit, container`` (Hadamard + E8P + 1-bit stage).
 
 The goal (QuIP# and AQLM papers): at 2 bits, E8P and additive 2x8 each have a lower error than
 k-means b2 d4 on Gaussian data. Times are printed for orientation only: on a shared machine they are
@@ -54,6 +59,16 @@ from reallm.quant.vq import assign, kmeans  # noqa: E402
 def container_row(W: torch.Tensor, config: CompressionConfig) -> tuple[torch.Tensor, float]:
     w = compress_weight(W, config, name="gaussian")
     return w.dequantize(), w.bits()["per_weight"]
+
+
+def preset_config(name: str, seed: int) -> CompressionConfig:
+    """The compression settings of configs/methods/<name>.yaml for one matrix (per-matrix codebooks)."""
+    import yaml
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "methods", f"{name}.yaml")
+    with open(path) as f:
+        comp = yaml.safe_load(f)["model"]["init_args"]["compression"]
+    return CompressionConfig(**{**comp, "codebook_scope": "matrix", "seed": seed})
 
 
 def kmeans_raw(W: torch.Tensor, seed: int) -> tuple[torch.Tensor, float]:
@@ -121,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
         ("E8P + 1-bit (Hadamard)", 3, lambda s: e8_row(W, s, ("e8p", "e8_1bit"))),
         ("NF3, container", 3, lambda s: container_row(W, CompressionConfig(quantizer="nf", bits=3, seed=s))),
         ("E8P + E8P (Hadamard)", 4, lambda s: e8_row(W, s, ("e8p", "e8p"))),
+        ("aqlm-2bit, container", 2, lambda s: container_row(W, preset_config("aqlm-2bit", s))),
+        ("quip-2bit, container", 2, lambda s: container_row(W, preset_config("quip-2bit", s))),
+        ("quip-3bit, container", 3, lambda s: container_row(W, preset_config("quip-3bit", s))),
     ]
     print("| method | nominal bits | accounted bits/weight | rel. Frobenius error: mean [min, max] "
           "| time (s), mean | notes |")

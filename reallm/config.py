@@ -29,10 +29,13 @@ class CompressionConfig:
             residual in fp16 (LoRA / fp16 rows), "nf" NormalFloat-b with absmax block scales
             (QLoRA, LQ-LoRA), "rtn" asymmetric round-to-nearest int-b with min/max per block
             (baseline), "vq" k-means vector quantization of d-vectors with absmax block scales
-            (AQLM-like, QuIP#-like, ReALLM without decoder), "autoencoder" the trained patch
-            autoencoder (set by phase 1); `python -m reallm.codecs` lists every format.
-        bits: nominal bits b per coordinate (the paper's "bits").
-        vq_dim: VQ vector dimension d (1, 2, 4 or 8; b·d ≤ 16). Codebook size K = 2^(b·d).
+            (ReALLM without decoder), "additive" M codebooks whose codewords are summed (AQLM-like),
+            "e8p" QuIP#'s E8P lattice codebook (QuIP#-like, with rotation="hadamard"),
+            "autoencoder" the trained patch autoencoder (set by phase 1); `python -m reallm.codecs`
+            lists every format.
+        bits: nominal bits b per coordinate (the paper's "bits"; "e8p": 2, 3 or 4).
+        vq_dim: vector dimension d of "vq" (1, 2, 4 or 8; b·d ≤ 16; codebook size K = 2^(b·d)) and of
+            "additive" (1, 2, 4, 8 or 16). "e8p" vectors always have 8 values (the lattice's dimension).
         block_size: values per first-level absmax scale block, B0 (row-major flattening).
         scale_bits: bits of the double-quantized scale codes.
         scale_group: scales per fp32 second-level group maximum, B1.
@@ -52,15 +55,24 @@ class CompressionConfig:
         dora: keep a trainable DoRA magnitude vector (one per output unit); False is plain LoRA.
         magnitude_dtype: storage precision of the DoRA magnitude ("float32" keeps the initial
             layer output exactly equal to the decomposition; "float16" halves its cost).
-        kmeans_iters: maximum Lloyd iterations of the k-means codebook.
+        kmeans_iters: maximum Lloyd iterations of the k-means codebook ("additive": of each
+            codebook's initial k-means).
         kmeans_tol: stop k-means when the relative decrease of the inertia falls below this.
-        kmeans_init: "kmeans++" or "random".
-        kmeans_max_points: fit the codebook on at most this many vectors (a seeded subsample);
+        kmeans_init: "kmeans++" or "random" ("additive" decides by size: k-means++ up to 4096
+            codewords, random points above).
+        kmeans_max_points: fit the codebook(s) on at most this many vectors (a seeded subsample);
             every vector is still assigned exactly. None fits on all vectors.
         codebook_scope: "matrix" learns one codebook per matrix; "model" shares one codebook
             among all matrices compressed with this config (its bits are divided among them in
             proportion to their sizes) — what small models need, where a per-matrix codebook
             would cost more than the codes.
+        codebooks: "additive": number M of codebooks, i.e. codes per d-vector. Each codebook has
+            K = 2^(b·d/M) codewords (b·d/M must be an integer in 1..16): b = 2, d = 8, M = 2 is AQLM's
+            "2x8", M = 1 its "1x16".
+        beam: "additive": beam width of the code search (1 = greedy residual assignment).
+        refine_iters: "additive": refinement iterations after the residual k-means initialisation
+            (each a joint least-squares codeword update and a beam-search code update; stops early
+            when the error improves by less than kmeans_tol, relatively).
         autoencoder: patch-autoencoder settings (quantizer="autoencoder"); a dict of
             `reallm.nn.autoencoder` options written by phase 1.
         seed: seed of every random choice (k-means init, rotation signs, randomised SVD).
@@ -87,6 +99,9 @@ class CompressionConfig:
     kmeans_init: Literal["kmeans++", "random"] = "kmeans++"
     kmeans_max_points: int | None = 1 << 20
     codebook_scope: Literal["matrix", "model"] = "matrix"
+    codebooks: int = 2
+    beam: int = 8
+    refine_iters: int = 10
     autoencoder: dict[str, Any] | None = field(default=None)
     seed: int = 0
 

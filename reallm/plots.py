@@ -219,6 +219,10 @@ def plot_pareto(points: Sequence[dict[str, Any]], path: str | os.PathLike, *, da
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
             lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+    bits = [p["bits"] for p in pts]
+    if min(bits) > 0 and max(bits) / min(bits) > 6:  # e.g. 2-bit rows beside fp16 or a 39-bit row: log2 axis
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel(xlabel, fontsize=9)
     ax.set_ylabel(ylabel or f"perplexity{f' ({dataset})' if dataset else ''}", fontsize=9)
     ax.tick_params(labelsize=8, which="both")

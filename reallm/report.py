@@ -10,6 +10,11 @@ validation, a sweep's runs) get their own row. Perplexity ratios are against the
 (default: the first evaluation of a base model, i.e. without a checkpoint). Rows with the same
 label (a sweep's runs share their preset) are told apart by the config values that differ.
 
+Each row says what its bits pay for (accounted bits per weight of each item over the decoder linears:
+codes, codebook, scales, permutation, rotation, low-rank, magnitude, ...) and, per evaluation text,
+the fair comparison: the row with the lowest perplexity among the *other* rows at equal or fewer
+accounted bits (decoder linears), or "-" when there is none (the row is then the cheapest).
+
 With `--figures DIR`: `DIR/report.md` (the table and the figures), `error_by_block.png` (per-matrix
 relative error against block index, one panel per layer type, one line per row: the paper's
 Figure 3), `pareto_<dataset>.png` (accounted bits against perplexity with the Pareto front),
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -118,28 +124,72 @@ def _short(v: Any) -> str:
     return str(v)
 
 
+def bits_breakdown(matrices: list[dict[str, Any]]) -> dict[str, float]:
+    """What the bits pay for: accounted bits per weight of each bit item (codes, codebook, scales, ...) over
+    the given matrices (results.json's "matrices", each with its "items" in bits and its "shape"), largest
+    first; items worth nothing are left out. Empty when a matrix has no itemised bits."""
+    if not matrices or any(not m.get("items") or not m.get("shape") for m in matrices):
+        return {}
+    weights = sum(m["shape"][0] * m["shape"][1] for m in matrices)
+    sums: dict[str, float] = {}
+    for m in matrices:
+        for item, nbits in m["items"].items():
+            sums[item] = sums.get(item, 0.0) + nbits
+    return {k: v / weights for k, v in sorted(sums.items(), key=lambda kv: -kv[1]) if v > 0}
+
+
+def format_breakdown(items: dict[str, float]) -> str:
+    """`codes 2.000 + codebook 0.289 + scales 0.135`, or "-"."""
+    return " + ".join(f"{k} {v:.3f}" for k, v in items.items()) or "-"
+
+
+def best_other_at_most_bits(rows: list[dict[str, Any]], dataset: str) -> list[dict[str, Any] | None]:
+    """The fair comparison of each row: among the other rows with a perplexity on `dataset` and accounted bits
+    (decoder linears) equal to or fewer than this row's, the one with the lowest perplexity (None: no such row,
+    or this row has no bits). Rows without bits (an uncompressed model) are never chosen."""
+    def bits(r: dict[str, Any]) -> float | None:
+        b = r["bits"].get("decoder_linears")
+        return float(b) if isinstance(b, (int, float)) and math.isfinite(b) else None
+
+    def ppl(r: dict[str, Any]) -> float | None:
+        v = r["perplexity"].get(dataset, {}).get("value")
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    out: list[dict[str, Any] | None] = []
+    for i, r in enumerate(rows):
+        own = bits(r)
+        rivals = [o for j, o in enumerate(rows) if j != i and own is not None and bits(o) is not None
+                  and ppl(o) is not None and bits(o) <= own * (1 + 1e-9)]
+        out.append(min(rivals, key=lambda o: (ppl(o), bits(o))) if rivals else None)
+    return out
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     base = next((r for r in rows if r["is_base"]), None)
     datasets = sorted({d for r in rows for d in r["perplexity"]})
     tasks = sorted({t for r in rows for t in r.get("zero_shot", {})})
-    head = ["model", "nominal b", "bits (decoder linears)", "bits (whole model)", "mean rel. error"]
+    rivals = {d: best_other_at_most_bits(rows, d) for d in datasets}
+    head = ["model", "nominal b", "bits (decoder linears)", "bits pay for", "bits (whole model)", "mean rel. error"]
     for d in datasets:
-        head += [f"ppl {d}", f"× original ({d})"]
+        head += [f"ppl {d}", f"× original ({d})", f"best other ≤ bits ({d})"]
     head += [f"acc {t}" for t in tasks]
     head.append("compress time (s)")
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for r in rows:
+    for i, r in enumerate(rows):
         b = r["bits"]
 
         def f(v, fmt="{:.3f}"):
             return "-" if v is None else fmt.format(v)
 
         cells = [r["label"], f(b.get("nominal"), "{}"), f(b.get("decoder_linears")),
-                 f(b.get("whole_model")), f(r["rel_error"], "{:.4f}")]
+                 format_breakdown(bits_breakdown(r["matrices"])), f(b.get("whole_model")), f(r["rel_error"], "{:.4f}")]
         for d in datasets:
             v = r["perplexity"].get(d, {}).get("value")
             ref = base["perplexity"].get(d, {}).get("value") if base else None
-            cells += [f(v, "{:.3f}"), f(v / ref if v and ref else None, "{:.3f}")]
+            rival = rivals[d][i]
+            cells += [f(v, "{:.3f}"), f(v / ref if v and ref else None, "{:.3f}"),
+                      "-" if rival is None else f"{rival['label']} {rival['perplexity'][d]['value']:.3f} "
+                                                f"({rival['bits']['decoder_linears']:.3f} bits)"]
         cells += [f(r.get("zero_shot", {}).get(t, {}).get("acc"), "{:.4f}") for t in tasks]
         cells.append(f(r["time_s"], "{:.1f}"))
         lines.append("| " + " | ".join(cells) + " |")

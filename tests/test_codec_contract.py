@@ -28,8 +28,9 @@ def _safetensors_payload_bytes(path) -> int:
     return len(raw) - 8 - header_len
 
 
-# (format, config, relative Frobenius error bound on a 256×192 Gaussian matrix; the value measured on this
-# machine is in each comment (NF2 is poor by construction: its asymmetric 4-level table, cf. shared/README))
+# (format, config, relative Frobenius error bound on a 256×192 Gaussian matrix, or on the (p, q) given as a
+# third element for formats whose encoding is slow; the value measured on this machine is in each comment
+# (NF2 is poor by construction: its asymmetric 4-level table, cf. shared/README))
 ROWS = {
     "fp16": (CompressionConfig(quantizer="none", bits=16), 1e-3),  # 0.0002
     "nf4-qlora": (CompressionConfig(quantizer="nf", bits=4, rank=8, lowrank_init="zero"), 0.11),  # 0.092
@@ -43,12 +44,21 @@ ROWS = {
     "vq-1bit-d8": (CompressionConfig(quantizer="vq", bits=1, vq_dim=8, kmeans_iters=20), 0.60),  # 0.531
     "quip-like": (CompressionConfig(quantizer="vq", bits=2, vq_dim=4, rotation="hadamard", kmeans_iters=20), 0.34),
     "int8-lowrank": (CompressionConfig(quantizer="nf", bits=3, rank=4, lowrank_dtype="int8"), 0.23),  # 0.191
+    # AQLM-like 2x8 (per-matrix codebooks: 1.33 bits of codebook on this small matrix) and 4x4 after permutation
+    "additive-2x8-d8": (CompressionConfig(quantizer="additive", bits=2, vq_dim=8, codebooks=2, beam=4,
+                                          refine_iters=3, kmeans_iters=10), 0.30),  # 0.264
+    "additive-4x4-d8-perm": (CompressionConfig(quantizer="additive", bits=2, vq_dim=8, codebooks=4, beam=2,
+                                               refine_iters=2, kmeans_iters=10, permute=True), 0.36),  # 0.326
+    # QuIP#-like: Hadamard + E8P (2 bits); E8P + the 1-bit lattice stage (3 bits)
+    "e8p-2bit-hadamard": (CompressionConfig(quantizer="e8p", bits=2, rotation="hadamard"), 0.34),  # 0.306
+    # (its scale search runs ~50 nearest-point passes: a smaller matrix keeps the test short)
+    "e8p-3bit": (CompressionConfig(quantizer="e8p", bits=3), 0.20, (128, 96)),  # 0.177
 }
 MADE_ELSEWHERE = {"autoencoder"}  # produced by a training phase: tests/test_codec.py, test_ae_phase.py
 
 
 def test_every_format_has_a_row():
-    covered = {cfg.quantizer for cfg, _ in ROWS.values()} | MADE_ELSEWHERE
+    covered = {cfg.quantizer for cfg, *_ in ROWS.values()} | MADE_ELSEWHERE
     assert covered == set(names()), f"formats without a contract row: {sorted(set(names()) - covered)}"
     for name in MADE_ELSEWHERE:
         assert get_codec(name).produced_by
@@ -58,8 +68,8 @@ def test_every_format_has_a_row():
 def test_contract(row, tmp_path):
     """Shape preserved, any input dtype accepted, error below its bound, every stored tensor claimed by a
     bit item, bits == saved bytes, exact round trip through the flat dict, deterministic for a seed."""
-    cfg, bound = ROWS[row]
-    W = gaussian(256, 192, seed=1)
+    cfg, bound, *shape = ROWS[row]
+    W = gaussian(*(shape[0] if shape else (256, 192)), seed=1)
     for dtype in (torch.bfloat16, torch.float32):  # ends with fp32: the error below is fp32's
         w = compress_weight(W.to(dtype), cfg, name="layer")
         W_hat = w.dequantize()
@@ -83,11 +93,12 @@ def test_contract(row, tmp_path):
     assert all(torch.equal(again.frozen[k], w.frozen[k]) for k in w.frozen)
 
 
-@pytest.mark.parametrize("row", ["nf2", "rtn3-perm-rot", "vq-2bit-d4", "fp16", "int8-lowrank"])
+@pytest.mark.parametrize("row", ["nf2", "rtn3-perm-rot", "vq-2bit-d4", "fp16", "int8-lowrank", "additive-2x8-d8",
+                                 "e8p-2bit-hadamard"])
 @pytest.mark.parametrize("shape", [(172, 64), (64, 172), (37, 100)])
 def test_odd_shapes(row, shape):
     """Sides that are not multiples of the block size (blocks cross rows; the last one is padded)."""
-    cfg, bound = ROWS[row]
+    cfg, bound, *_ = ROWS[row]
     W = gaussian(*shape, seed=2)
     w = compress_weight(W, cfg.replace(permute_rows=16) if cfg.permute else cfg)
     err = float((w.dequantize() - W).norm() / W.norm())

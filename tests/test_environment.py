@@ -21,7 +21,7 @@ def _canonical(name: str) -> str:
 def _pins() -> dict[str, str]:
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
+        line = line.split("#", 1)[0].split(";", 1)[0].strip()  # no comment, no environment marker
         if line:
             name, _, version = line.partition("==")
             pins[_canonical(name)] = version

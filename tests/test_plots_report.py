@@ -130,6 +130,13 @@ def test_report_command_table_and_figures(runs, capsys):
     assert labels == ["original", "nf3 bits=3", "nf3 bits=4"], labels
     by_label = dict(zip(labels, rows))
     assert "1.000" in by_label["original"] and by_label["nf3 bits=4"].count(" - ") == 0
+    head = [c.strip() for c in lines[0].split("|")[1:-1]]
+    cells = {lab: dict(zip(head, (c.strip() for c in row.split("|")[1:-1]))) for lab, row in by_label.items()}
+    # what the bits pay for, and the fair comparison: the best other row at equal or fewer bits
+    assert cells["nf3 bits=4"]["bits pay for"].startswith("codes 4.000 + scales 0.1")
+    assert cells["nf3 bits=4"]["best other ≤ bits (words)"].startswith("nf3 bits=3 ")
+    assert cells["nf3 bits=3"]["best other ≤ bits (words)"] == "-"  # nothing is cheaper
+    assert cells["original"]["bits pay for"] == "-" and cells["original"]["best other ≤ bits (words)"] == "-"
     names = sorted(p.name for p in out.glob("*.png"))
     assert names == ["error_by_block.png", "heatmap_nf3_bits=3.png", "heatmap_nf3_bits=4.png",
                      "pareto_error.png", "pareto_words.png"], names
@@ -137,6 +144,33 @@ def test_report_command_table_and_figures(runs, capsys):
         _image(p)
     md = (out / "report.md").read_text()
     assert "| nf3 bits=4 |" in md and "![pareto_words](pareto_words.png)" in md
+
+
+def _row(label, bits, ppl, matrices=()):
+    return {"label": label, "bits": {"decoder_linears": bits} if bits is not None else {},
+            "perplexity": {"t": {"value": ppl}}, "matrices": list(matrices)}
+
+
+def test_best_other_at_most_bits():
+    from reallm.report import best_other_at_most_bits
+
+    rows = [_row("a", 2.1, 40.0), _row("b", 3.1, 9.0), _row("c", 3.5, 11.0), _row("d", 3.1, 8.5),
+            _row("original", None, 5.0), _row("e", 2.0, float("nan"))]
+    got = [None if r is None else r["label"] for r in best_other_at_most_bits(rows, "t")]
+    # a: only e is cheaper, without a finite perplexity; b and d tie on bits (equal counts); c: d is best ≤ 3.5
+    assert got == [None, "d", "d", "b", None, None]  # e: nothing at ≤ 2.0 bits
+    assert best_other_at_most_bits(rows, "other text") == [None] * len(rows)
+
+
+def test_bits_breakdown_per_weight_over_the_matrices():
+    from reallm.report import bits_breakdown, format_breakdown
+
+    mats = [{"shape": [2, 4], "items": {"codes": 16.0, "codebook": 8.0, "lowrank": 0.0}},
+            {"shape": [4, 4], "items": {"codes": 32.0, "codebook": 8.0}}]
+    items = bits_breakdown(mats)  # 24 weights: codes 48 bits, codebook 16 bits
+    assert list(items) == ["codes", "codebook"] and items["codes"] == 2.0 and items["codebook"] == pytest.approx(2 / 3)
+    assert format_breakdown(items) == "codes 2.000 + codebook 0.667"
+    assert bits_breakdown(mats + [{"shape": [1, 1]}]) == {} and format_breakdown({}) == "-"
 
 
 def test_report_errors_are_one_line(tmp_path, capsys):

@@ -111,3 +111,15 @@ def test_autoencoder_latent_codebook_gets_gradients():
     model(sample_ids()).logits.square().mean().backward()
     grads = [p.grad for layer in layers for k, p in layer.stored_params.items() if "latent_codebook" in k]
     assert grads and all(g is not None and float(g.abs().sum()) > 0 for g in grads)
+
+
+@pytest.mark.parametrize("cfg", [dict(quantizer="additive", bits=2, vq_dim=8, codebooks=2, beam=2, refine_iters=2),
+                                 dict(quantizer="e8p", bits=2, rotation="hadamard")])
+def test_baseline_formats_train_their_codebooks_or_scales(cfg):
+    g = torch.Generator().manual_seed(1)
+    weight = compress_weight(torch.randn(32, 64, generator=g) * 0.05, CompressionConfig(rank=0, **cfg))
+    layer = ReALLMLinear(weight)
+    holder = torch.nn.Sequential(layer)
+    assert make_stored_trainable(holder) > 0
+    layer(torch.randn(4, 64, generator=g)).square().sum().backward()
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in layer.stored_params.values())

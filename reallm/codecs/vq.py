@@ -38,7 +38,7 @@ def fit_codebook(vectors: Tensor, config, init: Tensor | None = None) -> Tensor:
 @register
 class VectorQuantizer(Codec):
     name = "vq"
-    summary = "k-means codebook of 2^(b·d) d-vectors, absmax block scales (AQLM-/QuIP#-like, ReALLM without decoder)"
+    summary = "k-means codebook of 2^(b·d) d-vectors, absmax block scales (ReALLM without decoder)"
     bit_items = {"codes": "codes", "codebook": "codebook"}
     table_kernels = True
     trainable = {"codebook": ("codebook",)}
