@@ -82,7 +82,8 @@ def band_notes(rows: list[dict]) -> list[str]:
             lines.append(f"- {r['label']}: {bits:.3f} bits, within {lo}–{hi}")
             continue
         overhead = [(k, v) for k, v in bits_breakdown(r["matrices"]).items() if k not in _CODE_ITEMS]  # largest first
-        why = f"; largest items beside the codes: {', '.join(f'{k} {v:.3f}' for k, v in overhead[:2])}" if overhead else ""
+        largest = ", ".join(f"{k} {v:.3f}" for k, v in overhead[:2])
+        why = f"; largest items beside the codes: {largest}" if overhead else ""
         lines.append(f"- {r['label']}: {bits:.3f} bits, OUTSIDE {lo}–{hi}{why}")
     return lines
 

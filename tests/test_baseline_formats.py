@@ -11,8 +11,15 @@ import torch
 import yaml
 from tiny_models import sample_ids, tiny_llama
 
-from reallm import CompressionConfig, bits_report, compress_, compress_weight, iter_reallm_layers, load_compressed
-from reallm import save_compressed
+from reallm import (
+    CompressionConfig,
+    bits_report,
+    compress_,
+    compress_weight,
+    iter_reallm_layers,
+    load_compressed,
+    save_compressed,
+)
 from reallm.codecs import get_codec
 from reallm.container import decode_frozen, decode_frozen_rows, normalize_residual, row_tiles
 from reallm.quant.additive import additive_decode, additive_unpack_codes
@@ -90,7 +97,8 @@ def _expected_blocks(w):
         codes = additive_unpack_codes(stored["codes"], n, cfg.codebooks, k)
         return additive_decode(codes, stored["codebooks"].float()).view(-1, cfg.block_size)
     stages = {2: ("e8p",), 3: ("e8p", "e8_1bit"), 4: ("e8p", "e8p")}[cfg.bits]
-    codes = [unpack_bits(stored[key], 16 if s == "e8p" else 8, n) for key, s in zip(("codes", "residual_codes"), stages)]
+    keys = ("codes", "residual_codes")
+    codes = [unpack_bits(stored[key], 16 if s == "e8p" else 8, n) for key, s in zip(keys, stages)]
     return e8_residual_dequantize(codes, stored["lattice_scales"].tolist(), stages).view(-1, cfg.block_size)
 
 
@@ -165,14 +173,16 @@ OUTSIDE_BAND = {
     "aqlm-1x16": "its 2^16-codeword fp16 codebook costs 37 bits per weight on 226,560 weights",
     "lqlora-3bit": "LQ-LoRA's bf16 low-rank part (rank 1 = 64 at 4096) costs 0.41 bit per weight at widths 64-172",
     "vq-2bit-ft": "a fine-tuning preset: its int8 rank-2 low-rank part costs 0.42 bit per weight (budget 2.75)",
-    "vq-3bit-ft": "a fine-tuning preset: its int8 rank-1 low-rank part and fp16 DoRA magnitude cost 0.42 bit per weight",
+    "vq-3bit-ft": "a fine-tuning preset: its int8 rank-1 low-rank part and fp16 DoRA magnitude cost 0.42 bit per "
+                  "weight",
 }
 # iteration counts change what is stored, never how much of it: the test runs them at their minimum
 _FAST = {"kmeans_iters": 1, "refine_iters": 0, "lowrank_iters": 1, "beam": 1}
 
 
 def _preset_compression(name: str) -> dict:
-    return yaml.safe_load((ROOT / "configs" / "methods" / f"{name}.yaml").read_text())["model"]["init_args"]["compression"]
+    preset = yaml.safe_load((ROOT / "configs" / "methods" / f"{name}.yaml").read_text())
+    return preset["model"]["init_args"]["compression"]
 
 
 def _decoder_linear_bits(model_dir: Path, cfg: CompressionConfig) -> float:
@@ -189,7 +199,7 @@ def _decoder_linear_bits(model_dir: Path, cfg: CompressionConfig) -> float:
         if isinstance(mod, torch.nn.Linear) and ".layers." in name:
             by_shape.setdefault(tuple(mod.weight.shape), []).append((name, mod.weight.detach()))
     total = weights = 0.0
-    for shape, members in by_shape.items():
+    for members in by_shape.values():
         name, W = members[0]
         total += compress_weight(W, cfg, name=name).bits()["total"] * len(members)
         weights += W.numel() * len(members)
