@@ -45,14 +45,13 @@ from torch import Tensor
 from reallm.config import CompressionConfig
 
 from .cpu_lut import group_table
-from .prepare import PreparedFrozen, fused_format, values_per_code
+from .prepare import PreparedFrozen, common_reason, values_per_code
 
-__all__ = ["MAX_TOKENS", "machine_reason", "unsupported_reason", "supports", "avx512_frozen_matmul", "group_size"]
+__all__ = ["MAX_TOKENS", "machine_reason", "unsupported_reason", "avx512_frozen_matmul", "group_size"]
 
 MAX_TOKENS = 4
 _REGISTER_WIDTH = 6  # K = 2^w ≤ 64: the LUT of one group is four zmm registers
 _MAX_WIDTH = 8  # K ≤ 256: the 16 look-ups are one gather from the group's LUT row
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NO_PERM_ROWS_PER_TASK = 256  # rows of one call without permutation (a multiple of the 16-row tile)
 _LUT_CHUNK_BYTES = 1024 * 1024  # LUT of one column chunk: half a core's L2
 _FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vbmi",
@@ -323,16 +322,11 @@ def unsupported_reason(
 ) -> str | None:
     """Why the AVX-512 path cannot serve this call, or None when it can (arguments as in
     `reallm.kernels.cpu_lut.unsupported_reason`)."""
-    if not fused_format(config):
-        return f"format {config.quantizer!r} is not read by the fused kernels (no value table)"
     if torch.device(device).type != "cpu":
         return f"the CPU path runs on CPU tensors, got device {torch.device(device)}"
-    if dtype not in _DTYPES:
-        return f"x dtype {dtype} is not one of float32, bfloat16, float16"
-    if not 1 <= n_tokens <= MAX_TOKENS:
-        return f"the AVX-512 path serves 1..{MAX_TOKENS} tokens, got {n_tokens}"
-    if config.scale_bits > 8:
-        return f"scale_bits {config.scale_bits} > 8"
+    common = common_reason(config, dtype, n_tokens, MAX_TOKENS, "AVX-512")
+    if common is not None:
+        return common
     g = group_size(config, None)
     if g * config.bits > _MAX_WIDTH:
         return f"its table has 2^{g * config.bits} entries per look-up, more than 256"
@@ -343,16 +337,6 @@ def unsupported_reason(
     _, why = _library()
     return why
 
-
-def supports(
-    config: CompressionConfig,
-    device: torch.device | str,
-    dtype: torch.dtype,
-    n_tokens: int,
-    shape: tuple[int, int] | None = None,
-) -> bool:
-    """True when `unsupported_reason` finds nothing (same arguments)."""
-    return unsupported_reason(config, device, dtype, n_tokens, shape) is None
 
 
 _POOL: ThreadPoolExecutor | None = None

@@ -36,15 +36,14 @@ from torch import Tensor
 
 from reallm.config import CompressionConfig
 
-from .prepare import PreparedFrozen, fused_format, values_per_code
+from .prepare import PreparedFrozen, common_reason, values_per_code
 
-__all__ = ["MAX_TOKENS", "unsupported_reason", "supports", "cpu_frozen_matmul"]
+__all__ = ["MAX_TOKENS", "unsupported_reason", "cpu_frozen_matmul"]
 
 MAX_TOKENS = 4  # past a few tokens decode-then-GEMM (one BLAS call) wins over per-token lookups
 _LUT_MAX_WIDTH = 8  # K ≤ 256: the LUT of one input group stays within 1 KB per token
 _CODES_PER_RUN = 8  # 8 codes of w bits = w bytes: every run starts on a byte boundary
 _ACCUMULATORS = 4  # independent partial sums per token (hides the latency of the float adds)
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NO_PERM_ROWS_PER_TASK = 128  # rows sharing one pass over the LUT chunks (L2 reuse)
 _LUT_CHUNK_BYTES = 1024 * 1024  # LUT of one column chunk: half a core's L2, beside the streamed codes
 
@@ -85,18 +84,13 @@ def unsupported_reason(
         n_tokens: rows of x (tokens in the batch).
         shape: (p, q) of the weight, when known (shape-dependent limits are checked then).
     """
-    if not fused_format(config):
-        return f"format {config.quantizer!r} is not read by the fused kernels (no value table)"
     if torch.device(device).type != "cpu":
         return f"the CPU path runs on CPU tensors, got device {torch.device(device)}"
-    if dtype not in _DTYPES:
-        return f"x dtype {dtype} is not one of float32, bfloat16, float16"
-    if not 1 <= n_tokens <= MAX_TOKENS:
-        return f"the CPU path serves 1..{MAX_TOKENS} tokens, got {n_tokens}"
     if sys.byteorder != "little":
         return "the CPU path assumes a little-endian host"
-    if config.scale_bits > 8:
-        return f"scale_bits {config.scale_bits} > 8"
+    common = common_reason(config, dtype, n_tokens, MAX_TOKENS, "CPU")
+    if common is not None:
+        return common
     d = values_per_code(config)
     if shape is not None and d > 1 and shape[1] % d:
         return f"vectors cross rows (q = {shape[1]} is not a multiple of d = {d})"
@@ -104,16 +98,6 @@ def unsupported_reason(
         return "numba is not installed (pip install numba)"
     return None
 
-
-def supports(
-    config: CompressionConfig,
-    device: torch.device | str,
-    dtype: torch.dtype,
-    n_tokens: int,
-    shape: tuple[int, int] | None = None,
-) -> bool:
-    """True when `unsupported_reason` finds nothing (same arguments)."""
-    return unsupported_reason(config, device, dtype, n_tokens, shape) is None
 
 
 # ---------------------------------------------------------------------------------------------

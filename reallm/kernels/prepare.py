@@ -29,12 +29,30 @@ from reallm.config import CompressionConfig
 from reallm.quant.packing import packed_nbytes, unpack_bits
 from reallm.quant.permutation import index_bits
 
-__all__ = ["PreparedFrozen", "fused_format", "prepare", "values_per_code"]
+__all__ = ["KERNEL_DTYPES", "PreparedFrozen", "common_reason", "fused_format", "prepare", "values_per_code"]
 
 def fused_format(config: CompressionConfig) -> bool:
     """Whether the fused kernels read this stored format directly (its codec has `table_kernels`:
     packed codes indexing a value table, with absmax block scales); others are decoded."""
     return get_codec(config.quantizer).table_kernels
+
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # input dtypes every fused path takes
+
+
+def common_reason(config: CompressionConfig, dtype: torch.dtype, n_tokens: int, max_tokens: int,
+                  path: str) -> str | None:
+    """The checks every fused path makes (format, input dtype, token count, scale codes in uint8): why
+    `path` cannot serve the call, or None."""
+    if not fused_format(config):
+        return f"format {config.quantizer!r} is not read by the fused kernels (no value table)"
+    if dtype not in KERNEL_DTYPES:
+        return f"x dtype {dtype} is not one of float32, bfloat16, float16"
+    if not 1 <= n_tokens <= max_tokens:
+        return f"the {path} path serves 1..{max_tokens} tokens, got {n_tokens}"
+    if config.scale_bits > 8:
+        return f"scale_bits {config.scale_bits} > 8"
+    return None
 
 
 def values_per_code(config: CompressionConfig) -> int:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from reallm.config import CompressionConfig
 
-from .prepare import PreparedFrozen, fused_format
+from .prepare import PreparedFrozen, common_reason
 
 try:  # triton ships with CUDA builds of torch; on CPU it is a test dependency (the interpreter)
     import triton
@@ -31,10 +31,9 @@ try:  # triton ships with CUDA builds of torch; on CPU it is a test dependency (
 except ImportError:  # pragma: no cover - depends on the install
     triton = tl = None
 
-__all__ = ["MAX_TOKENS", "unsupported_reason", "supports", "triton_frozen_matmul", "interpreting"]
+__all__ = ["MAX_TOKENS", "unsupported_reason", "triton_frozen_matmul", "interpreting"]
 
 MAX_TOKENS = 16  # beyond this, decode once and use a dense GEMM (tensor cores) instead
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK_R = 16
 _BLOCK_C = 64
 
@@ -64,8 +63,6 @@ def unsupported_reason(
         n_tokens: rows of x (tokens in the batch).
         shape: (p, q) of the weight (no shape limits apply: vectors and blocks may cross rows).
     """
-    if not fused_format(config):
-        return f"format {config.quantizer!r} is not read by the fused kernels (no value table)"
     if triton is None:
         return "triton is not installed"
     dev = torch.device(device)
@@ -80,24 +77,8 @@ def unsupported_reason(
                     "(TRITON_INTERPRET=1 set before triton is imported)")
     else:
         return f"device {dev} is not supported by the Triton path (cuda, or cpu with TRITON_INTERPRET=1)"
-    if dtype not in _DTYPES:
-        return f"x dtype {dtype} is not one of float32, bfloat16, float16"
-    if not 1 <= n_tokens <= MAX_TOKENS:
-        return f"the Triton path serves 1..{MAX_TOKENS} tokens, got {n_tokens}"
-    if config.scale_bits > 8:
-        return f"scale_bits {config.scale_bits} > 8"
-    return None
+    return common_reason(config, dtype, n_tokens, MAX_TOKENS, "Triton")
 
-
-def supports(
-    config: CompressionConfig,
-    device: "torch.device | str",
-    dtype: torch.dtype,
-    n_tokens: int,
-    shape: "tuple[int, int] | None" = None,
-) -> bool:
-    """True when `unsupported_reason` finds nothing (same arguments)."""
-    return unsupported_reason(config, device, dtype, n_tokens, shape) is None
 
 
 if tl is not None:
