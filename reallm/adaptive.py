@@ -208,15 +208,20 @@ def explain(cands, choice: Choice, shared_costs: dict[str, float], budget_bits: 
             names: Sequence[str] | None = None) -> list[str]:
     """One sentence per matrix: what was chosen and why the lower-error alternative was not.
 
-    Uses ``info["rel_frobenius_error"]`` and ``info["numel"]`` of the candidates when present
-    (relative errors and bits per weight), else the raw objective terms and bits."""
+    Uses ``info["rel_output_error"]`` (calibration-aware choice) or ``info["rel_frobenius_error"]`` and
+    ``info["numel"]`` of the candidates when present (relative errors and bits per weight), else the raw
+    objective terms and bits."""
     reasons = []
     lam = choice.price
 
     def show(c: Candidate) -> str:
         n = c.info.get("numel")
-        err = (f"rel. error {c.info['rel_frobenius_error']:.4f}" if "rel_frobenius_error" in c.info
-               else f"error {c.error:.4g}")
+        if "rel_output_error" in c.info:
+            err = f"rel. output error {c.info['rel_output_error']:.4f}"
+        elif "rel_frobenius_error" in c.info:
+            err = f"rel. error {c.info['rel_frobenius_error']:.4f}"
+        else:
+            err = f"error {c.error:.4g}"
         bits = f"{c.bits / n:.3f} own bits/weight" if n else f"{c.bits:.0f} own bits"
         return f"{err} at {bits}" + (" + its share of the shared pieces" if c.shared else "")
 

@@ -169,3 +169,134 @@ def test_formats_without_weights_are_unchanged():
     cfg = CompressionConfig(quantizer="nf", bits=3)
     a, b = compress_weight(W, cfg), compress_weight(W, cfg, moments=torch.rand(64) + 0.1)
     assert all(torch.equal(a.frozen[k], b.frozen[k]) for k in a.frozen) and "weighted" not in b.meta
+
+
+# --------------------------------------------------------------------------------------------
+# the adaptive choice under the output error
+# --------------------------------------------------------------------------------------------
+def test_adaptive_choice_with_weights_picks_differently_where_it_must():
+    """Two 64 × 64 matrices, candidates NF2 (cheap) and fp16 (near exact), a budget for one fp16 matrix.
+    Matrix A has one outlier column: NF2's absmax blocks (one row each) keep it and round the rest to few
+    levels, a large weight error; but A's inputs are (almost) only on that column, so its output error is
+    small. Matrix B is Gaussian with isotropic inputs. By weight error the fp16 goes to A, by output error to B."""
+    from reallm.adaptive import AdaptiveConfig
+    from reallm.candidates import select
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(64, 64, generator=g) * 0.02
+    A[:, 63] = 0.1 * torch.sign(torch.randn(64, generator=g))  # the outlier column (5 standard deviations)
+    B = torch.randn(64, 64, generator=g) * 0.02
+    hA = torch.full((64,), 1e-4)
+    hA[63] = 1.0
+    moments = {"A": torch.diag(hA), "B": torch.eye(64)}
+    cands = {"nf2": CompressionConfig(quantizer="nf", bits=2), "fp16": CompressionConfig(quantizer="none", bits=16)}
+    matrices = []
+    for name, W in (("A", A), ("B", B)):
+        found = {}
+        for label, cfg in cands.items():
+            w = compress_weight(W, cfg, moments=moments[name])
+            W_hat = w.dequantize()
+            found[label] = (w, {"rel_frobenius_error": float((W_hat - W).norm() / W.norm()),
+                                "rel_output_error": relative_output_error(W, W_hat, moments[name]),
+                                "w_norm2": float(W.square().sum()), "out_norm2": output_error_sq(W, moments[name])})
+        matrices.append((name, found))
+    err = {n: {lab: st for lab, (_, st) in f.items()} for n, f in matrices}
+    # the premises: A is worse than B by weight error, better by output error (under NF2)
+    assert err["A"]["nf2"]["rel_frobenius_error"] > err["B"]["nf2"]["rel_frobenius_error"]
+    assert err["A"]["nf2"]["rel_output_error"] < 0.5 * err["B"]["nf2"]["rel_output_error"]
+    bits = {lab: matrices[0][1][lab][0].bits()["per_weight"] for lab in cands}
+    adaptive = AdaptiveConfig(budget=(bits["nf2"] + bits["fp16"]) / 2 + 0.01, candidates={k: {} for k in cands})
+    by_weight = select(matrices, list(cands), adaptive, error="weight")
+    by_output = select(matrices, list(cands), adaptive, error="output")
+    assert {n: p.label for n, p in by_weight.picks.items()} == {"A": "fp16", "B": "nf2"}
+    assert {n: p.label for n, p in by_output.picks.items()} == {"A": "nf2", "B": "fp16"}
+    assert "output" in by_output.summary["adaptive"]["objective"]
+    assert "rel. output error" in by_output.picks["A"].record["reason"]
+    assert set(by_output.picks["B"].record["candidates"]["nf2"]) == {"own_bits_per_weight", "rel_frobenius_error",
+                                                                     "rel_output_error"}
+    with pytest.raises(ValueError, match="no rel_output_error"):
+        select([(n, {lab: (w, {k: v for k, v in st.items() if k != "rel_output_error"}) for lab, (w, st) in f.items()})
+                for n, f in matrices], list(cands), adaptive, error="output")
+
+
+# --------------------------------------------------------------------------------------------
+# the phase-1 option, through the command line
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from phase_helpers import make_phase1
+
+    return make_phase1(tmp_path_factory.mktemp("calib"))
+
+
+def _phase1(tiny_base, run, preset, extra=()):
+    from pathlib import Path
+
+    from phase_helpers import TRAIN_TEXT
+
+    from reallm.cli import cli_main
+
+    root = Path(__file__).parents[1]
+    cal = ["--model.init_args.calibration.path", str(TRAIN_TEXT), "--model.init_args.calibration.windows", "6",
+           "--model.init_args.calibration.seq_len", "32", "--model.init_args.calibration.batch_size", "4",
+           "--model.init_args.calibration.cache_dir", str(tiny_base.token_cache)]
+    cli_main(["fit", "--config", str(root / "configs" / "ae.yaml"), "--config", str(root / "configs" / "methods" /
+              f"{preset}.yaml"), "--model.init_args.model_name_or_path", str(tiny_base.base),
+              "--model.init_args.compression.kmeans_iters", "3", "--trainer.accelerator", "cpu",
+              "--artifacts.figures", "false", "--run_dir", str(run), *(cal if "cal" in run.name else []), *extra])
+    import json
+
+    return json.loads((run / "results.json").read_text())
+
+
+def test_phase1_calibration_option_is_recorded_and_reported(tiny_base, tmp_path, capsys, monkeypatch):
+    """vq-2bit-ft with `calibration:` records its windows in results.json, reports each matrix's relative output
+    error (lower on average than the data-free run's, measured on the same statistics), resumes from its saved
+    statistics, and `python -m reallm.report` labels both runs."""
+    from reallm.report import main as report
+
+    free = _phase1(tiny_base, tmp_path / "free", "vq-2bit-ft")
+    cal = _phase1(tiny_base, tmp_path / "cal", "vq-2bit-ft")
+    assert free["calibration"] == "data-free" and "rel_output_error" not in free["matrices"][0]
+    info = cal["calibration"]
+    assert info["windows_used"] == 6 and info["tokens"] == 6 * 32 and info["seq_len"] == 32
+    assert info["full_matrices"] == len(cal["matrices"]) and info["diagonal_only"] == 0  # q = 64 / 128 ≤ 1024
+    assert all(0 < m["rel_output_error"] < 1 for m in cal["matrices"])
+    assert (tmp_path / "cal" / "partial" / "calibration.safetensors").is_file()
+    # the data-free model measured on the same statistics: calibration lowers the mean output error
+    import safetensors
+
+    from reallm.checkpoint import load_compressed
+    from reallm.hf import load_hf_model
+    from reallm.surgery import iter_reallm_layers
+    from reallm.training import calibration
+
+    with safetensors.safe_open(str(tmp_path / "cal" / "partial" / "calibration.safetensors"), "pt") as f:
+        moments = {k: f.get_tensor(k) for k in f.keys()}
+    base = load_hf_model(str(tiny_base.base), "float32")
+    errs = []
+    for name, layer in iter_reallm_layers(load_compressed(tmp_path / "free" / "reallm")):
+        W = base.get_submodule(name).weight.detach()
+        errs.append(relative_output_error(W, layer.dequantize().detach(), moments[name]))
+    assert cal["mean_rel_output_error"] < sum(errs) / len(errs)
+    # a rerun in the same run directory reads the saved statistics (and the finished matrices) back
+    monkeypatch.setattr(calibration, "input_second_moments", lambda *a, **k: pytest.fail("statistics recomputed"))
+    again = _phase1(tiny_base, tmp_path / "cal", "vq-2bit-ft")
+    assert again["calibration"] == cal["calibration"] and again["matrices"] == cal["matrices"]
+    # the report says which phase 1 was given
+    assert report([str(tmp_path / "free"), str(tmp_path / "cal")]) == 0
+    table = capsys.readouterr().out
+    assert "| data-free |" in table and "calibrated (6 × 32 tokens of tinystories_train.txt)" in table
+
+
+def test_adaptive_phase_with_calibration_chooses_on_the_output_error(tiny_base, tmp_path):
+    """reallm-3bit (autoencoder candidates and data-free ones) with calibration: the MILP's error term is the
+    relative output error, every candidate's both errors are in results.json."""
+    res = _phase1(tiny_base, tmp_path / "cal-ae", "reallm-3bit",
+                  ["--model.init_args.schedule.kmeans_iters", "3", "--trainer.max_epochs", "1"])
+    assert res["adaptive"]["error"] == "relative output error on the calibration inputs"
+    assert res["calibration"]["windows_used"] == 6
+    m = res["matrices"][0]
+    assert "rel. output error" in m["reason"]
+    assert all({"rel_frobenius_error", "rel_output_error"} <= set(c) for c in m["candidates"].values())
+    assert res["adaptive"]["bits_per_weight"] <= res["adaptive"]["budget_bits_per_weight"] + 1e-9
