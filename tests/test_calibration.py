@@ -291,9 +291,26 @@ def test_phase1_calibration_option_is_recorded_and_reported(tiny_base, tmp_path,
 
 def test_adaptive_phase_with_calibration_chooses_on_the_output_error(tiny_base, tmp_path):
     """reallm-3bit (autoencoder candidates and data-free ones) with calibration: the MILP's error term is the
-    relative output error, every candidate's both errors are in results.json."""
+    relative output error, every candidate's both errors are in results.json; the preset keeps a DoRA part on
+    every matrix (counted in the budget), so that phase 2 accepts its checkpoint."""
+    from pathlib import Path
+
+    from phase_helpers import data_args
+
+    from reallm.checkpoint import load_compressed
+    from reallm.cli import cli_main
+    from reallm.surgery import iter_reallm_layers
+
     res = _phase1(tiny_base, tmp_path / "cal-ae", "reallm-3bit",
                   ["--model.init_args.schedule.kmeans_iters", "3", "--trainer.max_epochs", "1"])
+    layers = list(iter_reallm_layers(load_compressed(tmp_path / "cal-ae" / "reallm")))
+    assert layers and all(layer.rank == 1 and layer.magnitude is not None for _, layer in layers)
+    assert all(m["items"]["lowrank"] > 0 and m["items"]["magnitude"] > 0 for m in res["matrices"])
+    root = Path(__file__).parents[1]
+    cli_main(["fit", "--config", str(root / "configs" / "blockwise.yaml"), "--model.init_args.checkpoint",
+              str(tmp_path / "cal-ae" / "reallm"), "--trainer.accelerator", "cpu", "--trainer.fast_dev_run", "true",
+              "--artifacts.figures", "false", "--run_dir", str(tmp_path / "bw"), *data_args(tiny_base, sequences=8)])
+    assert (tmp_path / "bw" / "reallm" / "adapters.safetensors").is_file()
     assert res["adaptive"]["error"] == "relative output error on the calibration inputs"
     assert res["calibration"]["windows_used"] == 6
     m = res["matrices"][0]
