@@ -103,13 +103,20 @@ def bits_report(model: nn.Module, original: nn.Module | dict | None = None) -> d
 
 
 def format_bits_table(report: dict[str, Any]) -> str:
-    """A markdown table of the per-matrix accounting (for the CLI and the demo)."""
-    lines = ["| matrix | shape | bits/weight | rel. Frobenius error |", "| --- | --- | --- | --- |"]
+    """A markdown table of the per-matrix accounting (for the CLI and the demo); with the relative output error
+    of calibration-aware phase 1 when the matrices have one."""
+    out = report.get("mean_rel_output_error") is not None
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    lines = ["| matrix | shape | bits/weight | rel. Frobenius error |" + (" rel. output error |" if out else ""),
+             "| --- | --- | --- | --- |" + (" --- |" if out else "")]
     for m in report["matrices"]:
-        err = m["rel_frobenius_error"]
         lines.append(f"| {m['name']} | {m['shape'][0]}×{m['shape'][1]} | {m['bits']:.3f} | "
-                     f"{'-' if err is None else f'{err:.4f}'} |")
+                     f"{cell(m['rel_frobenius_error'])} |" + (f" {cell(m.get('rel_output_error'))} |" if out else ""))
     lines.append(f"| **decoder linears** | | **{report['decoder_linears']:.3f}** | "
-                 f"{report['mean_rel_frobenius_error'] or float('nan'):.4f} (mean) |")
-    lines.append(f"| **whole model** | | **{report['whole_model']:.3f}** | |")
+                 f"{report['mean_rel_frobenius_error'] or float('nan'):.4f} (mean) |"
+                 + (f" {report['mean_rel_output_error']:.4f} (mean) |" if out else ""))
+    lines.append(f"| **whole model** | | **{report['whole_model']:.3f}** | |" + (" |" if out else ""))
     return "\n".join(lines)
