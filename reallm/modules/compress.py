@@ -137,7 +137,9 @@ class CompressPhase(ReALLMModule):
         found = calib.load_moments(path, key)
         if found is None:
             home = next(dm.model.parameters()).device
-            model = dm.model.to(self.device)  # the base model, once, for the pass (moved back below)
+            # the base model on the run's device for the pass (the autoencoder phase calls this in `setup`, before
+            # Lightning moves the module: the strategy's device, not the module's), moved back below
+            model = dm.model.to(self.trainer.strategy.root_device)
             try:
                 found = calib.input_second_moments(model, names, loader, full_max=cal.full_max)
             finally:
