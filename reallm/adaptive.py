@@ -53,12 +53,20 @@ class AdaptiveConfig:
         objective: "relative" minimises Σ n_m ε_m² (see the module docstring); "absolute" minimises
             Σ ‖W_m − Ŵ_m‖²_F.
         time_limit: seconds allowed to the MILP solver (None: no limit).
+        error: what ε measures: "weight" (‖W − Ŵ‖ / ‖W‖), "output" (‖(W − Ŵ)X‖ / ‖WX‖ on the calibration
+            inputs; needs calibration-aware phase 1), or "auto" (output when phase 1 is calibration-aware, weight
+            otherwise).
     """
 
     budget: float = 3.25
     candidates: dict[str, dict[str, Any]] = field(default_factory=dict)
     objective: str = "relative"
     time_limit: float | None = 60.0
+    error: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.error not in ("auto", "weight", "output"):
+            raise ValueError(f"adaptive.error must be 'auto', 'weight' or 'output', got {self.error!r}")
 
 
 @dataclass

@@ -317,3 +317,21 @@ def test_adaptive_phase_with_calibration_chooses_on_the_output_error(tiny_base, 
     assert "rel. output error" in m["reason"]
     assert all({"rel_frobenius_error", "rel_output_error"} <= set(c) for c in m["candidates"].values())
     assert res["adaptive"]["bits_per_weight"] <= res["adaptive"]["budget_bits_per_weight"] + 1e-9
+
+
+def test_adaptive_error_option_is_checked():
+    from reallm.adaptive import AdaptiveConfig
+    from reallm.errors import UserError
+    from reallm.modules import AutoencoderPhase
+    from reallm.training.calibration import CalibrationConfig
+
+    with pytest.raises(ValueError, match="adaptive.error must be"):
+        AdaptiveConfig(error="both")
+    with pytest.raises(UserError, match="output needs calibration-aware phase 1"):
+        AutoencoderPhase(adaptive=AdaptiveConfig(error="output"))
+    cal = CalibrationConfig(path="x.txt")
+    assert AutoencoderPhase(adaptive=AdaptiveConfig(), calibration=cal).choice_error() == "output"
+    assert AutoencoderPhase(adaptive=AdaptiveConfig(error="weight"), calibration=cal).choice_error() == "weight"
+    assert AutoencoderPhase(adaptive=AdaptiveConfig()).choice_error() == "weight"
+    with pytest.raises(ValueError, match="calibration.path"):
+        CalibrationConfig()

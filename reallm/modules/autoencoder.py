@@ -100,6 +100,9 @@ class AutoencoderPhase(CompressPhase):
         super().__init__(model_name_or_path, compression, layer_configs, method, run_dir, checkpoint, seed,
                          calibration)
         self.adaptive = adaptive
+        if adaptive is not None and adaptive.error == "output" and calibration is None:
+            raise UserError("adaptive.error: output needs calibration-aware phase 1 "
+                            "(--model.init_args.calibration.path)")
         self.schedule = schedule or ae_recipe.TrainSchedule()
         self.max_groups_per_stack = max_groups_per_stack
         self.patches_on_device = patches_on_device
@@ -219,6 +222,13 @@ class AutoencoderPhase(CompressPhase):
         stack = ae_recipe.AEStack(spec, c0.bits, c0.vq_dim, len(gids), seeds, qat=self.sched.qat)
         self._stacks.append((stack, data, gids))
 
+    def choice_error(self) -> str:
+        """The adaptive choice's error term: `adaptive.error`, "auto" meaning the output error when calibrated."""
+        wanted = self.adaptive.error if self.adaptive is not None else "auto"
+        if wanted == "auto":
+            return "output" if self.calibration is not None else "weight"
+        return wanted
+
     def _save_candidate(self, label: str, index: int, name: str, W: torch.Tensor, weight: ReALLMWeight,
                         cfg: CompressionConfig, extra: dict[str, Any] | None = None) -> None:
         stats = {**self.matrix_stats(name, W, weight), **(extra or {})}
@@ -304,8 +314,7 @@ class AutoencoderPhase(CompressPhase):
                 found[lab] = got
             matrices.append((n, found))
             index_of[n] = i
-        selection = select(matrices, labels, self.adaptive,
-                           error="output" if self.calibration is not None else "weight")
+        selection = select(matrices, labels, self.adaptive, error=self.choice_error())
         for n, pick in selection.picks.items():
             self.finished.save(index_of[n], n, pick.weight, pick.stats, pick.weight.config.key())
             self._extras[n] = pick.record
