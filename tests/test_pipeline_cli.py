@@ -117,24 +117,23 @@ def test_pipeline_script_tiny(phase1, tmp_path, capsys):
 
 
 def test_pipeline_parallel_seeds_and_rank_zero(phase1, tmp_path, capsys):
-    """Two seeds of a rank-0 preset in two processes: phase 1 only (said in the row), mean [min, max] over the
-    seeds; a calibration-aware variant is its own row; an unknown preset is refused before anything runs."""
+    """Two seeds of a rank-0 preset, calibration-aware, in two processes: phase 1 only (said in the row), mean
+    [min, max] over the seeds; an unknown preset is refused before anything runs."""
     pipeline = _pipeline_module()
     runs = tmp_path / "runs"
-    argv = _pipeline_argv(phase1, runs, "--presets", "vq-3bit", "vq-3bit:cal", "--seeds", "0", "1", "--jobs", "2",
+    argv = _pipeline_argv(phase1, runs, "--presets", "vq-3bit:cal", "--seeds", "0", "1", "--jobs", "2",
                           "--calibration-windows", "4")
     assert pipeline.main(argv) == 0
     out = capsys.readouterr().out
     rows = {(r[0], r[1]): r for r in _table(out, "| method")}
-    note = "vq-3bit (rank 0: no low-rank part to fine-tune, phase 1 only)"
-    assert set(rows) == {("original (uncompressed)", "-"), (note, "phase 1"),
-                         ("vq-3bit (calibrated) (rank 0: no low-rank part to fine-tune, phase 1 only)", "phase 1")}
+    note = "vq-3bit (calibrated) (rank 0: no low-rank part to fine-tune, phase 1 only)"
+    assert set(rows) == {("original (uncompressed)", "-"), (note, "phase 1")}
     row = rows[(note, "phase 1")]
     assert row[-1] == "0,1" and "[" in row[6]  # the perplexity cell: mean [min, max]
     for seed in (0, 1):
-        assert (runs / "vq-3bit" / f"seed{seed}" / "pipeline.log").is_file()
+        assert (runs / "vq-3bit-cal" / f"seed{seed}" / "pipeline.log").is_file()
         res = json.loads((runs / "vq-3bit-cal" / f"seed{seed}" / "compress" / "results.json").read_text())
         assert res["calibration"]["windows_used"] == 4 and res["seed"] == seed
-        assert not (runs / "vq-3bit" / f"seed{seed}" / "blockwise").exists()
+        assert not (runs / "vq-3bit-cal" / f"seed{seed}" / "blockwise").exists()
     with pytest.raises(SystemExit, match="no preset 'nope'"):
         pipeline.main(_pipeline_argv(phase1, runs, "--presets", "vq-3bit", "nope"))
