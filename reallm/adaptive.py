@@ -53,12 +53,20 @@ class AdaptiveConfig:
         objective: "relative" minimises Σ n_m ε_m² (see the module docstring); "absolute" minimises
             Σ ‖W_m − Ŵ_m‖²_F.
         time_limit: seconds allowed to the MILP solver (None: no limit).
+        error: what ε measures: "weight" (‖W − Ŵ‖ / ‖W‖), "output" (‖(W − Ŵ)X‖ / ‖WX‖ on the calibration
+            inputs; needs calibration-aware phase 1), or "auto" (output when phase 1 is calibration-aware, weight
+            otherwise).
     """
 
     budget: float = 3.25
     candidates: dict[str, dict[str, Any]] = field(default_factory=dict)
     objective: str = "relative"
     time_limit: float | None = 60.0
+    error: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.error not in ("auto", "weight", "output"):
+            raise ValueError(f"adaptive.error must be 'auto', 'weight' or 'output', got {self.error!r}")
 
 
 @dataclass
@@ -208,15 +216,20 @@ def explain(cands, choice: Choice, shared_costs: dict[str, float], budget_bits: 
             names: Sequence[str] | None = None) -> list[str]:
     """One sentence per matrix: what was chosen and why the lower-error alternative was not.
 
-    Uses ``info["rel_frobenius_error"]`` and ``info["numel"]`` of the candidates when present
-    (relative errors and bits per weight), else the raw objective terms and bits."""
+    Uses ``info["rel_output_error"]`` (calibration-aware choice) or ``info["rel_frobenius_error"]`` and
+    ``info["numel"]`` of the candidates when present (relative errors and bits per weight), else the raw
+    objective terms and bits."""
     reasons = []
     lam = choice.price
 
     def show(c: Candidate) -> str:
         n = c.info.get("numel")
-        err = (f"rel. error {c.info['rel_frobenius_error']:.4f}" if "rel_frobenius_error" in c.info
-               else f"error {c.error:.4g}")
+        if "rel_output_error" in c.info:
+            err = f"rel. output error {c.info['rel_output_error']:.4f}"
+        elif "rel_frobenius_error" in c.info:
+            err = f"rel. error {c.info['rel_frobenius_error']:.4f}"
+        else:
+            err = f"error {c.error:.4g}"
         bits = f"{c.bits / n:.3f} own bits/weight" if n else f"{c.bits:.0f} own bits"
         return f"{err} at {bits}" + (" + its share of the shared pieces" if c.shared else "")
 

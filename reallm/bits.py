@@ -42,7 +42,7 @@ def bits_report(model: nn.Module, original: nn.Module | dict | None = None) -> d
     Returns:
         {"nominal": b (or a list when layers differ), "decoder_linears": bits/weight,
          "whole_model": bits/weight, "matrices": [{name, shape, bits, nominal, items,
-         rel_frobenius_error, config}], "totals": {...}}
+         rel_frobenius_error, rel_output_error (calibration-aware phase 1), config}], "totals": {...}}
     """
     matrices = []
     comp_bits = comp_weights = 0.0
@@ -70,6 +70,7 @@ def bits_report(model: nn.Module, original: nn.Module | dict | None = None) -> d
             "items": {k: v for k, v in items.items() if k not in ("total", "per_weight")},
             "bias_bits": bias_bits,
             "rel_frobenius_error": err,
+            **({"rel_output_error": layer.stats["rel_output_error"]} if "rel_output_error" in layer.stats else {}),
             "config": weight.config.to_dict(),
         })
     # everything else, at its stored dtype (named_parameters yields a tied head once)
@@ -84,11 +85,13 @@ def bits_report(model: nn.Module, original: nn.Module | dict | None = None) -> d
     decoder = comp_bits / comp_weights if comp_weights else float("nan")
     whole = (comp_bits + other_bits) / (comp_weights + other_weights) if comp_weights else float("nan")
     errs = [m["rel_frobenius_error"] for m in matrices if m["rel_frobenius_error"] is not None]
+    out_errs = [m["rel_output_error"] for m in matrices if m.get("rel_output_error") is not None]
     return {
         "nominal": nominal.pop() if len(nominal) == 1 else sorted(nominal),
         "decoder_linears": decoder,
         "whole_model": whole,
         "mean_rel_frobenius_error": sum(errs) / len(errs) if errs else None,
+        "mean_rel_output_error": sum(out_errs) / len(out_errs) if out_errs else None,
         "totals": {
             "decoder_linear_bits": comp_bits,
             "decoder_linear_weights": comp_weights,
@@ -100,13 +103,20 @@ def bits_report(model: nn.Module, original: nn.Module | dict | None = None) -> d
 
 
 def format_bits_table(report: dict[str, Any]) -> str:
-    """A markdown table of the per-matrix accounting (for the CLI and the demo)."""
-    lines = ["| matrix | shape | bits/weight | rel. Frobenius error |", "| --- | --- | --- | --- |"]
+    """A markdown table of the per-matrix accounting (for the CLI and the demo); with the relative output error
+    of calibration-aware phase 1 when the matrices have one."""
+    out = report.get("mean_rel_output_error") is not None
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    lines = ["| matrix | shape | bits/weight | rel. Frobenius error |" + (" rel. output error |" if out else ""),
+             "| --- | --- | --- | --- |" + (" --- |" if out else "")]
     for m in report["matrices"]:
-        err = m["rel_frobenius_error"]
         lines.append(f"| {m['name']} | {m['shape'][0]}×{m['shape'][1]} | {m['bits']:.3f} | "
-                     f"{'-' if err is None else f'{err:.4f}'} |")
+                     f"{cell(m['rel_frobenius_error'])} |" + (f" {cell(m.get('rel_output_error'))} |" if out else ""))
     lines.append(f"| **decoder linears** | | **{report['decoder_linears']:.3f}** | "
-                 f"{report['mean_rel_frobenius_error'] or float('nan'):.4f} (mean) |")
-    lines.append(f"| **whole model** | | **{report['whole_model']:.3f}** | |")
+                 f"{report['mean_rel_frobenius_error'] or float('nan'):.4f} (mean) |"
+                 + (f" {report['mean_rel_output_error']:.4f} (mean) |" if out else ""))
+    lines.append(f"| **whole model** | | **{report['whole_model']:.3f}** | |" + (" |" if out else ""))
     return "\n".join(lines)

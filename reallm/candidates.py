@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from reallm.adaptive import AdaptiveConfig, Candidate, choose, evaluate_fixed
 from reallm.codecs import autoencoder as ae_format
@@ -87,18 +87,27 @@ def select(
     matrices: Sequence[tuple[str, Mapping[str, tuple[ReALLMWeight, dict[str, Any]]]]],
     labels: Sequence[str],
     adaptive: AdaptiveConfig | None,
+    error: Literal["weight", "output"] = "weight",
 ) -> Selection:
     """One candidate per matrix.
 
     Args:
         matrices: per matrix, in order: (name, {label: (stored container, stats)}); stats hold
             ``rel_frobenius_error`` (‖W − Ŵ‖/‖W‖ of the stored container) and ``w_norm2`` (‖W‖², for the
-            "absolute" objective).
+            "absolute" objective), and with calibration ``rel_output_error`` (‖(W − Ŵ)X‖/‖WX‖) and
+            ``out_norm2`` (‖WX‖²).
         labels: every configured candidate label (a shortened run may lack some candidates of some matrices).
         adaptive: the budget and objective; None, or a single label: every matrix takes its one candidate.
+        error: "weight": the error term of a matrix is its weight error (relative objective n_m ε_m², absolute
+            ‖W − Ŵ‖²); "output" (calibration-aware phase 1): its error on the calibration inputs (n_m ε_out²,
+            or ‖(W − Ŵ)X‖² for the absolute objective), so that the choice minimises the layers' output error.
     Raises:
-        UserError: no choice fits the budget (the message gives the cheapest total).
+        UserError: no choice fits the budget (the message gives the cheapest total); ValueError: `error` is
+            "output" and a candidate has no output error.
     """
+    if error not in ("weight", "output"):
+        raise ValueError(f"error must be 'weight' or 'output', got {error!r}")
+    err_key, norm_key = ("rel_output_error", "out_norm2") if error == "output" else ("rel_frobenius_error", "w_norm2")
     rows: list[list[Candidate]] = []
     results: list[list[tuple[ReALLMWeight, dict[str, Any]]]] = []
     names: list[str] = []
@@ -114,9 +123,14 @@ def select(
                 rid = label + "|" + "|".join(tensor_digest(weight.shared[k]) for k in sorted(weight.shared))
                 shared_costs[rid] = shared_bits
             numel = weight.shape[0] * weight.shape[1]
-            err = stats["rel_frobenius_error"]
-            term = numel * err**2 if relative else stats.get("w_norm2", 1.0) * err**2
-            row.append(Candidate(label, own, term, rid, {"rel_frobenius_error": err, "numel": numel}))
+            if err_key not in stats:
+                raise ValueError(f"candidate {label!r} of {name} has no {err_key} (the output error needs calibration)")
+            err = stats[err_key]
+            term = numel * err**2 if relative else stats.get(norm_key, 1.0) * err**2
+            info = {"rel_frobenius_error": stats["rel_frobenius_error"], "numel": numel}
+            if error == "output":  # what the reasons name
+                info["rel_output_error"] = err
+            row.append(Candidate(label, own, term, rid, info))
             res_row.append((weight, stats))
         if not row:
             continue
@@ -141,7 +155,10 @@ def select(
                                   "fits_budget": fx["bits"] <= budget}
         out.summary["adaptive"] = {
             "budget_bits_per_weight": adaptive.budget,
-            "objective": "sum of n_m * rel_err_m^2" if relative else "sum of ||W - W_hat||_F^2",
+            "objective": ("sum of n_m * rel_err_m^2" if relative else "sum of ||W - W_hat||_F^2") if error == "weight"
+            else ("sum of n_m * rel_output_err_m^2" if relative else "sum of ||(W - W_hat) X||_F^2"),
+            "error": "relative output error on the calibration inputs" if error == "output"
+            else "relative Frobenius error of the weight",
             "solver": "scipy.optimize.milp (HiGHS)", "status": choice.status, "mip_gap": choice.gap,
             "objective_value": choice.objective, "bits_per_weight": choice.total_bits / total_weights,
             "budget_price_lambda": choice.price,
@@ -164,11 +181,13 @@ def select(
             weight.meta["shared_numel"] = users[cand.shared]
         stats = dict(stats, config=cand.label, reason=reasons[m])
         stats.pop("w_norm2", None)
+        stats.pop("out_norm2", None)
         record: dict[str, Any] = {
             "config": cand.label,
             "reason": reasons[m],
             "candidates": {c.label: {"own_bits_per_weight": c.bits / numels[m],
-                                     "rel_frobenius_error": c.info["rel_frobenius_error"]} for c in rows[m]},
+                                     **{k: st[k] for k in ("rel_frobenius_error", "rel_output_error") if k in st}}
+                           for c, (_, st) in zip(rows[m], results[m])},
         }
         if stats.get("group"):
             record["group"] = stats["group"]

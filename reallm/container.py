@@ -38,6 +38,7 @@ from reallm.quant.permutation import (
     unpermute_columns,
 )
 from reallm.quant.scales import QuantizedScales, block_absmax, quantize_scales
+from reallm.quant.weighting import check_moments, position_weights, rotated_column_weights
 
 
 @dataclass
@@ -101,6 +102,53 @@ def normalize_residual(
     return blocks / safe[:, None], stored, s_hat
 
 
+def value_weights(
+    moments: Tensor,
+    config: CompressionConfig,
+    name: str,
+    shape: tuple[int, int],
+    perm: Tensor | None,
+    scales: Tensor | None,
+) -> Tensor:
+    """Importance of every value the format quantises, in the layout `normalize_residual` gives it: blocks
+    (n_blocks, B0) for blockwise formats, the residual's (p, q) otherwise.
+
+    The weight of a value is h_j, the second moment of its original input column j (the diagonal of
+    E[x xᵀ], or of B H Bᵀ after the Hadamard rotation B of the columns, `rotated_column_weights`), moved by
+    the column permutation, times the square of its block's dequantised scale (a normalised value's error
+    is scaled back by it), normalised to mean 1 over the matrix (padding: 0). Σ weights · (X − X̂)² is then
+    proportional to the layer's output error tr((W − Ŵ) diag(H) (W − Ŵ)ᵀ).
+
+    Args:
+        moments: the layer inputs' second moments, (q,) or (q, q).
+        config: the compression config (rotation, permutation, block size).
+        name: the layer name (salts the rotation seeds, as in `normalize_residual`).
+        shape: (p, q).
+        perm: (n_row_blocks, q) column order of the permutation, or None.
+        scales: (n_blocks,) dequantised absmax scales, or None (formats without them).
+    """
+    p, q = shape
+    moments = check_moments(moments, q)
+    codec = get_codec(config.quantizer)
+    if codec.blockwise and config.rotation == "hadamard":
+        h = rotated_column_weights(moments.to(torch.float32), _rotation_seeds(config, name)[1])
+    else:
+        h = torch.diagonal(moments).clone() if moments.dim() == 2 else moments.clone()
+    h = h.clamp_min(0.0)  # (q,)
+    if not codec.blockwise:
+        w = h.view(1, q).expand(p, q)
+    else:
+        pos = position_weights(h, p, perm if config.permute else None, config.permute_rows)  # (p, q)
+        w = _pad_to(pos.reshape(-1), config.block_size).view(-1, config.block_size)  # (n_blocks, B0)
+        if scales is not None:
+            w = w * scales.to(w).square()[:, None]
+    total = float(w.sum(dtype=torch.float64))
+    if not total > 0:  # inputs that are all zero: nothing to prefer, plain error
+        w = torch.ones_like(w)
+        total = float(p * q)
+    return (w * (p * q / total)).contiguous()
+
+
 def encode_frozen(
     R: Tensor,
     config: CompressionConfig,
@@ -108,22 +156,31 @@ def encode_frozen(
     *,
     shared: dict[str, Tensor] | None = None,
     state: _EncodeState | None = None,
+    moments: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any], Tensor, dict[str, Tensor]]:
     """Compress the residual R (p, q) with the config's format.
 
     Returns (stored tensors, metadata, R̂ decoded from them, shared tensors used). `shared` holds
     tensors fitted once for several matrices (`fit_shared`, e.g. a model-wide codebook); `state`
-    carries the permutation and the codec's warm start between alternating iterations.
+    carries the permutation and the codec's warm start between alternating iterations; `moments`, the
+    layer inputs' second moments (q,) or (q, q), make a `weighted` format minimise the output error
+    (`value_weights`); other formats ignore them.
     """
     state = state or _EncodeState()
     codec = get_codec(config.quantizer)
     if codec.produced_by is not None:
         raise CompressionError(f"quantizer={config.quantizer!r} matrices are built by {codec.produced_by}")
+    scales = None
     if codec.blockwise:
-        X, stored, _ = normalize_residual(R, config, name, state)
+        X, stored, scales = normalize_residual(R, config, name, state)
     else:
         X, stored = R, {}
-    enc = codec.encode(X, config, shared=shared, state=state.codec)
+    if moments is not None and codec.weighted:
+        weights = value_weights(moments.to(R.device), config, name, tuple(R.shape), state.perm, scales)
+        enc = codec.encode(X, config, shared=shared, state=state.codec, weights=weights)
+        enc.meta = {**enc.meta, "weighted": True}
+    else:
+        enc = codec.encode(X, config, shared=shared, state=state.codec)
     stored = {k: v.contiguous() for k, v in {**stored, **enc.stored}.items()}
     return stored, dict(enc.meta), decode_frozen(stored, enc.meta, config, R.shape, shared=enc.shared), enc.shared
 
@@ -430,8 +487,9 @@ def compress_weight(
     shared: dict[str, Tensor] | None = None,
     shared_numel: int | None = None,
     codebook: Tensor | None = None,
+    moments: Tensor | None = None,
 ) -> ReALLMWeight:
-    """Compress one weight W (p, q) with `config` (data-free; method.md §1–3).
+    """Compress one weight W (p, q) with `config` (data-free by default; method.md §1–3).
 
     Args:
         W: the weight in nn.Linear layout (out × in); any float dtype and device.
@@ -441,6 +499,9 @@ def compress_weight(
             (config.codebook_scope == "model"), e.g. {"codebook": (K, d) fp16}.
         shared_numel: weights of all matrices sharing them (for the bit accounting).
         codebook: shorthand for shared={"codebook": codebook}.
+        moments: the second moments of the layer's inputs on calibration data, E[x xᵀ] (q, q) or its
+            diagonal E[x²] (q,): a `weighted` format (VQ) then fits its codebook and assigns its codes under
+            the output-error weights (`value_weights`); the low-rank part stays data-free. None: data-free.
     """
     check_weight(W, name)
     codec = get_codec(config.quantizer)
@@ -454,7 +515,7 @@ def compress_weight(
     state = _EncodeState()
 
     def quantize(R: Tensor) -> tuple[Tensor, tuple[dict[str, Tensor], dict[str, Any], dict[str, Tensor]]]:
-        stored, meta, R_hat, used = encode_frozen(R, config, name, shared=shared, state=state)
+        stored, meta, R_hat, used = encode_frozen(R, config, name, shared=shared, state=state, moments=moments)
         return R_hat, (stored, meta, used)
 
     if r == 0:
@@ -485,6 +546,15 @@ def shared_training_vectors(W: Tensor, config: CompressionConfig, name: str = ""
     """The normalised vectors (N, vector_dim) of W's residual after the initial low-rank part, which
     tensors shared by several matrices (a model-wide codebook) are fitted on before any of them is
     encoded."""
+    return shared_training_data(W, config, name)[0]
+
+
+@torch.no_grad()
+def shared_training_data(W: Tensor, config: CompressionConfig, name: str = "",
+                         moments: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """(vectors (N, vector_dim), their weights (N, vector_dim) or None): `shared_training_vectors`, and with
+    `moments` (the layer inputs' second moments) the `value_weights` of a `weighted` format, so that a
+    shared codebook is fitted under the output-error weights of every sharing matrix."""
     check_weight(W, name)
     W = W.detach().float()
     p, q = W.shape
@@ -494,8 +564,14 @@ def shared_training_vectors(W: Tensor, config: CompressionConfig, name: str = ""
         L1, L2 = low_rank_svd(W, r, randomized=config.randomized_svd, seed=config.seed)
         L1, L2 = decode_lowrank(store_lowrank(L1, L2, config.lowrank_dtype), config.lowrank_dtype)  # as stored
         R = W - L1 @ L2.T
-    blocks, _, _ = normalize_residual(R, config, name)
-    return blocks.reshape(-1, get_codec(config.quantizer).vector_dim(config))
+    state = _EncodeState()
+    blocks, _, scales = normalize_residual(R, config, name, state)
+    codec = get_codec(config.quantizer)
+    d = codec.vector_dim(config)
+    weights = None
+    if moments is not None and codec.weighted:
+        weights = value_weights(moments.to(W.device), config, name, (p, q), state.perm, scales).reshape(-1, d)
+    return blocks.reshape(-1, d), weights
 
 
 def relative_error(W: Tensor, W_hat: Tensor) -> float:

@@ -3,7 +3,8 @@
     python -m reallm.report runs/original runs/nf3 runs/nf3-eval [--baseline runs/original]
     python -m reallm.report runs/*/ --figures runs/report        # + report.md and PNG figures
 
-Compression runs give the bits, evaluation runs the perplexities (and zero-shot accuracies); a
+Compression runs give the bits and what phase 1 was given (column "phase-1 data": data-free, or calibrated
+on N windows of L tokens of a text), evaluation runs the perplexities (and zero-shot accuracies); a
 compression run and the evaluation of its checkpoint are joined into one row. Runs that were not
 evaluated separately (a phase-1 run with `--eval_after_fit`, a fine-tuning run with its own
 validation, a sweep's runs) get their own row. Perplexity ratios are against the baseline run
@@ -83,6 +84,7 @@ def _row(r: dict[str, Any], src: dict[str, Any] | None, label: str, is_base: boo
         "phase": (src or r).get("phase"),
         "bits": (src or r).get("bits") or {},
         "rel_error": (src or {}).get("mean_rel_frobenius_error"),
+        "calibration": (src or {}).get("calibration"),
         "time_s": (src or {}).get("time_s"),
         "perplexity": r.get("perplexity") or {},
         "zero_shot": (r.get("zero_shot") or {}).get("tasks", {}),
@@ -164,12 +166,24 @@ def best_other_at_most_bits(rows: list[dict[str, Any]], dataset: str) -> list[di
     return out
 
 
+def calibration_label(calibration: Any) -> str:
+    """What phase 1 was given: "data-free", "calibrated (N × L tokens of <file>)", or "-" (unknown: not a
+    compression run, or one written before the option existed)."""
+    if calibration == "data-free":
+        return "data-free"
+    if isinstance(calibration, dict):
+        return (f"calibrated ({calibration.get('windows_used')} × {calibration.get('seq_len')} tokens of "
+                f"{Path(str(calibration.get('path'))).name})")
+    return "-"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     base = next((r for r in rows if r["is_base"]), None)
     datasets = sorted({d for r in rows for d in r["perplexity"]})
     tasks = sorted({t for r in rows for t in r.get("zero_shot", {})})
     rivals = {d: best_other_at_most_bits(rows, d) for d in datasets}
-    head = ["model", "nominal b", "bits (decoder linears)", "bits pay for", "bits (whole model)", "mean rel. error"]
+    head = ["model", "nominal b", "bits (decoder linears)", "bits pay for", "bits (whole model)", "mean rel. error",
+            "phase-1 data"]
     for d in datasets:
         head += [f"ppl {d}", f"× original ({d})", f"best other ≤ bits ({d})"]
     head += [f"acc {t}" for t in tasks]
@@ -182,7 +196,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             return "-" if v is None else fmt.format(v)
 
         cells = [r["label"], f(b.get("nominal"), "{}"), f(b.get("decoder_linears")),
-                 format_breakdown(bits_breakdown(r["matrices"])), f(b.get("whole_model")), f(r["rel_error"], "{:.4f}")]
+                 format_breakdown(bits_breakdown(r["matrices"])), f(b.get("whole_model")), f(r["rel_error"], "{:.4f}"),
+                 calibration_label(r.get("calibration"))]
         for d in datasets:
             v = r["perplexity"].get(d, {}).get("value")
             ref = base["perplexity"].get(d, {}).get("value") if base else None

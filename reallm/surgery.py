@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from reallm.codecs import get_codec
 from reallm.config import CompressionConfig
-from reallm.container import ReALLMWeight, compress_weight, relative_error, shared_training_vectors
+from reallm.container import ReALLMWeight, compress_weight, relative_error, shared_training_data
 from reallm.errors import CompressionError
 from reallm.hf import find_decoder_blocks, is_linear, linear_weight, set_module
 from reallm.nn.dora import ReALLMLinear, RuntimeMode
@@ -102,10 +102,15 @@ def fit_shared_tensors(
     targets: list[tuple[str, nn.Module, CompressionConfig]],
     device: torch.device | str | None = None,
     progress: bool = True,
+    moments: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[dict[str, torch.Tensor], int]]:
     """Tensors shared by every matrix of a config whose format shares them (`Codec.can_share`, e.g. one
     VQ codebook for `codebook_scope: model`), fitted on the pooled normalised residual vectors of all
-    its matrices. Returns {config key: (shared tensors, weights of the sharing matrices)}."""
+    its matrices. Returns {config key: (shared tensors, weights of the sharing matrices)}.
+
+    `moments` (layer name → its inputs' second moments, calibration-aware phase 1): a `weighted` format
+    fits the shared tensors under every matrix's output-error weights (`reallm.container.value_weights`,
+    mean 1 per matrix, so that each matrix weighs in the pool as much as without calibration)."""
     groups: dict[str, list[tuple[str, nn.Module, CompressionConfig]]] = {}
     for t in targets:
         if get_codec(t[2].quantizer).can_share(t[2]):
@@ -115,17 +120,25 @@ def fit_shared_tensors(
         cfg = members[0][2]
         numel = sum(linear_weight(m).numel() for _, m, _ in members)
         budget = cfg.kmeans_max_points or numel
-        pooled = []
+        pooled, pooled_w = [], []
         gen = torch.Generator().manual_seed(cfg.seed)
+        codec = get_codec(cfg.quantizer)
         for name, mod, _ in tqdm(members, desc="shared codebook: vectors", disable=not progress):
             W = linear_weight(mod).detach().to(device or mod.weight.device)
-            vec = shared_training_vectors(W, cfg, name).cpu()
+            h = moments.get(name) if moments is not None and codec.weighted else None
+            vec, w = shared_training_data(W, cfg, name, h)
+            vec, w = vec.cpu(), (w.cpu() if w is not None else None)
             take = max(1, round(budget * W.numel() / numel))  # proportional subsample
             if vec.shape[0] > take:
-                vec = vec[torch.randperm(vec.shape[0], generator=gen)[:take]]
+                sel = torch.randperm(vec.shape[0], generator=gen)[:take]
+                vec, w = vec[sel], (w[sel] if w is not None else None)
             pooled.append(vec)
+            pooled_w.append(w if w is not None else torch.ones_like(vec))
         vectors = torch.cat(pooled).to(device or "cpu")
-        shared = get_codec(cfg.quantizer).fit_shared(vectors, cfg)
+        if moments is not None and codec.weighted:
+            shared = codec.fit_shared(vectors, cfg, weights=torch.cat(pooled_w).to(vectors.device))
+        else:
+            shared = codec.fit_shared(vectors, cfg)
         out[key] = ({k: v.cpu() for k, v in shared.items()}, numel)
     return out
 
@@ -141,6 +154,7 @@ def compress_(
     mode: RuntimeMode = "resident",
     skip: Callable[[str], ReALLMLinear | None] | None = None,
     on_layer: Callable[[str, ReALLMLinear], None] | None = None,
+    moments: Mapping[str, torch.Tensor] | None = None,
 ) -> CompressionSummary:
     """Replace, in place, the selected linear layers of `model` by ReALLMLinear.
 
@@ -156,13 +170,16 @@ def compress_(
             "cache": a dense copy in the compute dtype).
         skip: name -> an already compressed layer to reuse (resuming an interrupted run), or None.
         on_layer: called after each layer is replaced (e.g. to save progress).
+        moments: layer name → the second moments of its inputs on calibration data, (q,) or (q, q)
+            (`reallm.training.calibration.input_second_moments`): calibration-aware compression (a weighted
+            format minimises the layer's output error). None: data-free.
     Returns:
         a CompressionSummary with each layer's relative Frobenius error and bits per weight.
     """
     targets = select_layers(model, config, filter_fn)
     if not targets:
         raise CompressionError("no layer matched the filter / config patterns: nothing to compress")
-    shared = fit_shared_tensors(targets, device, progress)
+    shared = fit_shared_tensors(targets, device, progress, moments=moments)
     summary = CompressionSummary()
     bar = tqdm(targets, desc="compressing", unit="matrix", disable=not progress)
     for name, mod, cfg in bar:
@@ -173,7 +190,9 @@ def compress_(
         if layer is None:
             tensors, numel = shared.get(cfg.key(), (None, None))
             Wd = W.to(device) if device is not None else W
-            weight = compress_weight(Wd, cfg, name=name, shared=tensors, shared_numel=numel)
+            h = moments.get(name) if moments is not None else None
+            weight = compress_weight(Wd, cfg, name=name, shared=tensors, shared_numel=numel,
+                                     moments=None if h is None else h.to(Wd.device))
             layer = swap_in(model, name, weight.to(home), mode=mode)
         else:
             layer.layout = "linear" if isinstance(mod, nn.Linear) else "conv1d"

@@ -74,29 +74,66 @@ def test_user_errors_are_one_line(phase1, tmp_path, capsys):
     assert err[-1].startswith("error: ") and "checkpoint" in err[-1]
 
 
-def test_pipeline_script_tiny(phase1, tmp_path, capsys):
-    """The pipeline chains phases 1 → 2 → 3 with evaluations and prints one row per stage."""
+def _pipeline_module():
     spec = importlib.util.spec_from_file_location("pipeline", ROOT / "benchmarks" / "pipeline.py")
     pipeline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pipeline)
-    cache = ["--data.init_args.cache_dir", str(phase1.token_cache)]
-    argv = ["--preset", "vq-2bit-ft", "--model", str(phase1.base), "--train", str(TRAIN_TEXT),
-            "--eval", str(VALID_TEXT), "--seq-len", str(SEQ_LEN), "--runs", str(tmp_path / "runs"),
-            "--calibration-sequences", "16", "--train-sequences", "16", "--batch-size", "4",
-            "--max-eval-windows", "4", "--accelerator", "cpu",
-            "--compress-args", "--model.init_args.compression.kmeans_iters 3",
-            "--blockwise-args", " ".join(cache + ["--model.init_args.lr", "1e-3"]),
-            "--e2e-args", " ".join(cache + ["--trainer.val_check_interval", "1.0"]),
-            "--eval-args", " ".join(cache)]
+    return pipeline
+
+
+def _pipeline_argv(phase1, runs, *extra):
+    return ["--model", str(phase1.base), "--train", str(TRAIN_TEXT), "--eval", str(VALID_TEXT),
+            "--seq-len", str(SEQ_LEN), "--runs", str(runs), "--calibration-sequences", "16", "--train-sequences", "16",
+            "--batch-size", "4", "--max-eval-windows", "4", "--accelerator", "cpu", "--token-cache",
+            str(phase1.token_cache), "--compress-args", "--model.init_args.compression.kmeans_iters 3",
+            "--blockwise-args", "--model.init_args.lr 1e-3", "--e2e-args", "--trainer.val_check_interval 1.0", *extra]
+
+
+def _table(out: str, first: str) -> list[list[str]]:
+    lines = out[out.index(first):].strip().splitlines()
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("| ")][2:]
+
+
+def test_pipeline_script_tiny(phase1, tmp_path, capsys):
+    """The pipeline chains phases 1 → 2 → 3 with evaluations: one row per stage in its own table and in the summary,
+    and a second call finds every stage complete."""
+    pipeline = _pipeline_module()
+    argv = _pipeline_argv(phase1, tmp_path / "runs", "--presets", "vq-2bit-ft")
     assert pipeline.main(argv) == 0
     out = capsys.readouterr().out
-    table = out[out.index("| stage"):].strip().splitlines()
-    assert [r.split("|")[1].strip() for r in table[2:]] == [
-        "original (uncompressed)", "no fine-tuning (phase 1)", "block-wise (phase 2)", "end-to-end (phase 3)"]
-    rows = json.loads((tmp_path / "runs" / "pipeline.json").read_text())["rows"]
-    assert all(r["perplexity"]["tinystories_valid"] > 0 for r in rows)
-    assert rows[1]["bits"]["decoder_linears"] == pytest.approx(rows[3]["bits"]["decoder_linears"])
+    rows = _table(out, "| method")
+    assert [r[:2] for r in rows] == [["original (uncompressed)", "-"], ["vq-2bit-ft", "phase 1"],
+                                     ["vq-2bit-ft", "phase 2 (block-wise)"], ["vq-2bit-ft", "phase 3 (end-to-end)"]]
+    assert rows[1][-1] == "0"  # the seeds of the row
+    one = (tmp_path / "runs" / "vq-2bit-ft" / "seed0" / "table.md").read_text()
+    assert [r[0] for r in _table(one, "| stage")] == ["phase 1", "phase 2 (block-wise)", "phase 3 (end-to-end)"]
+    summary = json.loads((tmp_path / "runs" / "pipeline.json").read_text())["summary"]
+    assert all(r["perplexity"]["tinystories_valid"][0] > 0 for r in summary)
+    assert summary[0]["bits"][0] == pytest.approx(summary[2]["bits"][0])  # fine-tuning keeps the bits
     # a second call finds every stage complete and only prints the table again
     assert pipeline.main(argv) == 0
     assert "already complete" in capsys.readouterr().out
     assert TOKENIZER.is_dir()
+
+
+def test_pipeline_parallel_seeds_and_rank_zero(phase1, tmp_path, capsys):
+    """Two seeds of a rank-0 preset, calibration-aware, in two processes: phase 1 only (said in the row), mean
+    [min, max] over the seeds; an unknown preset is refused before anything runs."""
+    pipeline = _pipeline_module()
+    runs = tmp_path / "runs"
+    argv = _pipeline_argv(phase1, runs, "--presets", "vq-3bit:cal", "--seeds", "0", "1", "--jobs", "2",
+                          "--calibration-windows", "4")
+    assert pipeline.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = {(r[0], r[1]): r for r in _table(out, "| method")}
+    note = "vq-3bit (calibrated) (rank 0: no low-rank part to fine-tune, phase 1 only)"
+    assert set(rows) == {("original (uncompressed)", "-"), (note, "phase 1")}
+    row = rows[(note, "phase 1")]
+    assert row[-1] == "0,1" and "[" in row[6]  # the perplexity cell: mean [min, max]
+    for seed in (0, 1):
+        assert (runs / "vq-3bit-cal" / f"seed{seed}" / "pipeline.log").is_file()
+        res = json.loads((runs / "vq-3bit-cal" / f"seed{seed}" / "compress" / "results.json").read_text())
+        assert res["calibration"]["windows_used"] == 4 and res["seed"] == seed
+        assert not (runs / "vq-3bit-cal" / f"seed{seed}" / "blockwise").exists()
+    with pytest.raises(SystemExit, match="no preset 'nope'"):
+        pipeline.main(_pipeline_argv(phase1, runs, "--presets", "vq-3bit", "nope"))

@@ -95,3 +95,66 @@ def test_fewer_points_than_codewords_and_empty_clusters():
     z = _data(1000, 2, seed=9)
     res = kmeans(z, 4, iters=10, init_codebook=init)
     assert torch.bincount(assign(z, res.codebook), minlength=4).min() > 0
+
+
+# --------------------------------------------------------------------------------------------
+# weighted (calibration-aware) assignment and k-means
+# --------------------------------------------------------------------------------------------
+def _weights(n, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, d, generator=g) ** 3 * 10  # heavy spread: the weighting changes the choice
+
+
+@pytest.mark.parametrize(("n", "d", "k", "chunk"), [(3000, 2, 16, None), (3000, 4, 256, 97), (500, 8, 64, 64)])
+def test_weighted_assignment_equals_brute_force(n, d, k, chunk):
+    """Codes minimise Σ_j w_j (x_j − c_j)² exactly (against an argmin over distances computed term by term
+    in float64), and differ from the unweighted nearest codeword on a good share of the points."""
+    x, w = _data(n, d, seed=4), _weights(n, d, seed=5)
+    cb = _data(k, d, seed=6)
+    codes = assign(x, cb, chunk_size=chunk, weights=w)
+    ref = (w.double().unsqueeze(1) * (x.double().unsqueeze(1) - cb.double().unsqueeze(0)) ** 2).sum(2)  # (N, K)
+    best = ref.min(dim=1).values
+    got = ref.gather(1, codes.unsqueeze(1)).squeeze(1)
+    assert torch.allclose(got, best, rtol=1e-6, atol=1e-9)  # the chosen codeword is a minimiser
+    assert (codes == ref.argmin(dim=1)).float().mean() > 0.999  # (exact float ties aside)
+    plain = assign(x, cb)
+    assert (plain != codes).float().mean() > 0.05  # the weights matter on this data
+    # unit weights give the plain assignment
+    assert torch.equal(assign(x, cb, chunk_size=chunk, weights=torch.ones_like(x)), plain)
+
+
+def test_weighted_kmeans_lowers_the_weighted_inertia():
+    """Weighted Lloyd: its codebook has a lower weighted inertia than the unweighted k-means codebook of the
+    same data (same seed, same init), the reported inertia is that weighted inertia, and each codeword is the
+    per-coordinate weighted mean of its cluster."""
+    from reallm.quant.vq import weighted_distances
+
+    x, w = _data(4000, 2, seed=7), _weights(4000, 2, seed=8)
+    plain = kmeans(x, 16, iters=30, tol=0, seed=1)
+    weighted = kmeans(x, 16, iters=30, tol=0, seed=1, weights=w)
+    inertia = lambda cb: float(weighted_distances(x, cb, w).min(dim=1).values.double().mean())  # noqa: E731
+    assert weighted.inertia == pytest.approx(inertia(weighted.codebook), rel=1e-5)
+    assert inertia(weighted.codebook) < 0.95 * inertia(plain.codebook)
+    # one Lloyd update from a given codebook: each codeword becomes the per-coordinate weighted mean of the
+    # points assigned to it under the weighted distance
+    c0 = plain.codebook
+    codes = assign(x, c0, weights=w)
+    one = kmeans(x, 16, iters=1, tol=0, seed=1, weights=w, init_codebook=c0)
+    for j in range(16):
+        sel = codes == j
+        mean = (w[sel] * x[sel]).sum(0) / w[sel].sum(0)
+        assert torch.allclose(one.codebook[j], mean, atol=1e-5)
+    # the weighted inertia never rises from one iteration to the next
+    path = [kmeans(x, 16, iters=i, tol=0, seed=1, weights=w).inertia for i in range(6)]
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(path, path[1:])), path
+    # deterministic
+    again = kmeans(x, 16, iters=30, tol=0, seed=1, weights=w)
+    assert torch.equal(again.codebook, weighted.codebook)
+
+
+def test_weights_are_checked():
+    x = _data(10, 2)
+    with pytest.raises(ValueError, match="shape of x"):
+        assign(x, x[:4], weights=torch.ones(10, 3))
+    with pytest.raises(ValueError, match="non-negative"):
+        kmeans(x, 4, weights=-torch.ones(10, 2))

@@ -78,6 +78,12 @@ class Codec:
     #: stored floating tensors that fine-tuning may train while the codes stay frozen, by item
     #: ("codebook", "scales"); written back at their stored precision, so the accounted bits do not change
     trainable: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: `encode` (and `fit_shared`) accept `weights=`, per-value importance weights from calibration data, and
+    #: minimise the weighted error; the pipeline passes them only to formats that say so, so a format that
+    #: leaves this False needs no change and is encoded as without calibration (its error is still measured
+    #: on the layer's output). Scalar formats with a fixed grid (NF, RTN) gain nothing: the nearest level of a
+    #: value is the same under any positive weight.
+    weighted: ClassVar[bool] = False
 
     # -- configuration ----------------------------------------------------------------------
     def validate(self, config: CompressionConfig) -> None:
@@ -111,17 +117,24 @@ class Codec:
         """Whether matrices compressed with `config` share tensors fitted once by `fit_shared`."""
         return False
 
-    def fit_shared(self, vectors: Tensor, config: CompressionConfig) -> dict[str, Tensor]:
-        """Shared tensors fitted on the pooled vectors (N, vector_dim) of every sharing matrix."""
+    def fit_shared(self, vectors: Tensor, config: CompressionConfig,
+                   weights: Tensor | None = None) -> dict[str, Tensor]:
+        """Shared tensors fitted on the pooled vectors (N, vector_dim) of every sharing matrix (`weights`, of the
+        vectors' shape, only for `weighted` formats: see `encode`)."""
         raise NotImplementedError(f"format {self.name!r} shares nothing between matrices")
 
     # -- encode / decode ------------------------------------------------------------------------
     def encode(self, X: Tensor, config: CompressionConfig, *, shared: dict[str, Tensor] | None = None,
-               state: dict[str, Any] | None = None) -> Encoded:
+               state: dict[str, Any] | None = None, weights: Tensor | None = None) -> Encoded:
         """Stored form of X: blocks (n_blocks, B0), normalised by their scales when `absmax_scales`;
         the residual (p, q) when not `blockwise`. `shared` holds tensors fitted by `fit_shared`;
         `state` is a dict the codec may use to warm-start the next call on the same matrix (the
-        alternating low-rank iterations call encode repeatedly)."""
+        alternating low-rank iterations call encode repeatedly). `weights` (only given to `weighted`
+        formats, and only in calibration-aware phase 1): X's shape, ≥ 0, the importance of each value,
+        i.e. the weight h_j = E[x_j²] of its original input column carried through rotation and permutation,
+        times the square of its block's scale, normalised to mean 1 over the matrix, so that
+        Σ weights · (X − X̂)² is proportional to the layer's output error in the diagonal approximation;
+        the format minimises that instead of Σ (X − X̂)²."""
         raise NotImplementedError(f"format {self.name!r} is produced by {self.produced_by}")
 
     def decode(self, stored: dict[str, Tensor], meta: dict[str, Any], config: CompressionConfig,

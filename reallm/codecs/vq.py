@@ -20,8 +20,9 @@ from reallm.quant.packing import pack_bits
 from reallm.quant.vq import assign, kmeans
 
 
-def fit_codebook(vectors: Tensor, config, init: Tensor | None = None) -> Tensor:
-    """k-means codebook (K, d) of `vectors` (N, d), rounded to its fp16 storage, returned in fp32."""
+def fit_codebook(vectors: Tensor, config, init: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
+    """k-means codebook (K, d) of `vectors` (N, d), rounded to its fp16 storage, returned in fp32 (weighted
+    k-means with per-coordinate `weights` (N, d) when given)."""
     res = kmeans(
         vectors,
         config.codebook_size,
@@ -31,6 +32,7 @@ def fit_codebook(vectors: Tensor, config, init: Tensor | None = None) -> Tensor:
         seed=config.seed,
         max_points=config.kmeans_max_points,
         init_codebook=init,
+        weights=weights,
     )
     return res.codebook.to(torch.float16).float()
 
@@ -42,6 +44,7 @@ class VectorQuantizer(Codec):
     bit_items = {"codes": "codes", "codebook": "codebook"}
     table_kernels = True
     trainable = {"codebook": ("codebook",)}
+    weighted = True  # weighted k-means and nearest codeword under Σ_j w_j (x_j − c_j)² within a vector
 
     def kernel_table(self, stored: dict[str, Tensor], config, shared) -> Tensor:
         codebook = stored.get("codebook", shared.get("codebook"))
@@ -62,23 +65,24 @@ class VectorQuantizer(Codec):
     def can_share(self, config) -> bool:
         return config.codebook_scope == "model"
 
-    def fit_shared(self, vectors: Tensor, config) -> dict[str, Tensor]:
-        return {"codebook": fit_codebook(vectors, config).to(torch.float16)}
+    def fit_shared(self, vectors: Tensor, config, weights: Tensor | None = None) -> dict[str, Tensor]:
+        return {"codebook": fit_codebook(vectors, config, weights=weights).to(torch.float16)}
 
-    def encode(self, X: Tensor, config, *, shared=None, state=None) -> Encoded:
+    def encode(self, X: Tensor, config, *, shared=None, state=None, weights=None) -> Encoded:
         vectors = X.reshape(-1, config.vq_dim)  # (n_vectors, d)
+        w = weights.reshape(-1, config.vq_dim) if weights is not None else None  # (n_vectors, d)
         stored: dict[str, Tensor] = {}
         if shared and "codebook" in shared:
             codebook = shared["codebook"].to(device=X.device, dtype=torch.float16).float()
             used = {"codebook": shared["codebook"].to(device=X.device, dtype=torch.float16)}
         else:
             warm = state.get("codebook") if state is not None else None
-            codebook = fit_codebook(vectors, config, init=warm)  # (K, d) fp32 of fp16 values
+            codebook = fit_codebook(vectors, config, init=warm, weights=w)  # (K, d) fp32 of fp16 values
             if state is not None:
                 state["codebook"] = codebook
             stored["codebook"] = codebook.to(torch.float16)
             used = {}
-        stored["codes"] = pack_bits(assign(vectors, codebook), self.code_width(config))
+        stored["codes"] = pack_bits(assign(vectors, codebook, weights=w), self.code_width(config))
         return Encoded(stored, shared=used)
 
     def decode_range(self, stored: dict[str, Tensor], meta: dict[str, Any], config, shape, shared, start: int,

@@ -39,7 +39,7 @@ from reallm.adaptive import AdaptiveConfig
 from reallm.candidates import candidate_configs, select
 from reallm.codecs import autoencoder as ae_format
 from reallm.config import CompressionConfig
-from reallm.container import ReALLMWeight, compress_weight, relative_error
+from reallm.container import ReALLMWeight, compress_weight
 from reallm.datamodules.patches import PatchDataModule
 from reallm.errors import UserError
 from reallm.hf import find_decoder_blocks
@@ -48,6 +48,7 @@ from reallm.nn.patches import patch_grid
 from reallm.store import WeightStore
 from reallm.surgery import fit_shared_tensors
 from reallm.training import autoencoder as ae_recipe
+from reallm.training import calibration as calib
 from reallm.training import schedules
 
 __all__ = ["AutoencoderPhase"]
@@ -71,6 +72,7 @@ class AutoencoderPhase(CompressPhase):
         run_dir: str | None = None,
         checkpoint: str | None = None,
         seed: int = 0,
+        calibration: calib.CalibrationConfig | None = None,
     ) -> None:
         """
         Args:
@@ -90,9 +92,17 @@ class AutoencoderPhase(CompressPhase):
             run_dir: the run directory (set by --run_dir).
             checkpoint: unused (a fresh compression starts from the base model).
             seed: seed of every random choice (overrides compression.seed when non-zero).
+            calibration: calibration-aware phase 1 (None: data-free): the data-free candidates are encoded
+                under the output-error weights (VQ), every candidate's relative output error is measured, and
+                the adaptive choice minimises the output error instead of the weight error. The autoencoders
+                themselves are trained on the weight error either way.
         """
-        super().__init__(model_name_or_path, compression, layer_configs, method, run_dir, checkpoint, seed)
+        super().__init__(model_name_or_path, compression, layer_configs, method, run_dir, checkpoint, seed,
+                         calibration)
         self.adaptive = adaptive
+        if adaptive is not None and adaptive.error == "output" and calibration is None:
+            raise UserError("adaptive.error: output needs calibration-aware phase 1 "
+                            "(--model.init_args.calibration.path)")
         self.schedule = schedule or ae_recipe.TrainSchedule()
         self.max_groups_per_stack = max_groups_per_stack
         self.patches_on_device = patches_on_device
@@ -139,19 +149,23 @@ class AutoencoderPhase(CompressPhase):
         except ValueError:
             self._blocks_prefix = None
 
+        # calibration statistics (None: data-free), before any candidate
+        moments = self.input_moments()
         # data-free candidates: shared codebooks (identical on every rank), then this rank's share
         plain = [(i, n, lab, c) for i, n in self._targets for lab, c in self._cands[n].items()
                  if c.quantizer != "autoencoder"]
         by_label: dict[str, list] = {}
         for _, n, lab, c in plain:
             by_label.setdefault(lab, []).append((n, dm.model.get_submodule(n), c))
-        shared = {lab: fit_shared_tensors(t, device=device, progress=False) for lab, t in by_label.items()}
+        shared = {lab: fit_shared_tensors(t, device=device, progress=False, moments=moments)
+                  for lab, t in by_label.items()}
         for k, (i, n, lab, c) in enumerate(plain):
-            if k % world != rank or self.evaluated(lab).load(i, n, c.key()) is not None:
+            if k % world != rank or self.evaluated(lab).load(i, n, self.store_key(c)) is not None:
                 continue
             W = dm.weight(n).to(device)
             tensors, numel = shared[lab].get(c.key(), (None, None))
-            weight = compress_weight(W, c, name=n, shared=tensors, shared_numel=numel)
+            weight = compress_weight(W, c, name=n, shared=tensors, shared_numel=numel,
+                                     moments=None if moments is None else moments[n].to(device))
             self._save_candidate(lab, i, n, W, weight, c)
 
         # autoencoder candidates: groups → ranks → stacks
@@ -176,7 +190,7 @@ class AutoencoderPhase(CompressPhase):
             if owner[gid] != rank:
                 continue
             c = self._cands[members[0][1]][gid[0]]
-            done = all(self.evaluated(gid[0]).load(i, n, c.key()) is not None for i, n in members)
+            done = all(self.evaluated(gid[0]).load(i, n, self.store_key(c)) is not None for i, n in members)
             if not done:
                 mine.setdefault(ae_recipe.stack_key(c), []).append(gid)
         self._stacks = []
@@ -208,12 +222,17 @@ class AutoencoderPhase(CompressPhase):
         stack = ae_recipe.AEStack(spec, c0.bits, c0.vq_dim, len(gids), seeds, qat=self.sched.qat)
         self._stacks.append((stack, data, gids))
 
+    def choice_error(self) -> str:
+        """The adaptive choice's error term: `adaptive.error`, "auto" meaning the output error when calibrated."""
+        wanted = self.adaptive.error if self.adaptive is not None else "auto"
+        if wanted == "auto":
+            return "output" if self.calibration is not None else "weight"
+        return wanted
+
     def _save_candidate(self, label: str, index: int, name: str, W: torch.Tensor, weight: ReALLMWeight,
                         cfg: CompressionConfig, extra: dict[str, Any] | None = None) -> None:
-        err = relative_error(W, weight.dequantize())
-        stats = {"rel_frobenius_error": err, "orig_dtype": str(W.dtype).replace("torch.", ""),
-                 "w_norm2": float(W.float().square().sum()), **(extra or {})}
-        self.evaluated(label).save(index, name, weight.to("cpu"), stats, cfg.key())
+        stats = {**self.matrix_stats(name, W, weight), **(extra or {})}
+        self.evaluated(label).save(index, name, weight.to("cpu"), stats, self.store_key(cfg))
 
     # -- training -----------------------------------------------------------------------------
     def on_fit_start(self) -> None:  # the shared VQ codebooks were fitted in setup
@@ -287,7 +306,7 @@ class AutoencoderPhase(CompressPhase):
         for i, n in self._targets:
             found = {}
             for lab, c in self._cands[n].items():
-                got = self.evaluated(lab).load(i, n, c.key())
+                got = self.evaluated(lab).load(i, n, self.store_key(c))
                 if got is None:
                     if self.trainer.fast_dev_run or self.trainer.limit_train_batches != 1.0:
                         continue
@@ -295,7 +314,7 @@ class AutoencoderPhase(CompressPhase):
                 found[lab] = got
             matrices.append((n, found))
             index_of[n] = i
-        selection = select(matrices, labels, self.adaptive)
+        selection = select(matrices, labels, self.adaptive, error=self.choice_error())
         for n, pick in selection.picks.items():
             self.finished.save(index_of[n], n, pick.weight, pick.stats, pick.weight.config.key())
             self._extras[n] = pick.record

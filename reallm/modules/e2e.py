@@ -1,7 +1,19 @@
-"""Phase 3: end-to-end causal-LM fine-tuning of the DoRA parts (method.md §7).
+"""Phase 3: end-to-end fine-tuning of the DoRA parts (method.md §7), on the causal-LM loss or distilled from the
+original model.
 
-Causal-LM loss (`model(input_ids, labels=input_ids).loss`) over any text datamodule's training
-windows; only the DoRA parameters (m, A, B) train, with AdamW and a cosine schedule with linear
+Loss (`loss`): "ce", the causal-LM loss (`model(input_ids, labels=input_ids).loss`, the paper's); "kl", the
+KL divergence from the teacher's next-token distribution to the student's at temperature T
+(`reallm.training.distill`: KL(teacher ‖ student) × T²; the teacher is the original model,
+`model_source()`); "mix", kl_weight · KL + (1 − kl_weight) · CE. The teacher's targets come
+(`teacher`) from a cache on disk computed once per training window set (`cache`: top-k or all
+log-probabilities, size stated in results.json and refused above `teacher_cache_max_gb`), or are computed
+at every step (`stream`). Either way the teacher runs where `teacher_device` says: "cpu" (default: it never
+sits beside the student on an accelerator) or "device" (the training device: for the cache, only while the
+cache is built, before the student is loaded there; for streaming, the whole teacher resides beside the
+student, which suits small models only).
+
+Training windows come from any text datamodule; only the DoRA parameters (m, A, B) train, with AdamW and a
+cosine schedule with linear
 warm-up (3 % of the optimiser steps by default). Everything else is Lightning's: gradient clipping
 (`trainer.gradient_clip_val`), accumulation, periodic validation (`trainer.val_check_interval`),
 checkpoint / resume (`--ckpt_path`; the Lightning checkpoint keeps only the trainable tensors),
@@ -29,7 +41,10 @@ from reallm.hf import clean_name
 from reallm.modules.base import ReALLMModule
 from reallm.modules.perplexity import PerplexityMixin, input_ids_of
 from reallm.nn.dora import RuntimeMode
+from reallm.training import distill
 from reallm.training.schedules import cosine_warmup
+
+LossKind = Literal["ce", "kl", "mix"]
 
 
 class EndToEndPhase(PerplexityMixin, ReALLMModule):
@@ -54,6 +69,14 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
         gradient_checkpointing: bool = False,
         runtime: RuntimeMode = "resident",
         seed: int = 0,
+        loss: LossKind = "ce",
+        kl_weight: float = 0.5,
+        temperature: float = 1.0,
+        teacher: Literal["cache", "stream"] = "cache",
+        teacher_device: Literal["cpu", "device"] = "cpu",
+        teacher_topk: int | None = 64,
+        teacher_cache_dir: str | None = None,
+        teacher_cache_max_gb: float = 8.0,
     ) -> None:
         """
         Args:
@@ -75,6 +98,19 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
                 tiles at every forward; the memory-efficient default) or "cache" (decoded once into a dense
                 copy in the compute dtype; faster when memory allows).
             seed: recorded in results.json (seed_everything seeds the run).
+            loss: "ce" (causal-LM cross-entropy), "kl" (distillation from the original model) or "mix"
+                (kl_weight · KL + (1 − kl_weight) · CE).
+            kl_weight: the KL share of "mix", in [0, 1].
+            temperature: T of the teacher's and the student's softmax in the KL (the KL is multiplied by T²).
+            teacher: "cache" (the teacher's targets computed once per training window set and kept on disk) or
+                "stream" (the teacher runs at every step).
+            teacher_device: where the teacher runs: "cpu" or "device" (the training device; see the module
+                docstring for the memory).
+            teacher_topk: keep the teacher's k most probable tokens per position (the KL compares them plus one
+                bucket for the rest); None: the full vocabulary.
+            teacher_cache_dir: directory of the teacher caches (default ~/.cache/reallm/teacher); a cache is
+                named by a hash of the teacher, the windows, T and k, so runs with the same windows share it.
+            teacher_cache_max_gb: refuse (one line) a cache larger than this.
         """
         super().__init__(model_name_or_path, checkpoint, run_dir, method, seed)
         if not checkpoint:
@@ -83,6 +119,27 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
             raise UserError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         if autocast not in ("auto", "bf16", "none"):
             raise UserError(f"autocast must be 'auto', 'bf16' or 'none', got {autocast!r}")
+        if loss not in ("ce", "kl", "mix"):
+            raise UserError(f"loss must be 'ce', 'kl' or 'mix', got {loss!r}")
+        if not 0 <= kl_weight <= 1:
+            raise UserError(f"kl_weight must be in [0, 1], got {kl_weight}")
+        if not temperature > 0:
+            raise UserError(f"temperature must be > 0, got {temperature}")
+        if teacher not in ("cache", "stream") or teacher_device not in ("cpu", "device"):
+            raise UserError(f"teacher must be 'cache' or 'stream' and teacher_device 'cpu' or 'device', got "
+                            f"{teacher!r} and {teacher_device!r}")
+        if teacher_topk is not None and teacher_topk < 1:
+            raise UserError(f"teacher_topk must be ≥ 1 (or null for the full vocabulary), got {teacher_topk}")
+        self.loss_kind, self.kl_weight, self.temperature = loss, float(kl_weight), float(temperature)
+        self.teacher_mode, self.teacher_device, self.teacher_topk = teacher, teacher_device, teacher_topk
+        self.teacher_cache_dir = Path(teacher_cache_dir or Path.home() / ".cache" / "reallm" / "teacher").expanduser()
+        self.teacher_cache_max_gb = float(teacher_cache_max_gb)
+        # the streaming teacher, in a list: an nn.Module attribute would become a submodule of the student
+        # (moved to its device, saved in its checkpoints)
+        self._teacher_model: list[nn.Module] = []
+        self._teacher_cache: distill.TeacherLogitCache | None = None
+        self._distill_info: dict[str, Any] = {}
+        self._train_kl: list[float] = []
         self.adapters = adapters
         self.runtime = runtime
         self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
@@ -120,6 +177,62 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
 
     def setup(self, stage: str) -> None:
         self.setup_perplexity()
+        if stage == "fit" and self.loss_kind != "ce":
+            self._setup_teacher()
+
+    # -- the teacher -------------------------------------------------------------------------------
+    def _teacher_run_device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.teacher_device == "device" else torch.device("cpu")
+
+    def _load_teacher(self, device: torch.device) -> nn.Module:
+        from reallm.hf import load_hf_model
+
+        teacher = load_hf_model(self.model_source(), "float32").to(device).eval().requires_grad_(False)
+        if hasattr(teacher.config, "use_cache"):
+            teacher.config.use_cache = False
+        return teacher
+
+    def _setup_teacher(self) -> None:
+        """Before the student is loaded onto the device: the teacher cache is found or built (rank 0 builds, the
+        others wait), or the streaming teacher is loaded."""
+        info = {"loss": self.loss_kind, "kl_weight": self.kl_weight if self.loss_kind == "mix" else None,
+                "temperature": self.temperature, "teacher": self.teacher_mode, "teacher_device": self.teacher_device,
+                "teacher_topk": self.teacher_topk, "teacher_model": self.model_source()}
+        if self.teacher_mode == "stream":
+            self._teacher_model = [self._load_teacher(self._teacher_run_device())]
+            self._distill_info = info
+            return
+        dm = self.trainer.datamodule
+        windows = getattr(dm, "train_windows", None)
+        if windows is None:
+            raise UserError("teacher: cache needs a text datamodule with training windows (train_path)")
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(self.model_source()).vocab_size
+        cache = distill.TeacherLogitCache(self.teacher_cache_dir, windows, self.model_source(), vocab,
+                                          self.temperature, self.teacher_topk)
+        reused = cache.exists()
+        if not reused:
+            cache.check_size(self.teacher_cache_max_gb * 1e9)
+            if self.global_rank == 0:
+                device = self._teacher_run_device()
+                teacher = self._load_teacher(device)
+                batch = max(1, int(getattr(dm, "batch_size", 8)))
+                cache.build(lambda ids: teacher(input_ids=ids.to(device), use_cache=False).logits, batch)
+                del teacher
+            self.trainer.strategy.barrier()
+        cache.open()
+        self._teacher_cache = cache
+        self._distill_info = {**info, "cache": {**cache.describe(), "reused": reused}}
+
+    def teacher_targets(self, ids: Tensor) -> distill.TeacherTargets:
+        """The teacher's targets for the windows `ids` (B, L), on the student's device."""
+        if self._teacher_cache is not None:
+            return self._teacher_cache.lookup(ids).to(self.device)
+        device = self._teacher_run_device()
+        with torch.no_grad():
+            logits = self._teacher_model[0](input_ids=ids.to(device), use_cache=False).logits  # (B, L, V)
+        return distill.teacher_targets(logits, self.temperature, self.teacher_topk).to(self.device)
 
     def on_train_start(self) -> None:
         # decoded frozen weights cached by an earlier `validate` are inference tensors, which autograd
@@ -153,8 +266,19 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         ids = input_ids_of(batch)  # (B, L)
-        with self._autocast():
-            loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+        if self.loss_kind == "ce":
+            with self._autocast():
+                loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+        else:
+            targets = self.teacher_targets(ids)
+            with self._autocast():
+                out = self.model(input_ids=ids, labels=ids if self.loss_kind == "mix" else None, use_cache=False)
+            kl = distill.kl_to_teacher(out.logits, targets, self.temperature)
+            loss = kl if self.loss_kind == "kl" else self.kl_weight * kl + (1 - self.kl_weight) * out.loss
+            self.log("train/kl", kl.detach(), prog_bar=True, on_step=True, batch_size=ids.shape[0])
+            self._train_kl.append(float(kl.detach()))
+            if self.loss_kind == "mix":
+                self.log("train/ce", out.loss.detach(), on_step=True, batch_size=ids.shape[0])
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, batch_size=ids.shape[0])
         self._train_losses.append(float(loss.detach()))
         return loss
@@ -199,14 +323,21 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
         rep = bits_report(model)
         losses = self._train_losses
         k = max(1, min(10, len(losses) // 5 or 1))
+
+        def first_last(values: list[float]) -> dict[str, Any]:
+            return {"first": sum(values[:k]) / k if values else None,
+                    "last": sum(values[-k:]) / k if values else None, "steps": len(values)}
+
         self.write_results({
             "bits": {"nominal": rep["nominal"], "decoder_linears": rep["decoder_linears"],
                      "whole_model": rep["whole_model"]},
             "perplexity": self.perplexity,
             "runtime": self.runtime_info(self.model),
             "validation_history": self.validation_history,
-            "train_loss": {"first": sum(losses[:k]) / k if losses else None,
-                           "last": sum(losses[-k:]) / k if losses else None, "steps": len(losses)},
+            "loss": self.loss_kind,
+            "distillation": ({**self._distill_info, "train_kl": first_last(self._train_kl)}
+                             if self.loss_kind != "ce" else None),
+            "train_loss": first_last(losses),
             "optimizer_steps": int(self.trainer.global_step),
             "trainable_parameters": sum(p.numel() for p in self.trainable_parameters()),
             "checkpoint_dir": str(out),

@@ -16,6 +16,13 @@ faster than ``torch.min(dim)`` with indices on CPU). The distance loses those lo
 precision 2**(ceil(log2 K) - 23), e.g. 3e-5 for K = 256), which only matters for near-ties and is
 irrelevant to the centroid updates. :func:`assign`, which produces the stored codes, uses exact
 ``torch.min`` and re-checks near-ties by direct differences.
+
+Weighted variant (calibration-aware phase 1): with per-coordinate weights ``w`` (N, d) ≥ 0 the
+distance of point x to codeword c is ``Σ_j w_j (x_j − c_j)²`` (the layer-output error of the diagonal
+approximation of the inputs' second moments, see ``reallm.quant.weighting``), computed per chunk as
+``Σ w x² − 2 (w ⊙ x) · c + w · c²`` (two matmuls); Lloyd's update is then the per-coordinate weighted
+mean ``c_j = Σ_i w_ij x_ij / Σ_i w_ij`` over the cluster, which minimises the weighted inertia for
+fixed assignments, so every iteration still lowers it.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["KMeansResult", "assign", "kmeans", "kmeanspp_init"]
+__all__ = ["KMeansResult", "assign", "kmeans", "kmeanspp_init", "weighted_distances"]
 
 # Target number of distance entries (chunk * K) per chunk. On CPU a chunk that stays in cache is far
 # faster than a big one; on an accelerator bigger chunks amortise kernel launches. Both stay well
@@ -138,13 +145,16 @@ def _assign_packed(xl: Tensor, c: Tensor, chunk: int, packed: Tensor, idx: Tenso
     return float(dist.sum()) / max(1, n)
 
 
-def assign(x: Tensor, codebook: Tensor, chunk_size: int | None = None) -> Tensor:
-    """Exact nearest codeword (squared L2) of every row of ``x``; ties go to the lowest index.
+def assign(x: Tensor, codebook: Tensor, chunk_size: int | None = None, weights: Tensor | None = None) -> Tensor:
+    """Exact nearest codeword (squared L2, or weighted squared L2) of every row of ``x``; ties go to the
+    lowest index.
 
     Args:
         x: ``(N, d)`` points.
         codebook: ``(K, d)``.
         chunk_size: points per chunk (default: ``chunk * K`` about 1M floats on CPU, 64M on GPU).
+        weights: ``(N, d)`` non-negative per-coordinate weights: the distance is ``Σ_j w_j (x_j − c_j)²``
+            (None: the plain squared L2 distance).
 
     Returns:
         int64 ``(N,)`` codes on ``x.device``.
@@ -155,6 +165,8 @@ def assign(x: Tensor, codebook: Tensor, chunk_size: int | None = None) -> Tensor
     """
     if x.dim() != 2 or codebook.dim() != 2 or x.shape[1] != codebook.shape[1]:
         raise ValueError(f"x (N, d) and codebook (K, d) expected, got {tuple(x.shape)}, {tuple(codebook.shape)}")
+    if weights is not None:
+        return _assign_weighted(x, codebook, weights, chunk_size)[0]
     device = x.device
     xf = x.to(torch.float32)  # (N, d)
     c = codebook.to(device=device, dtype=torch.float32)  # (K, d)
@@ -184,6 +196,91 @@ def assign(x: Tensor, codebook: Tensor, chunk_size: int | None = None) -> Tensor
             idx[rows] = exact.argmin(dim=1)
         out[s : s + chunk] = idx
     return out
+
+
+def _check_weights(x: Tensor, weights: Tensor) -> Tensor:
+    if weights.shape != x.shape:
+        raise ValueError(f"weights must have the shape of x {tuple(x.shape)}, got {tuple(weights.shape)}")
+    w = weights.to(device=x.device, dtype=torch.float32)
+    if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
+        raise ValueError("weights must be finite and non-negative")
+    return w
+
+
+def weighted_distances(x: Tensor, codebook: Tensor, weights: Tensor) -> Tensor:
+    """``(N, K)`` weighted squared distances ``Σ_j w_ij (x_ij − c_kj)²`` by direct differences (no
+    expansion: exact up to fp32 rounding of each term; for small problems and near-tie checks)."""
+    c = codebook.to(device=x.device, dtype=torch.float32)  # (K, d)
+    diff = x.to(torch.float32).unsqueeze(1) - c.unsqueeze(0)  # (N, K, d)
+    return (weights.to(device=x.device, dtype=torch.float32).unsqueeze(1) * diff * diff).sum(dim=2)
+
+
+def _assign_weighted(x: Tensor, codebook: Tensor, weights: Tensor,
+                     chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """(codes int64 (N,), weighted squared distance to the chosen codeword fp32 (N,)), exact: the expansion
+    ``Σ w x² − 2 (w ⊙ x) cᵀ + w (c²)ᵀ`` per chunk, near-ties re-checked by direct differences."""
+    device = x.device
+    xf = x.to(torch.float32)  # (N, d)
+    w = _check_weights(xf, weights)  # (N, d)
+    c = codebook.to(device=device, dtype=torch.float32)  # (K, d)
+    n, k = xf.shape[0], c.shape[0]
+    codes = torch.empty(n, dtype=torch.int64, device=device)
+    best_out = torch.empty(n, dtype=torch.float32, device=device)
+    if n == 0:
+        return codes, best_out
+    chunk = chunk_size or max(256, _default_chunk(k, device) // 2)  # two (chunk, K) products per chunk
+    c_t = c.t().contiguous()  # (d, K)
+    c2_t = (c * c).t().contiguous()  # (d, K)
+    cmax = (c * c).sum(dim=1).max()
+    for s in range(0, n, chunk):
+        xs, ws = xf[s:s + chunk], w[s:s + chunk]  # (c, d)
+        wx = ws * xs  # (c, d)
+        base = (wx * xs).sum(dim=1)  # (c,) Σ w x²
+        dist = torch.addmm(ws @ c2_t, wx, c_t, alpha=-2.0)  # (c, K): w·c² − 2 (w⊙x)·c
+        dist.add_(base.unsqueeze(1))
+        best, idx = dist.min(dim=1)  # (c,)
+        # near-ties within the expansion's rounding error: recomputed exactly
+        tol = 1e-5 * (base + ws.sum(dim=1) * cmax) + 1e-30  # (c,)
+        ambiguous = (dist <= (best + tol).unsqueeze(1)).sum(dim=1) > 1  # (c,)
+        if bool(ambiguous.any()):
+            rows = ambiguous.nonzero().squeeze(1)  # (r,)
+            exact = torch.zeros(rows.numel(), k, dtype=torch.float32, device=device)  # (r, K)
+            for j in range(xs.shape[1]):  # one coordinate at a time: (r, K) memory
+                exact.add_((xs[rows, j:j + 1] - c[:, j]).pow_(2).mul_(ws[rows, j:j + 1]))
+            idx[rows] = exact.argmin(dim=1)
+            best[rows] = exact.gather(1, idx[rows].unsqueeze(1)).squeeze(1)
+        codes[s:s + chunk] = idx
+        best_out[s:s + chunk] = best.clamp_min(0.0)
+    return codes, best_out
+
+
+def _weighted_lloyd(xf: Tensor, w: Tensor, c: Tensor, iters: int, tol: float,
+                    chunk_size: int | None) -> KMeansResult:
+    """Lloyd iterations under the weighted distance from the codebook ``c`` (K, d): exact assignment,
+    then the per-coordinate weighted mean of each cluster (a coordinate without weight keeps its value);
+    an empty cluster is re-seeded to the point of largest weighted distance (deterministic)."""
+    n, d = xf.shape
+    k = c.shape[0]
+    idx, dist = _assign_weighted(xf, c, w, chunk_size)
+    inertia = float(dist.double().sum()) / n
+    n_iter = 0
+    for _ in range(iters):
+        wsum = torch.zeros(k, d, dtype=torch.float64, device=xf.device).index_add_(0, idx, w.double())  # (K, d)
+        wxsum = torch.zeros(k, d, dtype=torch.float64, device=xf.device).index_add_(0, idx, (w * xf).double())
+        counts = torch.bincount(idx, minlength=k)  # (K,)
+        c = torch.where(wsum > 0, (wxsum / wsum.clamp_min(1e-300)).float(), c)
+        empty = (counts == 0).nonzero().squeeze(1)
+        if empty.numel():
+            far = torch.topk(dist, min(empty.numel(), n)).indices  # (n_empty,)
+            c[empty[: far.numel()]] = xf[far]
+        n_iter += 1
+        idx, dist = _assign_weighted(xf, c, w, chunk_size)
+        new_inertia = float(dist.double().sum()) / n
+        rel = (inertia - new_inertia) / inertia if inertia > 0 else 0.0
+        inertia = new_inertia
+        if tol > 0 and rel < tol and not empty.numel():
+            break
+    return KMeansResult(codebook=c, inertia=inertia, n_iter=n_iter)
 
 
 def kmeanspp_init(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
@@ -229,6 +326,7 @@ def kmeans(
     max_points: int | None = None,
     init_codebook: Tensor | None = None,
     chunk_size: int | None = None,
+    weights: Tensor | None = None,
 ) -> KMeansResult:
     """Batched k-means (Lloyd) on the device of ``x`` (method.md §3 "Vector quantization").
 
@@ -245,6 +343,9 @@ def kmeans(
         max_points: if given and N > max_points, fit on a seeded random subsample of that many rows.
         init_codebook: ``(K, d)`` warm start; replaces ``init``.
         chunk_size: points per assignment chunk.
+        weights: ``(N, d)`` non-negative per-coordinate weights (see the module docstring): the
+            initialisation is the unweighted one, then Lloyd iterations minimise the weighted inertia
+            ``mean_i Σ_j w_ij (x_ij − c_j)²``, which is what ``inertia`` reports. None: plain k-means.
 
     Returns:
         :class:`KMeansResult` with the ``(K, d)`` fp32 codebook, the mean squared distance of the
@@ -269,9 +370,11 @@ def kmeans(
     n, d = xf.shape
     if n == 0:
         raise ValueError("kmeans needs at least one point")
+    w = _check_weights(xf, weights) if weights is not None else None
     if max_points is not None and n > max_points:
         sel = torch.randperm(n, generator=gen, device=device)[:max_points]
         xf = xf[sel]
+        w = w[sel] if w is not None else None
         n = max_points
     xf = xf.contiguous()  # (N, d)
 
@@ -288,6 +391,8 @@ def kmeans(
         m = min(n, max(_INIT_MIN_POINTS, _INIT_POINTS_PER_CODEWORD * k))
         pool = xf if m == n else xf[torch.randperm(n, generator=gen, device=device)[:m]]
         c = kmeanspp_init(pool, k, gen)
+    if w is not None:
+        return _weighted_lloyd(xf, w.contiguous(), c, iters, tol, chunk_size)
 
     chunk = chunk_size or _default_chunk(k, device)
     transposed = k <= _TRANSPOSED_MAX_K
