@@ -17,6 +17,7 @@ from phase_helpers import (  # noqa: F401 (_one_thread is an autouse fixture)
 )
 from safetensors.torch import load_file
 
+from reallm.bits import bits_report
 from reallm.checkpoint import frozen_digests, load_compressed, read_meta
 from reallm.hf import find_decoder_blocks
 from reallm.modules import BlockwisePhase, UserError
@@ -26,6 +27,7 @@ from reallm.modules.blocks import (
     capture_block_inputs,
     load_teacher_block,
 )
+from reallm.surgery import iter_reallm_layers
 
 
 @pytest.fixture(scope="module")
@@ -276,3 +278,24 @@ def test_bad_arguments_are_user_errors(phase1, tmp_path):
         blockwise(phase1, tmp_path, loss="l1")
     with pytest.raises(UserError, match="student_inputs"):
         blockwise(phase1, tmp_path, student_inputs="teacher")
+
+
+def test_train_stored_scales_change_only_the_scales_and_keep_the_bits(phase1, uninterrupted, tmp_path):
+    """train_stored: ["scales"] tunes each block's block-scale maxima beside its adapters; the codes, the
+    model-wide codebook (shared by every block: frozen in phase 2) and the accounted bits stay the same."""
+    _, plain = uninterrupted
+    run_dir = tmp_path / "bw-stored"
+    module = run_blockwise(phase1, run_dir, train_stored=["scales"])
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["complete"] and all(b["loss_after"] < b["loss_before"] for b in res["blocks"])
+    before, after = load_compressed(phase1.checkpoint), load_compressed(run_dir / "reallm")
+    assert bits_report(after)["decoder_linears"] == bits_report(before)["decoder_linears"]
+    layers_before, layers_after = dict(iter_reallm_layers(before)), dict(iter_reallm_layers(after))
+    changed = False
+    for name, layer in layers_after.items():
+        old, new = layers_before[name]._frozen_tensors(), layer._frozen_tensors()
+        assert torch.equal(old["codes"], new["codes"]) and new["scale_group_max"].dtype == old["scale_group_max"].dtype
+        changed |= not torch.equal(old["scale_group_max"], new["scale_group_max"])
+        assert torch.equal(layers_before[name]._shared_tensors()["codebook"], layer._shared_tensors()["codebook"])
+    assert changed
+    assert not any(layer.stored_params for _, layer in iter_reallm_layers(module.model))  # written back

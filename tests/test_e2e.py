@@ -170,3 +170,30 @@ def test_bf16_autocast_and_gradient_checkpointing(phase1, tmp_path):
     assert module.model.is_gradient_checkpointing
     old, new = adapters_of(phase1.checkpoint), adapters_of(tmp_path / "run" / "reallm")
     assert any(not torch.equal(old[k], new[k]) for k in old)
+
+
+def test_train_stored_codebook_and_scales_through_the_cli(phase1, tmp_path):
+    """--model.init_args.train_stored "[codebook, scales]": phase 3 also tunes the model-wide codebook and the
+    block-scale maxima; the codes and the accounted bits are unchanged, and the checkpoint loads."""
+    from reallm.bits import bits_report
+    from reallm.cli import cli_main
+    from reallm.surgery import iter_reallm_layers
+
+    run = tmp_path / "e2e-stored"
+    cli_main(["fit", "--config", str(ROOT / "configs" / "e2e.yaml"), "--model.init_args.checkpoint",
+              str(phase1.checkpoint), "--trainer.accelerator", "cpu", "--trainer.max_steps", "3",
+              "--model.init_args.lr", "1e-2", "--model.init_args.train_stored", "[codebook, scales]",
+              "--run_dir", str(run), *data_args(phase1)])
+    before, after = load_compressed(phase1.checkpoint), load_compressed(run / "reallm")
+    assert bits_report(after)["decoder_linears"] == bits_report(before)["decoder_linears"]
+    old, new = dict(iter_reallm_layers(before)), dict(iter_reallm_layers(after))
+    for name, layer in new.items():
+        assert torch.equal(layer._frozen_tensors()["codes"], old[name]._frozen_tensors()["codes"])
+    name = next(iter(new))
+    assert not torch.equal(new[name]._shared_tensors()["codebook"], old[name]._shared_tensors()["codebook"])
+    assert new[name]._shared_tensors()["codebook"].dtype == torch.float16
+
+
+def test_train_stored_refuses_an_unknown_item(phase1):
+    with pytest.raises(UserError, match="train_stored takes"):
+        EndToEndPhase(checkpoint=str(phase1.checkpoint), train_stored=["decoder"])

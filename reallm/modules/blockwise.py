@@ -55,7 +55,7 @@ from reallm.modules.blocks import (
     load_teacher_block,
     torch_dtype,
 )
-from reallm.nn.dora import RuntimeMode
+from reallm.nn.dora import RuntimeMode, check_stored_items, make_stored_trainable, write_back_stored
 from reallm.surgery import iter_reallm_layers, mark_only_adapters_trainable
 
 LossKind = Literal["mse", "relative_mse"]
@@ -95,6 +95,7 @@ class BlockwisePhase(ReALLMModule):
         activation_dir: str | None = None,
         teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         runtime: RuntimeMode = "resident",
+        train_stored: list[str] | None = None,
         seed: int = 0,
     ) -> None:
         """
@@ -125,6 +126,12 @@ class BlockwisePhase(ReALLMModule):
             runtime: how the compressed linears run: "resident" (the stored form only, decoded in row
                 tiles at every forward; the memory-efficient default) or "cache" (decoded once into a dense
                 copy in the compute dtype; faster when memory allows).
+            train_stored: also fine-tune these stored tensors of the compressed linears while the codes stay
+                frozen: "codebook" (VQ / additive codebooks, autoencoder latent codebooks) and / or "scales"
+                (block-scale maxima and offset, RTN min / step, E8P lattice scales); written back at their stored
+                precision, so the accounted bits do not change (`reallm.nn.dora.make_stored_trainable`).
+                Tensors shared with other blocks (a model-wide codebook) stay frozen here: tuning block j must
+                not change the blocks before it.
             seed: seed of the step order (one permutation per block and epoch).
         """
         super().__init__(model_name_or_path, checkpoint, run_dir, method, seed)
@@ -139,6 +146,7 @@ class BlockwisePhase(ReALLMModule):
         if cache not in ("cpu", "disk"):
             raise UserError(f"cache must be 'cpu' or 'disk', got {cache!r}")
         self.runtime = runtime
+        self.train_stored = check_stored_items(train_stored)
         self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
         self.effective_batch, self.epochs_per_block = int(effective_batch), int(epochs_per_block)
         self.loss_kind, self.student_inputs = loss, student_inputs
@@ -187,6 +195,8 @@ class BlockwisePhase(ReALLMModule):
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
         mark_only_adapters_trainable(model)
+        if self.train_stored:
+            make_stored_trainable(model, self.train_stored, shared=False)
         object.__setattr__(self, "_model", model)  # not registered (see __init__)
         self._prefix, blocks = find_decoder_blocks(model)
         object.__setattr__(self, "_blocks", blocks)  # not registered either
@@ -222,11 +232,19 @@ class BlockwisePhase(ReALLMModule):
         return self.blocks_dir / f"{j:04d}.safetensors", self.blocks_dir / f"{j:04d}.json"
 
     def _adapter_state(self, j: int) -> dict[str, Tensor]:
-        return {f"{n}.{k}": v for n, layer in self._layers[j] for k, v in layer.adapter_tensors().items()}
+        """What block j trains: its adapters in stored form and its trained stored tensors (train_stored)."""
+        out = {f"{n}.{k}": v for n, layer in self._layers[j] for k, v in layer.adapter_tensors().items()}
+        out.update({f"{n}.stored_params.{k}": p.detach().clone() for n, layer in self._layers[j]
+                    for k, p in layer.stored_params.items()})
+        return out
 
     def _load_adapter_state(self, j: int, tensors: dict[str, Tensor]) -> None:
         for n, layer in self._layers[j]:
-            layer.load_adapter_tensors({k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".")})
+            mine = {k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".")}
+            layer.load_adapter_tensors({k: v for k, v in mine.items() if not k.startswith("stored_params.")})
+            with torch.no_grad():
+                for k, p in layer.stored_params.items():
+                    p.copy_(mine[f"stored_params.{k}"])
 
     def _load_finished(self, j: int) -> dict[str, Any] | None:
         """The record of block j if an earlier run finished it with the same settings."""
@@ -457,9 +475,10 @@ class BlockwisePhase(ReALLMModule):
 
         finished = sorted(j for j, r in self._records.items() if "loss_after" in r)
         self.model.to("cpu")
+        write_back_stored(self.model)  # trained codebooks / scales back at their stored precision
         out = save_compressed(self.model, self.require_run_dir() / "reallm", base_model=self.model_source(),
                               tokenizer=maybe_tokenizer(str(self.checkpoint), self.model_source()),
-                              frozen_from=self.checkpoint,
+                              frozen_from=None if self.train_stored else self.checkpoint,
                               extra={"phase": self.phase, "from_checkpoint": str(Path(self.checkpoint).absolute()),
                                      "finished_blocks": finished})
         rep = bits_report(self.model)

@@ -40,7 +40,7 @@ from reallm.errors import UserError
 from reallm.hf import clean_name
 from reallm.modules.base import ReALLMModule
 from reallm.modules.perplexity import PerplexityMixin, input_ids_of
-from reallm.nn.dora import RuntimeMode
+from reallm.nn.dora import RuntimeMode, check_stored_items, make_stored_trainable, write_back_stored
 from reallm.training import distill
 from reallm.training.schedules import cosine_warmup
 
@@ -68,6 +68,7 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
         autocast: Literal["auto", "bf16", "none"] = "auto",
         gradient_checkpointing: bool = False,
         runtime: RuntimeMode = "resident",
+        train_stored: list[str] | None = None,
         seed: int = 0,
         loss: LossKind = "ce",
         kl_weight: float = 0.5,
@@ -97,6 +98,10 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
             runtime: how the compressed linears run: "resident" (the stored form only, decoded in row
                 tiles at every forward; the memory-efficient default) or "cache" (decoded once into a dense
                 copy in the compute dtype; faster when memory allows).
+            train_stored: also fine-tune these stored tensors of the compressed linears while the codes stay
+                frozen: "codebook" (VQ / additive codebooks, autoencoder latent codebooks) and / or "scales"
+                (block-scale maxima and offset, RTN min / step, E8P lattice scales); written back at their stored
+                precision, so the accounted bits do not change (`reallm.nn.dora.make_stored_trainable`).
             seed: recorded in results.json (seed_everything seeds the run).
             loss: "ce" (causal-LM cross-entropy), "kl" (distillation from the original model) or "mix"
                 (kl_weight · KL + (1 − kl_weight) · CE).
@@ -142,6 +147,7 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
         self._train_kl: list[float] = []
         self.adapters = adapters
         self.runtime = runtime
+        self.train_stored = check_stored_items(train_stored)
         self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
         self.warmup_ratio, self.min_lr_ratio = warmup_ratio, min_lr_ratio
         self.autocast_mode = autocast
@@ -165,9 +171,12 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
         model = self.load_checkpoint_model(self.adapters)
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
-        if mark_only_adapters_trainable(model) == 0:
+        n_adapters = mark_only_adapters_trainable(model)
+        n_stored = make_stored_trainable(model, self.train_stored) if self.train_stored else 0
+        if n_adapters + n_stored == 0:
             raise UserError("the checkpoint has no DoRA/LoRA parameter to train (rank 0): use a preset "
-                            "with rank ≥ 1")
+                            "with rank ≥ 1, or train its codebooks / scales (train_stored)")
+        self.trained_stored_values = n_stored
         if self.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise UserError(f"{type(model).__name__} does not support gradient checkpointing")
@@ -301,6 +310,8 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         fresh = self.load_checkpoint_model(self.adapters) if self.global_rank == 0 else None
+        if fresh is not None and self.train_stored:
+            make_stored_trainable(fresh, self.train_stored)  # the same parameter names as the trained model
         with FSDP.summon_full_params(self.trainer.strategy.model, writeback=False), torch.no_grad():
             if fresh is not None:
                 for name, p in self.model.named_parameters():
@@ -316,9 +327,10 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
         from reallm.checkpoint import save_compressed
         from reallm.hf import maybe_tokenizer
 
+        write_back_stored(model)  # trained codebooks / scales back at their stored precision
         out = save_compressed(model, self.require_run_dir() / "reallm", base_model=self.model_source(),
                               tokenizer=maybe_tokenizer(str(self.checkpoint), self.model_source()),
-                              frozen_from=self.checkpoint,
+                              frozen_from=None if self.train_stored else self.checkpoint,
                               extra={"phase": self.phase, "from_checkpoint": str(Path(self.checkpoint).absolute())})
         rep = bits_report(model)
         losses = self._train_losses

@@ -526,13 +526,15 @@ def _free_memory(device: torch.device) -> int | None:
     return None
 
 
-def make_stored_trainable(model: nn.Module, items: tuple[str, ...] = ("codebook", "scales")) -> int:
+def make_stored_trainable(model: nn.Module, items: tuple[str, ...] = ("codebook", "scales"), *,
+                          shared: bool = True) -> int:
     """Fine-tune stored tensors of every compressed linear while the codes stay frozen (issue: trainable
     codebooks and scales): for `items` ("codebook": VQ codebooks, autoencoder latent codebooks;
     "scales": the block-scale maxima and offset, RTN's min and step), each stored floating tensor becomes
     an fp32 parameter; the forward computes with it cast to its stored dtype, so what trains is exactly what
     is saved and the accounted bits do not change. A tensor shared by several layers (a model-wide codebook)
-    becomes one parameter. Returns the number of trainable values added. `write_back_stored` undoes it."""
+    becomes one parameter (`shared=False` leaves shared tensors frozen: block-wise tuning must not change the
+    blocks already tuned). Returns the number of trainable values added. `write_back_stored` undoes it."""
     from reallm.files import tensor_digest
 
     shared_params: dict[tuple[str, str], nn.Parameter] = {}
@@ -543,7 +545,7 @@ def make_stored_trainable(model: nn.Module, items: tuple[str, ...] = ("codebook"
         frozen, shared = _read_stored(layer, "frozen__", layer._frozen_specs), _read_stored(layer, "shared__",
                                                                                            layer._shared_specs)
         for key in layer.trainable_stored_keys(items):
-            if key in layer.stored_params:
+            if key in layer.stored_params or (key.startswith("shared__") and not shared):
                 continue
             if key.startswith("shared__"):
                 value = shared[key[len("shared__"):].replace("__", ".")]
@@ -559,6 +561,18 @@ def make_stored_trainable(model: nn.Module, items: tuple[str, ...] = ("codebook"
             layer.stored_params[key] = param
         layer.clear_cache()
     return n
+
+
+STORED_ITEMS = ("codebook", "scales")
+
+
+def check_stored_items(items) -> tuple[str, ...]:
+    """The `train_stored` option of the fine-tuning phases, checked (UserError naming a bad item)."""
+    items = tuple(items or ())
+    bad = [i for i in items if i not in STORED_ITEMS]
+    if bad:
+        raise UserError(f"train_stored takes {list(STORED_ITEMS)}, got {bad[0]!r}")
+    return items
 
 
 def write_back_stored(model: nn.Module) -> None:
