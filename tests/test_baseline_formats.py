@@ -172,6 +172,8 @@ BANDS = {2: (2.0, 2.5), 3: (3.0, 3.5)}
 OUTSIDE_BAND = {
     "aqlm-1x16": "its 2^16-codeword fp16 codebook costs 37 bits per weight on 226,560 weights",
     "lqlora-3bit": "LQ-LoRA's bf16 low-rank part (rank 1 = 64 at 4096) costs 0.41 bit per weight at widths 64-172",
+    "lqlora-3bit-ft": "a fine-tuning preset: its int8 rank-1 low-rank part (0.21) and fp16 DoRA magnitude (0.21) cost "
+                      "0.42 bit per weight at widths 64-172",
     "vq-2bit-ft": "a fine-tuning preset: its int8 rank-2 low-rank part costs 0.42 bit per weight (budget 2.75)",
     "vq-3bit-ft": "a fine-tuning preset: its int8 rank-1 low-rank part and fp16 DoRA magnitude cost 0.42 bit per "
                   "weight",

@@ -72,14 +72,14 @@ def test_save_pretrained_from_pretrained_identical_logits(arch, tmp_path):
 def test_every_stored_format_is_covered():
     """Every format of the registry is round-tripped below: the contract rows, and the autoencoder (made by
     its training phase) from its format-1 checkpoint."""
-    assert {cfg.quantizer for cfg, _ in ROWS.values()} | MADE_ELSEWHERE == set(names())
+    assert {row[0].quantizer for row in ROWS.values()} | MADE_ELSEWHERE == set(names())
     assert MADE_ELSEWHERE <= {rec["config"]["quantizer"] for d in OLD.iterdir() if d.is_dir()
                               for rec in ckpt.read_meta(d)["layers"].values()}
 
 
 @pytest.mark.parametrize("row", sorted(ROWS))
 def test_every_stored_format_round_trips(row, tmp_path, single_thread):
-    cfg, _ = ROWS[row]
+    cfg, *_ = ROWS[row]
     model = compressed("llama", cfg.replace(kmeans_iters=min(cfg.kmeans_iters, 5)))
     ref = logits(model)
     model.save_pretrained(tmp_path / "ck")
