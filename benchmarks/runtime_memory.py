@@ -95,8 +95,24 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0: "5" to /proc/self/clear_refs), so that the peak
+    measured later is the configuration's, not the imports' (which can exceed a small block's)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    """Peak RSS since the last reset_peak_rss(): VmHWM of /proc/self/status (ru_maxrss never resets)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def held_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer | None = None) -> int:
@@ -140,6 +156,7 @@ def child(spec: dict) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         base_mem = torch.cuda.memory_allocated(device)
+    peak_valid = cuda or reset_peak_rss()
     r0 = rss()
     if spec["kind"] == "compressed":
         model = load_compressed(spec["path"], mode=spec["mode"], device=device)
@@ -169,7 +186,7 @@ def child(spec: dict) -> dict:
         mem_after = torch.cuda.memory_allocated(device) - base_mem
         peak = torch.cuda.max_memory_allocated(device) - base_mem
     else:
-        mem_after, peak = rss() - r0, peak_rss() - r0
+        mem_after, peak = rss() - r0, (peak_rss() - r0) if peak_valid else None
     from reallm.hf import find_decoder_blocks
 
     _, blocks = find_decoder_blocks(model)
@@ -228,7 +245,7 @@ def main() -> int:
         if mode == "cache":
             cache_time[label.split(",")[0]] = r["step_s"]
     for label, mode, stored, r in rows:
-        x = lambda v: f"{v / MiB:.0f} ({v / fp16_block:.2f}×)"  # noqa: E731
+        x = lambda v: "-" if v is None else f"{v / MiB:.0f} ({v / fp16_block:.2f}×)"  # noqa: E731
         step = f"{r['step_s']:.2f}"
         if mode == "resident":
             step += f" ({r['step_s'] / cache_time[label.split(',')[0]]:.2f}× cache)"
