@@ -37,6 +37,8 @@ SHARED = ROOT.parent / "shared"
 def time_generation(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
     """Seconds per generated token after the prefill (greedy, KV cache), and the generated ids."""
     with torch.no_grad():
+        # untimed: a mode switched just before builds its dense cache (or norm cache) on the first forward
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)  # prefill + 1 token
         t1 = time.perf_counter()
