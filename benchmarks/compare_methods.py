@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -73,7 +74,10 @@ def band_notes(rows: list[dict]) -> list[str]:
     lines = []
     for r in rows:
         nominal, bits = r["bits"].get("nominal"), r["bits"].get("decoder_linears")
-        if isinstance(nominal, list) and nominal:  # matrices chose different formats (reallm-*): the preset's b
+        budget = r.get("budget")
+        if isinstance(nominal, list) and budget is not None:  # matrices chose formats under a budget (reallm-*):
+            nominal = math.floor(budget)  # its class is the budget's (3.25 → 3-bit, 2.75 → 2-bit)
+        elif isinstance(nominal, list) and nominal:
             nominal = min(nominal)
         if not isinstance(nominal, (int, float)) or int(nominal) not in BANDS or bits is None:
             continue

@@ -84,6 +84,7 @@ def _row(r: dict[str, Any], src: dict[str, Any] | None, label: str, is_base: boo
         "phase": (src or r).get("phase"),
         "bits": (src or r).get("bits") or {},
         "rel_error": (src or {}).get("mean_rel_frobenius_error"),
+        "budget": ((src or {}).get("adaptive") or {}).get("budget_bits_per_weight"),  # adaptive choice only
         "calibration": (src or {}).get("calibration"),
         "time_s": (src or {}).get("time_s"),
         "perplexity": r.get("perplexity") or {},

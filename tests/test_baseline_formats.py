@@ -226,3 +226,24 @@ def test_every_preset_bits_within_its_band_on_stories260k(preset, shared_dir):
         assert not lo <= bits <= hi, f"{preset} is now within its band ({bits:.3f}): remove it from OUTSIDE_BAND"
     else:
         assert lo <= bits <= hi, f"{preset}: {bits:.4f} accounted bits, outside {lo}-{hi}"
+
+
+def test_comparison_bands_of_budgeted_presets_follow_their_budget():
+    """A preset whose matrices choose their formats under a budget (reallm-*: nominal b a list) is in the
+    class of its budget (3.25 → 3-bit band, 2.75 → 2-bit band), not of its smallest candidate."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_methods", ROOT / "benchmarks" / "compare_methods.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    item = {"shape": [64, 64], "items": {"codes": 3.0 * 4096, "lowrank": 0.25 * 4096}}
+    rows = [{"label": "reallm-3bit", "bits": {"nominal": [2.0, 3.0], "decoder_linears": 3.25}, "budget": 3.25,
+             "matrices": [item]},
+            {"label": "reallm-2bit", "bits": {"nominal": [2.0, 3.0], "decoder_linears": 2.748}, "budget": 2.75,
+             "matrices": [item]},
+            {"label": "quip-2bit", "bits": {"nominal": 2.0, "decoder_linears": 2.16}, "budget": None,
+             "matrices": []}]
+    assert compare.band_notes(rows) == [
+        "- reallm-3bit: 3.250 bits, within 3.0–3.5",
+        "- reallm-2bit: 2.748 bits, OUTSIDE 2.0–2.5; largest items beside the codes: lowrank 0.250",
+        "- quip-2bit: 2.160 bits, within 2.0–2.5"]
