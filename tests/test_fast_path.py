@@ -75,13 +75,14 @@ def test_greedy_generation_is_the_same_with_and_without_the_fast_path(shared_dir
     model.eval()
     ids = tok("Once upon a time", return_tensors="pt").input_ids
     out = {}
-    for fast in ("auto", "off"):
-        set_runtime_mode(model, "resident", fast_path=fast)
+    for mode, fast in (("resident", "auto"), ("resident", "off"), ("cache", "auto")):
+        set_runtime_mode(model, mode, fast_path=fast)
+        key = fast if mode == "resident" else mode
         with torch.no_grad():
-            out[fast] = model.generate(ids, max_new_tokens=24, do_sample=False)
-        out[fast + "_paths"] = runtime_report(model)["last_paths"]
-    assert torch.equal(out["auto"], out["off"])
-    assert out["off_paths"] == ["decode"]
+            out[key] = model.generate(ids, max_new_tokens=24, do_sample=False)
+        out[key + "_paths"] = runtime_report(model)["last_paths"]
+    assert torch.equal(out["auto"], out["off"]) and torch.equal(out["cache"], out["off"])  # every mode generates
+    assert out["off_paths"] == ["decode"] and out["cache_paths"] == ["cache"]
     if any(cpu_fast_paths(m.config, (m.out_features, m.in_features)) for m in model.modules()
            if isinstance(m, ReALLMLinear)):
         assert set(out["auto_paths"]) & {"cpu", "cpu_avx512"}  # some layers did use a kernel
