@@ -216,3 +216,31 @@ def test_row_tiles_reassemble_the_whole_decode(fmt, shape):
     assert len(tiles) > 1 or cfg.rotation == "hadamard"
     parts = [decode_frozen_rows(w.frozen, w.meta, cfg, shape, a, b, shared=w.shared, plan=plan) for a, b in tiles]
     assert torch.equal(torch.cat(parts), w.decode_frozen())
+
+
+@pytest.mark.parametrize("lowrank_dtype", ["float16", "int8"])
+def test_inference_reads_stored_factors_in_place_and_trained_ones_at_storage_precision(lowrank_dtype):
+    """Without a gradient, factors that hold stored values (as loaded) are used as they are, no per-call
+    rounding; factors that do not (moved by training) are still rounded to their storage precision, so a
+    no-grad forward always equals the training forward's output."""
+    from reallm import compress_weight
+
+    W = torch.randn(96, 64, generator=torch.Generator().manual_seed(3)) * 0.05
+    cfg = CompressionConfig(quantizer="nf", bits=3, rank=4, lowrank_dtype=lowrank_dtype, dora=True,
+                            magnitude_dtype="float16")
+    layer = ReALLMLinear(compress_weight(W, cfg))
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        layer(x)
+        B, A = layer._factors()
+    assert B is layer.lora_B and A is layer.lora_A  # stored values, checked once: no copy per call
+    with torch.no_grad():
+        layer.lora_B.add_(1e-4 * torch.randn_like(layer.lora_B))  # between storage levels now
+        B, A = layer._factors()
+    assert B is not layer.lora_B and not torch.equal(B, layer.lora_B)
+    from reallm.storage import fake_store
+
+    assert torch.equal(B, fake_store(layer.lora_B.detach(), lowrank_dtype))
+    with torch.no_grad():
+        y_inference = layer(x)
+    assert torch.equal(y_inference, layer(x).detach())  # the gradient-enabled (training) forward

@@ -184,6 +184,7 @@ class ReALLMLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self._cache: Tensor | None = None  # dense Q̂ (p, q) in the compute dtype ("cache" mode)
         self._norm_cache: tuple[Any, Tensor] | None = None  # (adapter versions, row norms (p,))
+        self._exact_factors: tuple | None = None  # adapter versions whose factors hold stored values exactly
         self._kernel_prep = None  # what the fused kernels keep (reallm.kernels.prepare), built on first use
         self.fast_path: FastPath = "auto"  # "off": always the plain decode / dense path
         self.last_path: str | None = None  # the path of the last forward ("triton", "cpu", ..., "decode", "cache")
@@ -237,6 +238,7 @@ class ReALLMLinear(nn.Module):
     def clear_cache(self) -> None:
         self._cache = None
         self._norm_cache = None
+        self._exact_factors = None
         self._kernel_prep = None
 
     def set_fast_path(self, fast_path: FastPath) -> None:
@@ -407,8 +409,17 @@ class ReALLMLinear(nn.Module):
 
     # -- DoRA -----------------------------------------------------------------------------------
     def _factors(self) -> tuple[Tensor, Tensor]:
+        """(B (p, r), A (r, q)) at their storage precision (straight-through while training). Without a
+        gradient (generation, evaluation) factors that already hold stored values, as loaded, are used as they
+        are: checked once per adapter version, so no copy is made per call and none is kept."""
         dt = self.config.lowrank_dtype
-        return storage.fake_store(self.lora_B, dt), storage.fake_store(self.lora_A.T, dt).T
+        if not torch.is_grad_enabled() and self._exact_factors == self._adapter_key():
+            return self.lora_B, self.lora_A
+        B, A = storage.fake_store(self.lora_B, dt), storage.fake_store(self.lora_A.T, dt).T
+        if not torch.is_grad_enabled():
+            exact = torch.equal(B, self.lora_B) and torch.equal(A, self.lora_A)
+            self._exact_factors = self._adapter_key() if exact else None
+        return B, A
 
     def lowrank_product(self) -> Tensor | None:
         """s·B A (p, q) as the layer computes it (stored precision), or None without a low-rank part."""
@@ -418,8 +429,9 @@ class ReALLMLinear(nn.Module):
         return self.lora_scale * (B @ A)  # (p, q)
 
     def _adapter_key(self) -> tuple:
-        ts = (self.lora_A, self.lora_B, self.magnitude, *self.stored_params.values())
-        return tuple((t._version, t.data_ptr(), t.dtype) for t in ts) + (self.lora_scale,)
+        ts = (self._parameters.get("lora_A"), self._parameters.get("lora_B"), self._parameters.get("magnitude"),
+              *self.stored_params.values())  # (magnitude is not registered yet while __init__ computes it)
+        return tuple(None if t is None else (t._version, t.data_ptr(), t.dtype) for t in ts) + (self.lora_scale,)
 
     @torch.no_grad()
     def _row_norms(self, B: Tensor, A: Tensor) -> Tensor:
