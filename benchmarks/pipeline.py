@@ -7,7 +7,8 @@ and stage, mean and range over the seeds (paper Table 1; issue 15's pipeline tab
 
 A preset is a file of configs/methods/ (name or path); `<preset>:cal` runs its phase 1 calibration-aware
 (`calibration:` on the training text, --calibration-windows windows of --seq-len tokens), labelled
-"<preset> (calibrated)". Each (preset, seed) is one pipeline, each stage one run of `train.py` in its own
+"<preset> (calibrated)"; `<preset>:gptq` does too and also chooses the codes with GPTQ's error feedback
+(`compression.error_feedback: gptq`), labelled "<preset> (calibrated, GPTQ)". Each (preset, seed) is one pipeline, each stage one run of `train.py` in its own
 run directory:
     <runs>/original/                     evaluation of the uncompressed base model (once; the ratios' reference)
     <runs>/<preset>/seed<S>/compress/    phase 1 (configs/ae.yaml + the preset)                 → eval0/
@@ -53,10 +54,15 @@ BUDGETS = (2.25, 2.75, 3.25)  # the issue's budget classes of accounted bits (de
 
 
 class Preset(NamedTuple):
-    """One method of the table: its preset file, whether phase 1 is calibration-aware, its label and folder."""
+    """One method of the table: its preset file, how phase 1 uses calibration data ("", "cal" or "gptq"), its
+    label and folder."""
 
     path: Path
-    calibrated: bool
+    mode: str = ""
+
+    @property
+    def calibrated(self) -> bool:
+        return self.mode in ("cal", "gptq")
 
     @property
     def name(self) -> str:
@@ -64,17 +70,18 @@ class Preset(NamedTuple):
 
     @property
     def label(self) -> str:
-        return f"{self.name} (calibrated)" if self.calibrated else self.name
+        return {"": self.name, "cal": f"{self.name} (calibrated)", "gptq": f"{self.name} (calibrated, GPTQ)"}[self.mode]
 
     @property
     def folder(self) -> str:
-        return f"{self.name}-cal" if self.calibrated else self.name
+        return f"{self.name}-{self.mode}" if self.mode else self.name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", "--preset", nargs="+", required=True,
-                    help="files of configs/methods/ (name or path); '<preset>:cal' for a calibration-aware phase 1")
+                    help="files of configs/methods/ (name or path); '<preset>:cal' for a calibration-aware phase 1, "
+                         "'<preset>:gptq' for one with GPTQ's error feedback")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="one pipeline per preset and seed")
     ap.add_argument("--jobs", type=int, default=1, help="pipelines run at a time, each in its own process")
     ap.add_argument("--model", default=str(SHARED / "models" / "stories260K"), help="base model (hub id or dir)")
@@ -108,15 +115,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve_preset(spec: str) -> Preset:
     name, _, flag = spec.partition(":")
-    if flag not in ("", "cal"):
-        raise SystemExit(f"error: preset {spec!r}: the only suffix is ':cal' (calibration-aware phase 1)")
+    if flag not in ("", "cal", "gptq"):
+        raise SystemExit(f"error: preset {spec!r}: the suffixes are ':cal' (calibration-aware phase 1) and ':gptq' "
+                         "(calibration-aware with GPTQ's error feedback)")
     p = Path(name)
     if not (p.suffix in (".yaml", ".yml") and p.is_file()):
         p = ROOT / "configs" / "methods" / f"{name}.yaml"
     if not p.is_file():
         names = sorted(f.stem for f in (ROOT / "configs" / "methods").glob("*.yaml"))
         raise SystemExit(f"error: no preset {name!r} (configs/methods has {', '.join(names)})")
-    return Preset(p, flag == "cal")
+    return Preset(p, flag)
 
 
 def load(run_dir: Path) -> dict[str, Any] | None:
@@ -197,6 +205,8 @@ class Runner:
                    str(a.calibration_windows), "--model.init_args.calibration.seq_len", str(a.seq_len)]
             if a.token_cache:
                 cal += ["--model.init_args.calibration.cache_dir", a.token_cache]
+        if preset.mode == "gptq":
+            cal += ["--model.init_args.compression.error_feedback", "gptq"]
         run_cli(["fit", "--config", str(self.cfg / "ae.yaml"), "--config", str(preset.path),
                  "--model.init_args.model_name_or_path", a.model, *seeds, *cal, *self.common,
                  *split(a.compress_args)], root / "compress", a.force)
@@ -356,7 +366,7 @@ def _worker_command(args: argparse.Namespace, preset: Preset, seed: int, argv: l
             skip_next = True
             continue
         keep.append(a)
-    spec = str(preset.path) + (":cal" if preset.calibrated else "")
+    spec = str(preset.path) + (f":{preset.mode}" if preset.mode else "")
     return [sys.executable, str(Path(__file__).resolve()), *keep, "--presets", spec, "--seeds", str(seed),
             "--jobs", "1", "--runs", str(args.runs), "--one"]
 

@@ -75,6 +75,12 @@ class CompressionConfig:
             when the error improves by less than kmeans_tol, relatively).
         autoencoder: patch-autoencoder settings (quantizer="autoencoder"); a dict of
             `reallm.nn.autoencoder` options written by phase 1.
+        error_feedback: "gptq" re-chooses the codes of formats with a code table (vq, nf) column group by column
+            group with GPTQ's error feedback (`reallm.quant.gptq`): the columns not yet quantised compensate the
+            error of those done, for the output error under the calibration inputs' full second moments (needs
+            `calibration:` with calibration.full_max ≥ the layer's input width). Codes, codebooks, scales and
+            bits keep their format; other formats are encoded as without it. "none": plain nearest assignment.
+        feedback_damp: GPTQ's dampening λ: λ·mean(diag H) is added to the diagonal of H before inverting it.
         seed: seed of every random choice (k-means init, rotation signs, randomised SVD).
     """
 
@@ -103,6 +109,8 @@ class CompressionConfig:
     beam: int = 8
     refine_iters: int = 10
     autoencoder: dict[str, Any] | None = field(default=None)
+    error_feedback: Literal["none", "gptq"] = "none"
+    feedback_damp: float = 0.01
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -141,6 +149,10 @@ class CompressionConfig:
             bad(f"codebook_scope must be 'matrix' or 'model', got {self.codebook_scope!r}")
         if self.permute_rows < 1:
             bad("permute_rows must be ≥ 1")
+        if self.error_feedback not in ("none", "gptq"):
+            bad(f"error_feedback must be 'none' or 'gptq', got {self.error_feedback!r}")
+        if not self.feedback_damp > 0:
+            bad(f"feedback_damp must be > 0, got {self.feedback_damp}")
 
     # -- derived values -------------------------------------------------------------------
     def resolve_rank(self, p: int, q: int) -> int:

@@ -27,6 +27,7 @@ from reallm import storage
 from reallm.codecs import PIPELINE_BIT_ITEMS, get_codec
 from reallm.config import CompressionConfig
 from reallm.errors import CompressionError
+from reallm.quant.gptq import feedback_codes
 from reallm.quant.hadamard import rotate, unrotate
 from reallm.quant.lowrank import low_rank_svd, lowrank_decompose
 from reallm.quant.lut import decode_codes
@@ -38,7 +39,7 @@ from reallm.quant.permutation import (
     unpermute_columns,
 )
 from reallm.quant.scales import QuantizedScales, block_absmax, quantize_scales
-from reallm.quant.weighting import check_moments, position_weights, rotated_column_weights
+from reallm.quant.weighting import check_moments, position_weights, rotated_column_weights, rotated_moments
 
 
 @dataclass
@@ -181,8 +182,72 @@ def encode_frozen(
         enc.meta = {**enc.meta, "weighted": True}
     else:
         enc = codec.encode(X, config, shared=shared, state=state.codec)
+    if config.error_feedback == "gptq" and feedback_applies(config):
+        if moments is None or moments.dim() != 2:
+            raise CompressionError(
+                f"{name or 'matrix'}: error_feedback='gptq' needs the full input second moments (q × q) from "
+                f"calibration; {'none were given (data-free)' if moments is None else 'only their diagonal was kept'}"
+                f" — run with `calibration:` and calibration.full_max ≥ {R.shape[1]}")
+        table = codec.kernel_table(enc.stored, config, {**(shared or {}), **enc.shared})
+        enc.stored = {**enc.stored, "codes": _feedback_stored_codes(
+            X, scales, table, moments.to(R.device), config, name, tuple(R.shape), state.perm, enc.stored["codes"])}
+        enc.meta = {**enc.meta, "error_feedback": "gptq"}
     stored = {k: v.contiguous() for k, v in {**stored, **enc.stored}.items()}
     return stored, dict(enc.meta), decode_frozen(stored, enc.meta, config, R.shape, shared=enc.shared), enc.shared
+
+
+def feedback_applies(config: CompressionConfig) -> bool:
+    """Whether `error_feedback` can change this config's codes: formats whose packed codes index a value table
+    under absmax block scales (`table_kernels`, e.g. vq, nf), with whole vectors per row. Other formats are
+    encoded as without it (their matrices' metadata then carries no "error_feedback")."""
+    codec = get_codec(config.quantizer)
+    return codec.table_kernels and codec.blockwise and codec.absmax_scales
+
+
+def _feedback_stored_codes(
+    blocks: Tensor,
+    scales: Tensor,
+    table: Tensor,
+    moments: Tensor,
+    config: CompressionConfig,
+    name: str,
+    shape: tuple[int, int],
+    perm: Tensor | None,
+    codes: Tensor,
+) -> Tensor:
+    """The packed codes of `blocks` re-chosen with GPTQ's error feedback (`reallm.quant.gptq`), scales and table fixed.
+
+    Args:
+        blocks: (n_blocks, B0) the normalised blocks `normalize_residual` gave (rotated, permuted residual).
+        scales: (n_blocks,) their dequantised absmax scales.
+        table: (K, d) the values of the codes.
+        moments: E[x xᵀ] (q, q) of the layer's original inputs.
+        perm: (n_row_blocks, q) the column order of each row block, or None.
+        codes: the packed codes of the plain assignment (padding vectors keep theirs).
+    """
+    p, q = shape
+    d = table.shape[1]
+    if q % d:
+        raise CompressionError(f"{name or 'matrix'}: error_feedback='gptq' needs q ({q}) to be a multiple of the "
+                               f"vector length d ({d})")
+    width = config.code_width
+    X = (blocks * scales[:, None]).reshape(-1)[: p * q].view(p, q)  # the values before normalisation
+    starts = torch.arange(p, device=X.device)[:, None] * q + torch.arange(0, q, d, device=X.device)[None, :]
+    vec_scales = scales[starts // config.block_size]  # (p, q/d): the scale of each vector's block
+    H = moments.float()
+    if config.rotation == "hadamard":
+        H = rotated_moments(H, _rotation_seeds(config, name)[1])
+    n_vectors = blocks.numel() // d
+    out = unpack_bits(codes, width, n_vectors).to(torch.int64)
+    chosen = torch.empty(p, q // d, dtype=torch.int64, device=X.device)
+    rows = config.permute_rows if (config.permute and perm is not None) else p
+    for b, r0 in enumerate(range(0, p, rows)):
+        order = perm[b].to(device=X.device, dtype=torch.int64) if (config.permute and perm is not None) else None
+        H_b = H if order is None else H[order][:, order]  # the row block's columns in its stored order
+        chosen[r0:r0 + rows] = feedback_codes(X[r0:r0 + rows], vec_scales[r0:r0 + rows], table, H_b,
+                                              damp=config.feedback_damp)
+    out[: p * q // d] = chosen.reshape(-1)
+    return pack_bits(out, width)
 
 
 def decode_frozen(

@@ -168,13 +168,15 @@ def best_other_at_most_bits(rows: list[dict[str, Any]], dataset: str) -> list[di
 
 
 def calibration_label(calibration: Any) -> str:
-    """What phase 1 was given: "data-free", "calibrated (N × L tokens of <file>)", or "-" (unknown: not a
+    """What phase 1 was given: "data-free", "calibrated (N × L tokens of <file>[; GPTQ codes in M matrices])", or
+    "-" (unknown: not a
     compression run, or one written before the option existed)."""
     if calibration == "data-free":
         return "data-free"
     if isinstance(calibration, dict):
+        fed = calibration.get("error_feedback_matrices")
         return (f"calibrated ({calibration.get('windows_used')} × {calibration.get('seq_len')} tokens of "
-                f"{Path(str(calibration.get('path'))).name})")
+                f"{Path(str(calibration.get('path'))).name}" + (f"; GPTQ codes in {fed} matrices" if fed else "") + ")")
     return "-"
 
 

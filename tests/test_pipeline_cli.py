@@ -137,3 +137,18 @@ def test_pipeline_parallel_seeds_and_rank_zero(phase1, tmp_path, capsys):
         assert not (runs / "vq-3bit-cal" / f"seed{seed}" / "blockwise").exists()
     with pytest.raises(SystemExit, match="no preset 'nope'"):
         pipeline.main(_pipeline_argv(phase1, runs, "--presets", "vq-3bit", "nope"))
+
+
+def test_pipeline_gptq_suffix(phase1, tmp_path, capsys):
+    """`<preset>:gptq`: phase 1 calibration-aware with GPTQ's error feedback, in its own folder and row label;
+    results.json counts the matrices whose codes were chosen with it."""
+    pipeline = _pipeline_module()
+    runs = tmp_path / "runs"
+    argv = _pipeline_argv(phase1, runs, "--presets", "vq-3bit:gptq", "--calibration-windows", "4")
+    assert pipeline.main(argv) == 0
+    rows = [r[0] for r in _table(capsys.readouterr().out, "| method")]
+    assert rows[1].startswith("vq-3bit (calibrated, GPTQ)")
+    res = json.loads((runs / "vq-3bit-gptq" / "seed0" / "compress" / "results.json").read_text())
+    assert res["calibration"]["error_feedback_matrices"] == res["compressed_matrices"] > 0
+    with pytest.raises(SystemExit, match="suffixes"):
+        pipeline.main(_pipeline_argv(phase1, runs, "--presets", "vq-3bit:obq"))

@@ -79,6 +79,11 @@ class CompressPhase(ReALLMModule):
             self.compression = self.compression.replace(seed=seed)
         self.layer_configs = layer_configs or {}
         self.calibration = calibration
+        feedback = [c for c in [self.compression, *self.layer_configs.values()]
+                    if c is not None and c.error_feedback != "none"]
+        if feedback and calibration is None:
+            raise UserError(f"compression.error_feedback: {feedback[0].error_feedback} needs calibration-aware phase 1 "
+                            "(--model.init_args.calibration.path): it corrects each layer's errors for its inputs")
         self.automatic_optimization = False
         self._shared: dict[str, tuple[dict[str, torch.Tensor], int]] = {}
         self._moments: calib.InputMoments | None = None
@@ -211,7 +216,7 @@ class CompressPhase(ReALLMModule):
             return
         dm = self.trainer.datamodule
         model = dm.model
-        done = 0
+        done = fed = 0
         for index, name in enumerate(dm.names):
             if self.config_for(name) is None:
                 continue
@@ -223,6 +228,7 @@ class CompressPhase(ReALLMModule):
             weight, stats = got
             swap_in(model, name, weight, stats=stats)
             done += 1
+            fed += weight.meta.get("error_feedback") == "gptq"
         out = save_compressed(model, self.require_run_dir() / "reallm", base_model=self.model_source(),
                               tokenizer=maybe_tokenizer(self.model_source()),
                               extra={"method": self.method, "compression": self.compression.to_dict()})
@@ -232,7 +238,8 @@ class CompressPhase(ReALLMModule):
         self.write_results({
             "bits": {"nominal": report["nominal"], "decoder_linears": report["decoder_linears"],
                      "whole_model": report["whole_model"]},
-            "calibration": self._calibration_info if self.calibration is not None else "data-free",
+            "calibration": ({**(self._calibration_info or {}), "error_feedback_matrices": fed}
+                            if self.calibration is not None else "data-free"),
             "mean_rel_frobenius_error": report["mean_rel_frobenius_error"],
             **({"mean_rel_output_error": report["mean_rel_output_error"]} if self.calibration is not None else {}),
             "matrices": [{k: m[k] for k in keys if k in m} for m in report["matrices"]],

@@ -23,7 +23,7 @@ from torch import Tensor
 from reallm.quant.hadamard import orthogonal_transform
 
 __all__ = ["check_moments", "output_error_sq", "position_weights", "relative_output_error",
-           "rotated_column_weights"]
+           "rotated_column_weights", "rotated_moments"]
 
 _CHUNK_ELEMS = 1 << 22  # values per chunk of a (rows, q) product: 16 MB in fp32
 
@@ -70,6 +70,18 @@ def relative_output_error(W: Tensor, W_hat: Tensor, moments: Tensor) -> float:
     return (output_error_sq(W - W_hat.to(W), moments) / max(ref, 1e-300)) ** 0.5
 
 
+def rotated_moments(H: Tensor, seed: int) -> Tensor:
+    """B H Bᵀ (q, q) fp32: the second moments of the inputs B x that W_rot = A W Bᵀ sees (`reallm.quant.hadamard`,
+    the right-hand side of `rotate` with this seed).
+
+    Args:
+        H: E[x xᵀ] (q, q).
+        seed: the right-hand rotation seed.
+    """
+    H = H.float()
+    return orthogonal_transform(orthogonal_transform(H, seed, dim=1), seed, dim=0)
+
+
 def rotated_column_weights(moments: Tensor, seed: int) -> Tensor:
     """diag(B H Bᵀ) (q,) for the seeded orthonormal transform B of `reallm.quant.hadamard` (the right-hand
     side of `rotate`: W_rot = A W Bᵀ, so the output error of W_rot is measured with B H Bᵀ).
@@ -79,9 +91,7 @@ def rotated_column_weights(moments: Tensor, seed: int) -> Tensor:
         seed: the right-hand rotation seed.
     """
     if moments.dim() == 2:
-        H = moments.float()
-        rotated = orthogonal_transform(orthogonal_transform(H, seed, dim=1), seed, dim=0)  # B H Bᵀ
-        return torch.diagonal(rotated).clone()
+        return torch.diagonal(rotated_moments(moments, seed)).clone()
     h = moments.float()
     q = h.shape[0]
     out = torch.zeros(q, dtype=torch.float32, device=h.device)
