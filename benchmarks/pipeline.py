@@ -8,8 +8,8 @@ and stage, mean and range over the seeds (paper Table 1; issue 15's pipeline tab
 A preset is a file of configs/methods/ (name or path); `<preset>:cal` runs its phase 1 calibration-aware
 (`calibration:` on the training text, --calibration-windows windows of --seq-len tokens), labelled
 "<preset> (calibrated)"; `<preset>:gptq` does too and also chooses the codes with GPTQ's error feedback
-(`compression.error_feedback: gptq`), labelled "<preset> (calibrated, GPTQ)". Each (preset, seed) is one pipeline, each stage one run of `train.py` in its own
-run directory:
+(`compression.error_feedback: gptq`), labelled "<preset> (calibrated, GPTQ)". Each (preset, seed) is one
+pipeline, each stage one run of `train.py` in its own run directory:
     <runs>/original/                     evaluation of the uncompressed base model (once; the ratios' reference)
     <runs>/<preset>/seed<S>/compress/    phase 1 (configs/ae.yaml + the preset)                 → eval0/
     <runs>/<preset>/seed<S>/blockwise/   phase 2 (configs/blockwise.yaml) from compress/reallm  → eval2/

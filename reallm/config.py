@@ -79,7 +79,9 @@ class CompressionConfig:
             group with GPTQ's error feedback (`reallm.quant.gptq`): the columns not yet quantised compensate the
             error of those done, for the output error under the calibration inputs' full second moments (needs
             `calibration:` with calibration.full_max ≥ the layer's input width). Codes, codebooks, scales and
-            bits keep their format; other formats are encoded as without it. "none": plain nearest assignment.
+            bits keep their format; other formats, and matrices whose input width is not a multiple of the vector
+            length, are encoded as without it (results.json counts the matrices it changed). "none": plain
+            nearest assignment.
         feedback_damp: GPTQ's dampening λ: λ·mean(diag H) is added to the diagonal of H before inverting it.
         seed: seed of every random choice (k-means init, rotation signs, randomised SVD).
     """

@@ -182,7 +182,11 @@ def encode_frozen(
         enc.meta = {**enc.meta, "weighted": True}
     else:
         enc = codec.encode(X, config, shared=shared, state=state.codec)
-    if config.error_feedback == "gptq" and feedback_applies(config):
+    d = codec.vector_dim(config)
+    if config.error_feedback == "gptq" and feedback_applies(config) and R.shape[1] % d:
+        # a d-vector would straddle two rows: its columns have no single place in the column order
+        enc.meta = {**enc.meta, "error_feedback": f"skipped: q = {R.shape[1]} is not a multiple of d = {d}"}
+    elif config.error_feedback == "gptq" and feedback_applies(config):
         if moments is None or moments.dim() != 2:
             raise CompressionError(
                 f"{name or 'matrix'}: error_feedback='gptq' needs the full input second moments (q × q) from "
@@ -198,8 +202,9 @@ def encode_frozen(
 
 def feedback_applies(config: CompressionConfig) -> bool:
     """Whether `error_feedback` can change this config's codes: formats whose packed codes index a value table
-    under absmax block scales (`table_kernels`, e.g. vq, nf), with whole vectors per row. Other formats are
-    encoded as without it (their matrices' metadata then carries no "error_feedback")."""
+    under absmax block scales (`table_kernels`, e.g. vq, nf). Other formats are encoded as without it (their
+    matrices' metadata then carries no "error_feedback"), and so is a matrix whose width q is not a multiple of
+    the vector length d (its metadata says "skipped: ...")."""
     codec = get_codec(config.quantizer)
     return codec.table_kernels and codec.blockwise and codec.absmax_scales
 
@@ -227,9 +232,6 @@ def _feedback_stored_codes(
     """
     p, q = shape
     d = table.shape[1]
-    if q % d:
-        raise CompressionError(f"{name or 'matrix'}: error_feedback='gptq' needs q ({q}) to be a multiple of the "
-                               f"vector length d ({d})")
     width = config.code_width
     X = (blocks * scales[:, None]).reshape(-1)[: p * q].view(p, q)  # the values before normalisation
     starts = torch.arange(p, device=X.device)[:, None] * q + torch.arange(0, q, d, device=X.device)[None, :]

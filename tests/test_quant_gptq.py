@@ -136,10 +136,15 @@ def test_feedback_needs_the_full_moments():
         compress_weight(W, cfg, name="mlp.up")
     with pytest.raises(CompressionError, match="only their diagonal"):
         compress_weight(W, cfg, name="mlp.up", moments=torch.diagonal(H).clone())
-    odd = torch.randn(8, 6)
-    with pytest.raises(CompressionError, match="multiple of the vector length"):
-        compress_weight(odd, CompressionConfig(quantizer="vq", bits=2, vq_dim=4, block_size=8, error_feedback="gptq"),
-                        moments=torch.eye(6))
+
+
+def test_a_width_that_cuts_vectors_across_rows_is_encoded_without_feedback_and_says_so():
+    W, H = layer(16, 6)
+    kw = dict(quantizer="vq", bits=2, vq_dim=4, block_size=8)
+    fed = compress_weight(W, CompressionConfig(**kw, error_feedback="gptq"), moments=H)
+    plain = compress_weight(W, CompressionConfig(**kw), moments=H)
+    assert fed.meta["error_feedback"] == "skipped: q = 6 is not a multiple of d = 4"
+    assert torch.equal(fed.dequantize(), plain.dequantize())
 
 
 def test_formats_without_a_code_table_are_encoded_as_without_feedback():
