@@ -170,3 +170,13 @@ def test_phase_1_without_calibration_refuses_feedback_in_one_line():
 
     with pytest.raises(UserError, match="needs calibration-aware phase 1"):
         CompressPhase("unused", compression=CompressionConfig(error_feedback="gptq"))
+
+
+def test_the_report_says_how_many_matrices_got_feedback_codes():
+    from reallm.report import calibration_label
+
+    info = {"windows_used": 8, "seq_len": 512, "path": "/data/tinystories_train.txt"}
+    assert calibration_label({**info, "error_feedback_matrices": 35}) == (
+        "calibrated (8 × 512 tokens of tinystories_train.txt; GPTQ codes in 35 matrices)")
+    plain = calibration_label({**info, "error_feedback_matrices": 0})
+    assert plain == "calibrated (8 × 512 tokens of tinystories_train.txt)"
