@@ -39,4 +39,4 @@ demo: setup
 	    $(CPU) --run_dir $(RUN)/eval
 	$(PY) train.py validate --config configs/eval.yaml --model.init_args.model_name_or_path $(MODEL) \
 	    --data.init_args.path $(EVAL_TEXT) --data.init_args.seq_len 512 $(CPU) --run_dir $(RUN)/original
-	$(PY) -m reallm.report $(RUN)/original $(RUN)/compress $(RUN)/eval
+	$(PY) -m reallm.run.report $(RUN)/original $(RUN)/compress $(RUN)/eval

@@ -27,10 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reallm.codecs import autoencoder as ae_format  # noqa: E402
-from reallm.config import CompressionConfig  # noqa: E402
-from reallm.training import autoencoder as ae_recipe  # noqa: E402
-from reallm.training import schedules  # noqa: E402
+from reallm.core import schedules  # noqa: E402
+from reallm.formats.autoencoder import codec as ae_format  # noqa: E402
+from reallm.formats.autoencoder import recipe as ae_recipe  # noqa: E402
+from reallm.phases.autoencoder_matrices import prepare_matrix  # noqa: E402
+from reallm.weight.config import CompressionConfig  # noqa: E402
 
 
 def run_epoch(stack, data, sched, opt, lr, autocast, e: int, steps: int) -> None:
@@ -82,7 +83,7 @@ def main() -> int:
     rows = []
     for G in args.groups:
         g = torch.Generator(device="cpu").manual_seed(G)
-        pms = [ae_recipe.prepare_matrix((torch.randn(args.size, args.size, generator=g) * 0.02).to(dev), cfg, f"m{k}")
+        pms = [prepare_matrix((torch.randn(args.size, args.size, generator=g) * 0.02).to(dev), cfg, f"m{k}")
                for k in range(G)]
         data = ae_recipe.GroupData([[pm] for pm in pms], spec, device=dev)
         stack = ae_recipe.AEStack(spec, cfg.bits, cfg.vq_dim, G, list(range(G))).to(dev)

@@ -8,7 +8,7 @@ accounted bits and TinyStories perplexity side by side, in one run.
 Each preset runs phase 1 through the CLI (`train.py fit --config configs/ae.yaml --config <preset>`) on
 ../shared/models/stories260K (a run directory that already holds results.json is reused). Perplexity:
 protocol.md's rule for any other text on the whole of tinystories_valid.txt, context 512, computed with
-`reallm.evaluation.perplexity.perplexity` on the checkpoint loaded by `load_compressed`.
+`reallm.eval.perplexity.perplexity` on the checkpoint loaded by `load_compressed`.
 "Single configuration" rows rebuild the model from one candidate's containers for every matrix (the
 phase keeps them in run_dir/partial/cand/<label>/), their shared pieces charged to all matrices: what
 that configuration alone would give, evaluated exactly like the adaptive choice.
@@ -35,15 +35,15 @@ TEXT = SHARED / "data" / "tinystories_valid.txt"
 
 
 def windows(seq_len: int = 512) -> torch.Tensor:
-    from reallm.evaluation.sources import load_texts
-    from reallm.evaluation.windows import tokenize, wikitext_windows
-    from reallm.hf import load_tokenizer
+    from reallm.core.hf_models import load_tokenizer
+    from reallm.data.sources import load_texts
+    from reallm.data.windows import tokenize, wikitext_windows
 
     return wikitext_windows(tokenize(load_tokenizer(str(MODEL)), load_texts(str(TEXT))[0]), seq_len)
 
 
 def ppl(model, win) -> float:
-    from reallm.evaluation.perplexity import perplexity
+    from reallm.eval.perplexity import perplexity
 
     return perplexity(model, win, batch_size=8, progress=False)["value"]
 
@@ -70,8 +70,8 @@ def single_config_model(run_dir: Path, label: str):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from reallm.container import ReALLMWeight
-    from reallm.surgery import swap_in
+    from reallm.model.surgery import swap_in
+    from reallm.weight.pipeline import ReALLMWeight
 
     model = AutoModelForCausalLM.from_pretrained(MODEL).eval()
     found = []

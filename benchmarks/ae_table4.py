@@ -28,10 +28,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reallm.codecs import autoencoder as ae_format  # noqa: E402
-from reallm.config import CompressionConfig  # noqa: E402
-from reallm.container import compress_weight, relative_error  # noqa: E402
-from reallm.training import autoencoder as ae_recipe  # noqa: E402
+from reallm.formats.autoencoder import codec as ae_format  # noqa: E402
+from reallm.formats.autoencoder import recipe as ae_recipe  # noqa: E402
+from reallm.phases.autoencoder_matrices import build_container, prepare_matrix  # noqa: E402
+from reallm.weight.config import CompressionConfig  # noqa: E402
+from reallm.weight.pipeline import compress_weight, relative_error  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -53,7 +54,7 @@ def structured_matrix(p: int = 256, q: int = 256, seed: int = 0) -> torch.Tensor
 def train_ae(Ws: dict[str, torch.Tensor], cfg: CompressionConfig, sched: ae_recipe.TrainSchedule) -> dict:
     """One decoder for all of Ws (share=model); returns errors and bits from the stored containers."""
     spec = ae_format.ae_spec(cfg)
-    pms = [ae_recipe.prepare_matrix(W, cfg, n) for n, W in Ws.items()]
+    pms = [prepare_matrix(W, cfg, n) for n, W in Ws.items()]
     data = ae_recipe.GroupData([pms], spec)
     stack = ae_recipe.AEStack(spec, cfg.bits, cfg.vq_dim, 1, [cfg.seed], qat=sched.qat)
     t0 = time.time()
@@ -62,7 +63,7 @@ def train_ae(Ws: dict[str, torch.Tensor], cfg: CompressionConfig, sched: ae_reci
     errs, bits, n = [], 0.0, 0
     items: dict[str, float] = {}
     for pm in pms:
-        w = ae_recipe.build_container(pm, cfg, res)
+        w = build_container(pm, cfg, res)
         errs.append(relative_error(Ws[pm.name], w.dequantize()))
         b = w.bits()
         bits += b["total"]
@@ -77,7 +78,7 @@ def data_free(Ws: dict[str, torch.Tensor], cfg: CompressionConfig) -> dict:
     """NF / VQ without decoder (a VQ codebook shared by all of Ws when codebook_scope == "model")."""
     from torch import nn
 
-    from reallm.surgery import fit_shared_tensors
+    from reallm.model.surgery import fit_shared_tensors
 
     mods = []
     for n, W in Ws.items():
@@ -152,7 +153,7 @@ def main() -> int:
         return 0
     from transformers import AutoModelForCausalLM
 
-    from reallm.hf import is_linear
+    from reallm.core.hf_models import is_linear
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     Ws = {n: m.weight.detach().float() for n, m in model.named_modules() if is_linear(m) and ".layers." in n}

@@ -5,14 +5,14 @@
 Prints a markdown report: the machine, then on one size x size Gaussian matrix (seed 0)
 
 - k-means VQ, b = 2 bits per weight: d = 4 (K = 256) and d = 2 (K = 16), horizontal d-vectors.
-  ``reallm.quant.vq.kmeans`` against ``scipy.cluster.vq.kmeans2`` at the same iteration count
+  ``reallm.ops.kmeans.kmeans`` against ``scipy.cluster.vq.kmeans2`` at the same iteration count
   (tolerance disabled on our side; scipy has none). Two comparisons:
     * Lloyd only, both started from the *same* k-means++ codebook (``minit='matrix'`` for scipy);
     * end to end with each side's own k-means++ (scipy's ``minit='++'`` recomputes the distances to
       all previous centres at every step, O(N K^2 d) time and a (K, N) float64 matrix: it is only run
       where that fits, i.e. not for K = 256 on 4096^2 weights, where it would need 8.6 GB).
   MSE is the mean squared error per weight of the quantized matrix (codes from the exact
-  ``reallm.quant.vq.assign`` for both codebooks).
+  ``reallm.ops.kmeans.assign`` for both codebooks).
 - Column permutation (paper Algorithm 1, 128-row blocks): the vectorised version against the Python
   loop reference on a size x perm-cols slice (time, speed ratio, identical result), then the
   vectorised version alone on all columns.
@@ -42,11 +42,11 @@ from scipy.cluster.vq import kmeans2  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from reallm.quant.permutation import (  # noqa: E402
+from reallm.ops.kmeans import assign, kmeans, kmeanspp_init  # noqa: E402
+from reallm.ops.permutation import (  # noqa: E402
     greedy_column_permutation,
     greedy_column_permutation_reference,
 )
-from reallm.quant.vq import assign, kmeans, kmeanspp_init  # noqa: E402
 
 # scipy's '++' keeps a (K, N) float64 distance matrix; skip it above this many bytes.
 SCIPY_PP_MAX_BYTES = 2 << 30

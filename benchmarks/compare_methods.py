@@ -5,7 +5,7 @@
 For each preset in configs/methods/: `train.py fit --config configs/ae.yaml --config <preset>` on
 ../shared/models/stories260K, then `train.py validate --config configs/eval.yaml` of the checkpoint
 on tinystories_valid.txt and wikitext2_raw_test.txt (context 512, protocol.md's WikiText rule);
-the uncompressed model is evaluated the same way. Prints one markdown table (`reallm.report`): method,
+the uncompressed model is evaluated the same way. Prints one markdown table (`reallm.run.report`): method,
 nominal b, accounted bits over the decoder linears and what they pay for (codes, codebook, scales,
 permutation, rotation, low-rank, magnitude: bits per weight of each item), bits over the whole model,
 mean relative Frobenius error, perplexity on both texts, its ratio to the uncompressed model, and the
@@ -69,7 +69,7 @@ def evaluate(out: Path, name: str, model_args: list[str], texts: list[str], wind
 
 def band_notes(rows: list[dict]) -> list[str]:
     """One line per 2- or 3-bit row: inside its band, or outside it and the two largest items beside the codes."""
-    from reallm.report import bits_breakdown
+    from reallm.run.report import bits_breakdown
 
     lines = []
     for r in rows:
@@ -115,7 +115,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
-    from reallm import report
+    from reallm.run import report
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}; "
           f"load average at start {tuple(round(v, 2) for v in os.getloadavg())}; "

@@ -1,5 +1,5 @@
 """Batch-1 latency of the frozen part of a Llama-2-7B-shaped block: dense weights against the
-compressed formats read by `reallm.kernels` (plain decode-then-matmul and each fused path).
+compressed formats read by `reallm.layer.kernels` (plain decode-then-matmul and each fused path).
 
     python benchmarks/decode_speed.py            # 4096×4096 q/k/v/o, 11008×4096 gate/up, 4096×11008 down
     python benchmarks/decode_speed.py --small    # every dimension / 8, a quick check
@@ -36,10 +36,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reallm import CompressionConfig, compress_weight  # noqa: E402
-from reallm.container import decode_frozen  # noqa: E402
-from reallm.kernels import available_paths, frozen_matmul, prepare  # noqa: E402
-from reallm.quant.packing import pack_bits, packed_nbytes  # noqa: E402
-from reallm.quant.permutation import index_bits  # noqa: E402
+from reallm.layer.kernels import (
+    available_paths,
+    frozen_matmul,
+    prepare,  # noqa: E402
+)
+from reallm.ops.packing import pack_bits, packed_nbytes  # noqa: E402
+from reallm.ops.permutation import index_bits  # noqa: E402
+from reallm.weight.pipeline import decode_frozen  # noqa: E402
 
 BLOCK = [("q_proj", 4096, 4096), ("k_proj", 4096, 4096), ("v_proj", 4096, 4096), ("o_proj", 4096, 4096),
          ("gate_proj", 11008, 4096), ("up_proj", 11008, 4096), ("down_proj", 4096, 11008)]

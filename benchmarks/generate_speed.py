@@ -4,7 +4,7 @@ every compressed linear with its DoRA part, dense against the compressed runtime
     python benchmarks/generate_speed.py [--threads 2] [--tokens 64] [--block-dir runs/bench-runtime]
 
 Rows, per model: the dense model (fp32), and the compressed one with the fused kernels ("fast": resident
-form, small token counts through `reallm.kernels`), without them ("plain resident": every token decodes
+form, small token counts through `reallm.layer.kernels`), without them ("plain resident": every token decodes
 every matrix), and with the dense cache ("cache"). Models: stories260K compressed with VQ b3 d2 (one
 codebook for the model) and NF3, and — when `benchmarks/runtime_memory.py` has written it — the
 Llama-2-7B-shaped block (one layer: hidden 4096, FFN 11008; random weights) compressed with NF3 + rank 64.
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from reallm import CompressionConfig, compress_, load_compressed  # noqa: E402
-from reallm.nn.dora import runtime_report, set_runtime_mode  # noqa: E402
+from reallm.layer.linear import runtime_report, set_runtime_mode  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 

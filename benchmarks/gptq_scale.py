@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reallm.config import CompressionConfig  # noqa: E402
-from reallm.container import compress_weight  # noqa: E402
-from reallm.quant.weighting import relative_output_error  # noqa: E402
+from reallm.ops.weighting import relative_output_error  # noqa: E402
+from reallm.weight.config import CompressionConfig  # noqa: E402
+from reallm.weight.pipeline import compress_weight  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (p, q): q_proj, up_proj, down_proj
 FORMATS = {"vq b3 d2": dict(quantizer="vq", bits=3, vq_dim=2, kmeans_max_points=1 << 18),

@@ -141,7 +141,7 @@ def finished(run_dir: Path) -> bool:
 
 def run_cli(args: list[str], run_dir: Path, force: bool) -> float:
     """One train.py run (in this process); its wall time (0 when it had already finished)."""
-    from reallm.cli import cli_main
+    from reallm.run.cli import cli_main
 
     if finished(run_dir) and not force:
         print(f"[pipeline] {run_dir} already complete, skipped", flush=True)

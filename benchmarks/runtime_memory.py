@@ -59,7 +59,7 @@ def prepare(out: Path, scale: int) -> dict:
     from transformers import LlamaForCausalLM
 
     from reallm import bits_report, compress_, save_compressed
-    from reallm.checkpoint import read_meta
+    from reallm.checkpoint.compressed import read_meta
 
     base = out / "base"
     if not (base / "config.json").is_file():
@@ -118,7 +118,7 @@ def peak_rss() -> int:
 def held_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer | None = None) -> int:
     """Bytes of every tensor reachable from `model` (parameters, gradients, buffers, caches) and of the
     optimiser state of its parameters."""
-    from reallm.nn.dora import ReALLMLinear
+    from reallm.layer.linear import ReALLMLinear
 
     seen = {}
     mine = {id(p) for p in model.parameters()}
@@ -150,7 +150,7 @@ def child(spec: dict) -> dict:
     from transformers.models.llama import modeling_llama  # noqa: F401
 
     from reallm import load_compressed
-    from reallm.surgery import mark_only_adapters_trainable
+    from reallm.model.surgery import mark_only_adapters_trainable
 
     ids = torch.randint(0, 512, (1, spec["tokens"]), generator=torch.Generator().manual_seed(0)).to(device)
     if cuda:
@@ -187,7 +187,7 @@ def child(spec: dict) -> dict:
         peak = torch.cuda.max_memory_allocated(device) - base_mem
     else:
         mem_after, peak = rss() - r0, (peak_rss() - r0) if peak_valid else None
-    from reallm.hf import find_decoder_blocks
+    from reallm.core.hf_models import find_decoder_blocks
 
     _, blocks = find_decoder_blocks(model)
     return {"load": mem_load, "after": mem_after, "peak": peak, "held": held_bytes(model, opt),

@@ -8,18 +8,18 @@ W and the table prints the relative Frobenius error ‖W − Ŵ‖_F / ‖W‖_F
 ``--seeds`` seeds of the methods' own random choices), the accounted bits per weight and the wall
 time of the compression:
 
-- ``k-means b2 d4, container``: ``reallm.container.compress_weight`` with
+- ``k-means b2 d4, container``: ``reallm.weight.pipeline.compress_weight`` with
   ``CompressionConfig(quantizer="vq", bits=2, vq_dim=4)`` (absmax block scales B0 = 64 with 8-bit
   double quantisation, one k-means codebook of 256 codewords fitted on at most 2^20 vectors,
   horizontal 4-vectors); bits from the container's own accounting;
-- ``k-means b2 d4, raw``: ``reallm.quant.vq.kmeans`` / ``assign`` directly on W's values cut into
+- ``k-means b2 d4, raw``: ``reallm.ops.kmeans.kmeans`` / ``assign`` directly on W's values cut into
   horizontal 4-vectors (no scales: Gaussian values need none); codes + fp16 codebook;
-- ``additive 2x8 d8``: ``reallm.quant.additive.additive_fit`` (M = 2, k = 8, d = 8, beam ``--beam``,
+- ``additive 2x8 d8``: ``reallm.formats.additive.search.additive_fit`` (M = 2, k = 8, d = 8, beam ``--beam``,
   ``--iters`` refinement iterations) on W's horizontal 8-vectors (no rotation, no scales);
   codes + two fp16 codebooks;
 - ``E8P`` / ``E8P + 1-bit`` / ``E8P + E8P``: randomised Hadamard rotation on both sides
-  (``reallm.quant.hadamard.rotate``, seeds from the method seed), then
-  ``reallm.quant.e8p.e8_residual_quantize`` with stages ("e8p",), ("e8p", "e8_1bit"),
+  (``reallm.ops.hadamard.rotate``, seeds from the method seed), then
+  ``reallm.formats.e8p.lattice.e8_residual_quantize`` with stages ("e8p",), ("e8p", "e8_1bit"),
   ("e8p", "e8p") on the rotated matrix's horizontal 8-vectors, one searched scale per stage;
   codes + one fp32 scale per stage + two int64 rotation seeds (as the container stores them);
 - ``NF3, container`` as a 3-bit reference: ``CompressionConfig(quantizer="nf", bits=3)``;
@@ -48,12 +48,12 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from reallm.config import CompressionConfig  # noqa: E402
-from reallm.container import compress_weight, relative_error  # noqa: E402
-from reallm.quant.additive import additive_bits, additive_decode, additive_fit  # noqa: E402
-from reallm.quant.e8p import E8_STAGES, e8_residual_quantize  # noqa: E402
-from reallm.quant.hadamard import rotate, unrotate  # noqa: E402
-from reallm.quant.vq import assign, kmeans  # noqa: E402
+from reallm.formats.additive.search import additive_bits, additive_decode, additive_fit  # noqa: E402
+from reallm.formats.e8p.lattice import E8_STAGES, e8_residual_quantize  # noqa: E402
+from reallm.ops.hadamard import rotate, unrotate  # noqa: E402
+from reallm.ops.kmeans import assign, kmeans  # noqa: E402
+from reallm.weight.config import CompressionConfig  # noqa: E402
+from reallm.weight.pipeline import compress_weight, relative_error  # noqa: E402
 
 
 def container_row(W: torch.Tensor, config: CompressionConfig) -> tuple[torch.Tensor, float]:

@@ -5,21 +5,21 @@ Python API (see README):
     from reallm import CompressionConfig, compress_, save_compressed, load_compressed, bits_report
 """
 
-from reallm.bits import bits_report, format_bits_table
-from reallm.checkpoint import (
+from reallm.checkpoint.compressed import (
     export_dense,
     load_compressed,
     save_adapters,
     save_compressed,
 )
-from reallm.config import CompressionConfig
-from reallm.container import ReALLMWeight, compress_weight
-from reallm.errors import CheckpointError, CompressionError, UnsupportedModelError, UserError
-from reallm.files import LIBRARY_VERSION
-from reallm.hf_registration import register_with_transformers
-from reallm.hub import push_to_hub
-from reallm.nn.dora import ReALLMLinear
-from reallm.surgery import compress_, iter_reallm_layers, mark_only_adapters_trainable
+from reallm.checkpoint.hub import push_to_hub
+from reallm.checkpoint.registration import register_with_transformers
+from reallm.core.errors import CheckpointError, CompressionError, UnsupportedModelError, UserError
+from reallm.core.io import LIBRARY_VERSION
+from reallm.layer.bits import bits_report, format_bits_table
+from reallm.layer.linear import ReALLMLinear, iter_reallm_layers
+from reallm.model.surgery import compress_, mark_only_adapters_trainable
+from reallm.weight.config import CompressionConfig
+from reallm.weight.pipeline import ReALLMWeight, compress_weight
 
 __all__ = [
     "CheckpointError",

@@ -20,7 +20,7 @@ import torch
 def main(src: str, dst: str) -> None:
     torch.set_num_threads(1)
     from reallm import CompressionConfig
-    from reallm.kernels import available_paths, frozen_matmul, prepare
+    from reallm.layer.kernels import available_paths, frozen_matmul, prepare
 
     cases = torch.load(src, weights_only=False)
     ys = {}

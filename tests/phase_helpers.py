@@ -82,7 +82,7 @@ def data_args(p: Phase1, sequences: int = 32, batch_size: int = 4, eval_windows:
 
 def text_datamodule(p: Phase1, source: Path | None = None, sequences: int = 32, batch_size: int = 4,
                     eval_windows: int = 8, seed: int = 0):
-    from reallm.datamodules import TextDataModule
+    from reallm.data import TextDataModule
 
     return TextDataModule(path=str(VALID_TEXT), model_name_or_path=str(source or p.checkpoint), seq_len=SEQ_LEN,
                           train_path=str(TRAIN_TEXT), train_sequences=sequences, batch_size=batch_size,
@@ -110,7 +110,7 @@ def frozen_state(model) -> dict[str, torch.Tensor]:
 
 def adapters_of(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The default adapter set of a checkpoint, in stored form."""
-    from reallm.checkpoint import read_adapters
+    from reallm.checkpoint.compressed import read_adapters
 
     return read_adapters(checkpoint)
 

@@ -1,4 +1,4 @@
-"""The adaptive per-matrix choice under a global bit budget (reallm.adaptive): the MILP against brute
+"""The adaptive per-matrix choice under a global bit budget (reallm.model.adaptive): the MILP against brute
 force, shared resources paid once, infeasible budgets, and reasons."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from reallm.adaptive import Candidate, brute_force, choose, evaluate_fixed, lp_price
-from reallm.training.autoencoder import assign_groups
+from reallm.formats.autoencoder.recipe import assign_groups
+from reallm.model.adaptive import Candidate, brute_force, choose, evaluate_fixed, lp_price
 
 
 def random_instance(seed: int, n_matrices: int = 5, n_cands: int = 4, with_shared: bool = True):
@@ -109,8 +109,8 @@ def _stored_candidates():
     import torch
 
     from reallm import CompressionConfig, compress_weight
-    from reallm.container import relative_error
-    from reallm.surgery import fit_shared_tensors
+    from reallm.model.surgery import fit_shared_tensors
+    from reallm.weight.pipeline import relative_error
 
     torch.manual_seed(0)
     layers = {f"layers.{i}.proj": torch.nn.Linear(q, p, bias=False) for i, (p, q) in
@@ -132,12 +132,12 @@ def _stored_candidates():
 
 @pytest.mark.parametrize("beta", [2.0, 2.3, 2.9, 3.2])  # infeasible, all vq2, mixed, all nf3
 def test_select_is_the_brute_force_choice_and_charges_shared_tensors(beta):
-    """reallm.candidates.select over stored containers: the same picks as brute force over the rows
+    """reallm.model.candidates.select over stored containers: the same picks as brute force over the rows
     computed by hand (own bits = total - share of the codebook, error term n * rel_err^2, the codebook's
     bits paid once), and every matrix that picked the shared codebook is charged by the weights of exactly
     those matrices (meta["shared_numel"])."""
-    from reallm.adaptive import AdaptiveConfig
-    from reallm.candidates import select
+    from reallm.model.adaptive import AdaptiveConfig
+    from reallm.model.candidates import select
 
     matrices, numel = _stored_candidates()
     codebook_bits = sum(t.numel() * t.element_size() * 8
@@ -168,7 +168,7 @@ def test_select_is_the_brute_force_choice_and_charges_shared_tensors(beta):
 
 
 def test_select_without_a_choice_takes_the_one_candidate():
-    from reallm.candidates import select
+    from reallm.model.candidates import select
 
     matrices, _ = _stored_candidates()
     only = [(name, {"vq2": found["vq2"]}) for name, found in matrices]

@@ -18,13 +18,15 @@ from safetensors.torch import load_file
 from tiny_models import ALL, sample_ids, save_tiny_model_dir
 
 from reallm import load_compressed, save_compressed
-from reallm.checkpoint import read_meta
-from reallm.cli import cli_main
-from reallm.codecs import autoencoder as ae_format
-from reallm.config import CompressionConfig
-from reallm.hf import linear_weight
-from reallm.surgery import iter_reallm_layers, select_layers, swap_in
-from reallm.training import autoencoder as ae_recipe
+from reallm.checkpoint.compressed import read_meta
+from reallm.core.hf_models import linear_weight
+from reallm.formats.autoencoder import codec as ae_format
+from reallm.formats.autoencoder import recipe as ae_recipe
+from reallm.layer.linear import iter_reallm_layers
+from reallm.model.surgery import select_layers, swap_in
+from reallm.phases.autoencoder_matrices import build_container, prepare_matrix
+from reallm.run.cli import cli_main
+from reallm.weight.config import CompressionConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
@@ -158,7 +160,7 @@ def test_save_load_identical_logits(tmp_path):
     groups: dict[str, list] = {}
     for name, mod, c in targets:
         groups.setdefault(ae_recipe.group_key(c, name, "model.layers"), []).append(
-            ae_recipe.prepare_matrix(linear_weight(mod), c, name))
+            prepare_matrix(linear_weight(mod), c, name))
     spec = ae_format.ae_spec(cfg)
     keys = sorted(groups)
     data = ae_recipe.GroupData([groups[k] for k in keys], spec)
@@ -167,7 +169,7 @@ def test_save_load_identical_logits(tmp_path):
     for g, k in enumerate(keys):
         res = ae_recipe.export_group(stack, data, g)
         for pm in groups[k]:
-            swap_in(model, pm.name, ae_recipe.build_container(pm, cfg, res))
+            swap_in(model, pm.name, build_container(pm, cfg, res))
     with torch.no_grad():
         for _, layer in iter_reallm_layers(model):
             layer.lora_B.add_(0.01)  # adapters away from their initial values

@@ -1,9 +1,8 @@
-"""Nothing imports upward: every import of every module of the package (top-level and function-level, read
-with `ast`) goes to its own layer or a lower one (docs/architecture.md, "Import direction"), and no private
-name (a leading underscore) is imported from another module.
+"""Packages by role, imports in one direction, no import cycle (docs/architecture.md).
 
-Imports under `if TYPE_CHECKING:` are annotations only (never executed) and are not counted; the one there
-is codecs/base.py's CompressionConfig, which the config module itself builds from the codec registry.
+Every import of every module of the package (top-level and function-level, read with `ast`) goes to its own
+package or a lower one; the module graph (all those imports, `if TYPE_CHECKING:` ones included) has no cycle;
+no private name (a leading underscore) is imported from another module.
 """
 
 from __future__ import annotations
@@ -16,27 +15,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "reallm"
 
-# Lowest first. A module may import from its own layer and from the layers below; a module belongs to the
-# layer of the longest name below that is the module or a package holding it ("reallm" is the package's
-# own __init__ only: the public API, at the top).
+# Lowest first, one line per package. A module may import from its own package and from the packages below.
+# "reallm" is the package's own __init__ only: the public API, at the top.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("reallm.errors", "reallm.files", "reallm.hf")),
-    ("tensor functions", ("reallm.quant", "reallm.storage")),
-    ("networks", ("reallm.nn",)),
-    ("stored formats", ("reallm.codecs",)),
-    ("config", ("reallm.config",)),
-    ("container", ("reallm.container",)),
-    ("fused kernels", ("reallm.kernels",)),
-    ("compressed linear", ("reallm.nn.dora",)),
-    ("model", ("reallm.surgery", "reallm.checkpoint", "reallm.bits", "reallm.store", "reallm.hf_format",
-               "reallm.hf_quantizer", "reallm.hf_registration", "reallm.hub")),
-    ("training", ("reallm.training", "reallm.adaptive", "reallm.candidates")),
-    ("evaluation", ("reallm.evaluation",)),
-    ("datamodules", ("reallm.datamodules",)),
-    ("modules", ("reallm.modules", "reallm.strategies")),
-    ("run tooling", ("reallm.plots", "reallm.tracking")),
-    ("callbacks", ("reallm.callbacks",)),
-    ("entry points", ("reallm", "reallm.cli", "reallm.report", "reallm.sweep", "reallm.zeroshot")),
+    ("errors, atomic I/O and digests, Hugging Face model helpers", ("reallm.core",)),
+    ("pure tensor functions", ("reallm.ops",)),
+    ("stored formats, one folder each", ("reallm.formats",)),
+    ("compression config, encoding pipeline, container", ("reallm.weight",)),
+    ("the compressed linear, DoRA, kernels, bit accounting", ("reallm.layer",)),
+    ("checkpoints: format 2, format-1 reader, transformers quantizer, Hub", ("reallm.checkpoint",)),
+    ("surgery (compress_), the bit budget: candidates and their exact choice", ("reallm.model",)),
+    ("text sources, windows, datamodules", ("reallm.data",)),
+    ("perplexity, zero-shot", ("reallm.eval",)),
+    ("LightningModules beside their recipes", ("reallm.phases",)),
+    ("CLI, tracking, callbacks, report, sweeps, plots", ("reallm.run",)),
+    ("public API", ("reallm",)),
 ]
 LEVEL = {prefix: i for i, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes}
 
@@ -73,11 +66,12 @@ def _type_checking_nodes(tree: ast.AST) -> set[int]:
     return skip
 
 
-def imports(path: Path, module: str) -> list[tuple[int, str, list[str]]]:
-    """(line, imported module, names taken from it) for every import of the project in a file, at any depth.
-    `from a import b` where a.b is a module of the package counts as an import of a.b."""
+def imports(path: Path, module: str, type_checking: bool = True) -> list[tuple[int, str, list[str]]]:
+    """(line, imported module, names taken from it) for every import of the project in a file, at any depth
+    (`if TYPE_CHECKING:` ones too unless `type_checking` is False). `from a import b` where a.b is a module of
+    the package counts as an import of a.b."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    skip = _type_checking_nodes(tree)
+    skip = set() if type_checking else _type_checking_nodes(tree)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     out = []
     for node in ast.walk(tree):
@@ -120,6 +114,56 @@ def test_no_module_imports_from_a_higher_layer(module):
     assert not upward, "\n".join(upward)
 
 
+def import_graph() -> dict[str, set[str]]:
+    """module → the modules of the package it imports (every import, function-level and TYPE_CHECKING ones too)."""
+    return {m: {t for _, t, _ in imports(path, m) if t in MODULES and t != m} for m, path in MODULES.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle():
+    found = cycles(import_graph())
+    assert not found, "import cycles:\n" + "\n".join(" ↔ ".join(c) for c in found)
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
 def _private_uses(path: Path, module: str) -> list[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
     found = []
@@ -157,13 +201,15 @@ def test_the_check_sees_upward_function_level_and_private_imports(tmp_path):
     found, a TYPE_CHECKING one is not, and a private name is found both imported and through a module alias."""
     src = tmp_path / "probe.py"
     src.write_text("from typing import TYPE_CHECKING\n"
-                   "if TYPE_CHECKING:\n    from reallm.cli import ReALLMCLI\n"
-                   "def f():\n    from reallm.modules import CompressPhase\n    from reallm import storage\n"
-                   "from reallm.quant.packing import code_group, _CHUNK_CODES\n"
-                   "from reallm.training import autoencoder as ae\nx = ae._k('a.b')\n")
-    found = imports(src, "reallm.probe")
+                   "if TYPE_CHECKING:\n    from reallm.run.cli import ReALLMCLI\n"
+                   "def f():\n    from reallm.phases import CompressPhase\n    from reallm.ops import precision\n"
+                   "from reallm.ops.packing import code_group, _CHUNK_CODES\n"
+                   "from reallm.formats.autoencoder import recipe as ae\nx = ae._k('a.b')\n")
+    found = imports(src, "reallm.probe", type_checking=False)
     assert [(line, target) for line, target, _ in found] == [
-        (5, "reallm.modules"), (6, "reallm.storage"), (7, "reallm.quant.packing"), (8, "reallm.training.autoencoder")]
-    assert _private_uses(src, "reallm.probe") == [f"{src}:7 imports _CHUNK_CODES from reallm.quant.packing",
-                                                  f"{src}:9 uses reallm.training.autoencoder._k"]
-    assert layer_of("reallm.nn.dora") > layer_of("reallm.container") > layer_of("reallm.nn.patches")
+        (5, "reallm.phases"), (6, "reallm.ops.precision"), (7, "reallm.ops.packing"),
+        (8, "reallm.formats.autoencoder.recipe")]
+    assert [t for _, t, _ in imports(src, "reallm.probe")][0] == "reallm.run.cli"  # seen by the cycle check
+    assert _private_uses(src, "reallm.probe") == [f"{src}:7 imports _CHUNK_CODES from reallm.ops.packing",
+                                                  f"{src}:9 uses reallm.formats.autoencoder.recipe._k"]
+    assert layer_of("reallm.layer.linear") > layer_of("reallm.weight.pipeline") > layer_of("reallm.ops.patches")

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reallm.nn.autoencoder import (
+from reallm.formats.autoencoder.networks import (
     ConvNeXtBlock,
     PatchAutoencoder,
     PatchEncoder,
@@ -25,8 +25,8 @@ from reallm.nn.autoencoder import (
     set_decoder_quantization_,
     solve_decoder_width,
 )
-from reallm.nn.patches import matrix_to_patches, patches_to_matrix
-from reallm.nn.ste import LatentVQ, QuantConv2d, quantize_weight_per_channel
+from reallm.formats.autoencoder.ste import LatentVQ, QuantConv2d, quantize_weight_per_channel
+from reallm.ops.patches import matrix_to_patches, patches_to_matrix
 
 
 # -------------------------------------------------------------------------------------- patches

@@ -20,11 +20,11 @@ from reallm import (
     load_compressed,
     save_compressed,
 )
-from reallm.codecs import get_codec
-from reallm.container import decode_frozen, decode_frozen_rows, normalize_residual, row_tiles
-from reallm.quant.additive import additive_decode, additive_unpack_codes
-from reallm.quant.e8p import e8_residual_dequantize
-from reallm.quant.packing import unpack_bits
+from reallm.formats import get_codec
+from reallm.formats.additive.search import additive_decode, additive_unpack_codes
+from reallm.formats.e8p.lattice import e8_residual_dequantize
+from reallm.ops.packing import unpack_bits
+from reallm.weight.pipeline import decode_frozen, decode_frozen_rows, normalize_residual, row_tiles
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -138,7 +138,7 @@ def test_row_tiles_equal_the_whole_decode(cfg):
 def test_additive_codec_codes_are_a_beam_search_of_the_stored_codebooks():
     """Per-matrix encode: re-encoding the normalised blocks against the stored codebooks (beam search from
     scratch) is never better than the stored codes (which the refinement kept as the best found)."""
-    from reallm.quant.additive import additive_encode, additive_errors
+    from reallm.formats.additive.search import additive_encode, additive_errors
 
     W = gaussian(64, 128, seed=5)
     w = compress_weight(W, ADDITIVE)

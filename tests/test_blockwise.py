@@ -17,17 +17,17 @@ from phase_helpers import (  # noqa: F401 (_one_thread is an autouse fixture)
 )
 from safetensors.torch import load_file
 
-from reallm.bits import bits_report
-from reallm.checkpoint import frozen_digests, load_compressed, read_meta
-from reallm.hf import find_decoder_blocks
-from reallm.modules import BlockwisePhase, UserError
-from reallm.modules.blocks import (
+from reallm.checkpoint.compressed import frozen_digests, load_compressed, read_meta
+from reallm.core.hf_models import find_decoder_blocks
+from reallm.layer.bits import bits_report
+from reallm.layer.linear import iter_reallm_layers
+from reallm.phases import BlockwisePhase, UserError
+from reallm.phases.block_io import (
     ActivationCache,
     call_block,
     capture_block_inputs,
     load_teacher_block,
 )
-from reallm.surgery import iter_reallm_layers
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_build_block_picks_the_constructor_call_and_surfaces_constructor_errors(
     constructor is the block's own error, not "unsupported" (defect 11.10)."""
     from transformers import LlamaConfig
 
-    from reallm.modules.blocks import build_block
+    from reallm.phases.block_io import build_block
 
     config = LlamaConfig(hidden_size=64)
     assert build_block(_KeywordIndexBlock(config), config, 3).layer_idx == 3
@@ -144,7 +144,7 @@ def test_activation_cache_defaults_to_bf16_and_is_refused_when_the_host_cannot_h
                                                                                        monkeypatch):
     """The cache is estimated before the phase starts (N × L × H × bytes × 2) and a cache larger than
     the available memory (or the free disk of `cache: disk`) is one clear error (defect 11.5)."""
-    import reallm.modules.blocks as blocks_mod
+    import reallm.phases.block_io as blocks_mod
 
     # the issue's 7B figure (1024 × 4096 × 4096 in fp32, inputs and targets), and what is really allocated
     assert blocks_mod.activation_cache_bytes(1024, 4096, 4096, torch.float32) == 137_438_953_472

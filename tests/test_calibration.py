@@ -12,10 +12,10 @@ import torch
 from tiny_models import sample_ids, tiny_gpt2, tiny_llama
 
 from reallm import CompressionConfig, compress_weight
-from reallm.hf import find_decoder_blocks, is_linear
-from reallm.quant.hadamard import orthogonal_transform
-from reallm.quant.weighting import output_error_sq, relative_output_error, rotated_column_weights
-from reallm.training.calibration import input_second_moments, load_moments, save_moments
+from reallm.core.hf_models import find_decoder_blocks, is_linear
+from reallm.ops.hadamard import orthogonal_transform
+from reallm.ops.weighting import output_error_sq, relative_output_error, rotated_column_weights
+from reallm.phases.calibration import input_second_moments, load_moments, save_moments
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -179,8 +179,8 @@ def test_adaptive_choice_with_weights_picks_differently_where_it_must():
     Matrix A has one outlier column: NF2's absmax blocks (one row each) keep it and round the rest to few
     levels, a large weight error; but A's inputs are (almost) only on that column, so its output error is
     small. Matrix B is Gaussian with isotropic inputs. By weight error the fp16 goes to A, by output error to B."""
-    from reallm.adaptive import AdaptiveConfig
-    from reallm.candidates import select
+    from reallm.model.adaptive import AdaptiveConfig
+    from reallm.model.candidates import select
 
     g = torch.Generator().manual_seed(0)
     A = torch.randn(64, 64, generator=g) * 0.02
@@ -234,7 +234,7 @@ def _phase1(tiny_base, run, preset, extra=()):
 
     from phase_helpers import TRAIN_TEXT
 
-    from reallm.cli import cli_main
+    from reallm.run.cli import cli_main
 
     root = Path(__file__).parents[1]
     cal = ["--model.init_args.calibration.path", str(TRAIN_TEXT), "--model.init_args.calibration.windows", "6",
@@ -252,8 +252,8 @@ def _phase1(tiny_base, run, preset, extra=()):
 def test_phase1_calibration_option_is_recorded_and_reported(tiny_base, tmp_path, capsys, monkeypatch):
     """vq-2bit-ft with `calibration:` records its windows in results.json, reports each matrix's relative output
     error (lower on average than the data-free run's, measured on the same statistics), resumes from its saved
-    statistics, and `python -m reallm.report` labels both runs."""
-    from reallm.report import main as report
+    statistics, and `python -m reallm.run.report` labels both runs."""
+    from reallm.run.report import main as report
 
     free = _phase1(tiny_base, tmp_path / "free", "vq-2bit-ft")
     cal = _phase1(tiny_base, tmp_path / "cal", "vq-2bit-ft")
@@ -266,10 +266,10 @@ def test_phase1_calibration_option_is_recorded_and_reported(tiny_base, tmp_path,
     # the data-free model measured on the same statistics: calibration lowers the mean output error
     import safetensors
 
-    from reallm.checkpoint import load_compressed
-    from reallm.hf import load_hf_model
-    from reallm.surgery import iter_reallm_layers
-    from reallm.training import calibration
+    from reallm.checkpoint.compressed import load_compressed
+    from reallm.core.hf_models import load_hf_model
+    from reallm.layer.linear import iter_reallm_layers
+    from reallm.phases import calibration
 
     with safetensors.safe_open(str(tmp_path / "cal" / "partial" / "calibration.safetensors"), "pt") as f:
         moments = {k: f.get_tensor(k) for k in f.keys()}
@@ -297,9 +297,9 @@ def test_adaptive_phase_with_calibration_chooses_on_the_output_error(tiny_base, 
 
     from phase_helpers import data_args
 
-    from reallm.checkpoint import load_compressed
-    from reallm.cli import cli_main
-    from reallm.surgery import iter_reallm_layers
+    from reallm.checkpoint.compressed import load_compressed
+    from reallm.layer.linear import iter_reallm_layers
+    from reallm.run.cli import cli_main
 
     res = _phase1(tiny_base, tmp_path / "cal-ae", "reallm-3bit",
                   ["--model.init_args.schedule.kmeans_iters", "3", "--trainer.max_epochs", "1"])
@@ -320,10 +320,10 @@ def test_adaptive_phase_with_calibration_chooses_on_the_output_error(tiny_base, 
 
 
 def test_adaptive_error_option_is_checked():
-    from reallm.adaptive import AdaptiveConfig
-    from reallm.errors import UserError
-    from reallm.modules import AutoencoderPhase
-    from reallm.training.calibration import CalibrationConfig
+    from reallm.core.errors import UserError
+    from reallm.model.adaptive import AdaptiveConfig
+    from reallm.phases import AutoencoderPhase
+    from reallm.phases.calibration import CalibrationConfig
 
     with pytest.raises(ValueError, match="adaptive.error must be"):
         AdaptiveConfig(error="both")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import sample_ids, tiny_gpt2, tiny_llama, tiny_mistral
 from transformers import AutoModelForCausalLM
 
-import reallm.checkpoint as ckpt
+import reallm.checkpoint.compressed as ckpt
 from reallm import (
     CheckpointError,
     CompressionConfig,

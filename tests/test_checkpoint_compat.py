@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from reallm import load_compressed
-from reallm.bits import bits_report
-from reallm.checkpoint import read_meta
+from reallm.checkpoint.compressed import read_meta
+from reallm.layer.bits import bits_report
 from tests.tiny_models import sample_ids
 
 DATA = Path(__file__).parent / "data" / "checkpoints_v1"

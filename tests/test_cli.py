@@ -14,7 +14,7 @@ import pytest
 import torch
 from tiny_models import save_tiny_model_dir, write_text
 
-from reallm.cli import cli_main
+from reallm.run.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ["--trainer.accelerator", "cpu"]
@@ -38,8 +38,8 @@ def compress_args(tiny_dir, run_dir, preset="nf3", *extra):
 def test_compress_then_evaluate_matches_direct_perplexity(tiny_dir, text_file, tmp_path):
     """The whole phase 1 + evaluation through the CLI; the perplexity equals a direct computation."""
     from reallm import load_compressed
-    from reallm.datamodules.text import TextDataModule
-    from reallm.evaluation.perplexity import perplexity
+    from reallm.data.text import TextDataModule
+    from reallm.eval.perplexity import perplexity
 
     cli_main(compress_args(tiny_dir, tmp_path / "c", "nf4"))
     compress = json.loads((tmp_path / "c" / "results.json").read_text())
@@ -112,7 +112,7 @@ def _sha(path: Path) -> str:
 
 
 def test_interrupted_phase1_resumes_to_an_identical_checkpoint(tiny_dir, tmp_path, monkeypatch):
-    from reallm.modules.compress import CompressPhase
+    from reallm.phases.compress import CompressPhase
 
     cli_main(compress_args(tiny_dir, tmp_path / "straight", "vq-2bit"))
 
@@ -211,7 +211,7 @@ def test_phase1_keeps_a_bf16_models_dense_dtype(tmp_path):
     from tiny_models import ALL, word_tokenizer
 
     from reallm import iter_reallm_layers, load_compressed
-    from reallm.checkpoint import read_meta
+    from reallm.checkpoint.compressed import read_meta
 
     base = tmp_path / "qwen2-bf16"
     ALL["qwen2"]().to(torch.bfloat16).save_pretrained(base)  # q/k/v biases, untied head

@@ -1,4 +1,4 @@
-"""The patch autoencoder (format: reallm.codecs.autoencoder; recipe: reallm.training.autoencoder): stored
+"""The patch autoencoder (format: reallm.formats.autoencoder.codec; recipe: reallm.formats.autoencoder.recipe): stored
 containers decode to what was trained, the decoder takes at most 2^b_φ values per scale group, bits equal
 saved bytes, vmapped stacks equal the individual modules, edge patches store no latent for the padding."""
 
@@ -11,12 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from reallm.codecs import autoencoder as ae_format
-from reallm.config import CompressionConfig
-from reallm.container import ReALLMWeight, relative_error
-from reallm.nn.patches import patches_to_matrix
-from reallm.nn.ste import LatentVQ
-from reallm.training import autoencoder as ae_recipe
+from reallm.formats.autoencoder import codec as ae_format
+from reallm.formats.autoencoder import recipe as ae_recipe
+from reallm.formats.autoencoder.ste import LatentVQ
+from reallm.ops.patches import patches_to_matrix
+from reallm.phases.autoencoder_matrices import build_container, prepare_matrix
+from reallm.weight.config import CompressionConfig
+from reallm.weight.pipeline import ReALLMWeight, relative_error
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -43,7 +44,7 @@ def trained(cfg: CompressionConfig, shapes=((40, 24), (24, 33)), epochs: int = 4
     g = torch.Generator().manual_seed(seed)
     Ws = {f"m{i}": torch.randn(*s, generator=g) * (0.1 + i) for i, s in enumerate(shapes)}
     spec = ae_format.ae_spec(cfg)
-    pms = [ae_recipe.prepare_matrix(W, cfg, n) for n, W in Ws.items()]
+    pms = [prepare_matrix(W, cfg, n) for n, W in Ws.items()]
     data = ae_recipe.GroupData([pms], spec)
     stack = ae_recipe.AEStack(spec, cfg.bits, cfg.vq_dim, 1, [seed], qat=qat)
     hist = ae_recipe.train_stacks([(stack, data)], ae_recipe.TrainSchedule(epochs=epochs, lr=3e-3, batch_size=4,
@@ -56,7 +57,7 @@ def group():
     cfg = config()
     Ws, pms, data, stack, hist = trained(cfg)
     res = ae_recipe.export_group(stack, data, 0)
-    weights = {pm.name: ae_recipe.build_container(pm, cfg, res) for pm in pms}
+    weights = {pm.name: build_container(pm, cfg, res) for pm in pms}
     return cfg, Ws, pms, data, stack, hist, res, weights
 
 
@@ -89,12 +90,12 @@ def test_training_reduces_the_error_on_a_structured_matrix():
     i, j = torch.meshgrid(torch.arange(48.0), torch.arange(48.0), indexing="ij")
     W = torch.sin(i / 5) * torch.cos(j / 7) + 0.3 * torch.sin((i + j) / 9)  # smooth "image"
     spec = ae_format.ae_spec(cfg)
-    pm = ae_recipe.prepare_matrix(W, cfg, "w")
+    pm = prepare_matrix(W, cfg, "w")
     data = ae_recipe.GroupData([[pm]], spec)
     stack = ae_recipe.AEStack(spec, 3, 2, 1, [0])
     sched = ae_recipe.TrainSchedule(epochs=40, lr=5e-3, batch_size=9, kmeans_iters=5)
     hist = ae_recipe.train_stacks([(stack, data)], sched)
-    w = ae_recipe.build_container(pm, cfg, ae_recipe.export_group(stack, data, 0))
+    w = build_container(pm, cfg, ae_recipe.export_group(stack, data, 0))
     err = relative_error(W, w.dequantize())
     assert hist[-1] < 0.2 * hist[0] and err < 0.3, (hist[0], hist[-1], err)
 
@@ -115,7 +116,7 @@ def test_bits_equal_saved_bytes(tmp_path, share):
     cfg = config(autoencoder={"share": share})
     Ws, pms, data, stack, _ = trained(cfg, shapes=((64, 48),), epochs=1)
     res = ae_recipe.export_group(stack, data, 0)
-    w = ae_recipe.build_container(pms[0], cfg, res)
+    w = build_container(pms[0], cfg, res)
     tensors, meta = w.to_dict()
     tensors.update({f"shared.{k}": v for k, v in w.shared.items()})
     path = tmp_path / "m.safetensors"
@@ -126,7 +127,7 @@ def test_bits_equal_saved_bytes(tmp_path, share):
     assert bits["total"] / 8 == pytest.approx(data_bytes, rel=0.01)
     assert {"latent", "decoder", "scales", "permutation"} <= set(bits)
     # the decoder is stored bit-packed at b_φ: its bits are those of decoder_storage_bits (byte padding aside)
-    from reallm.nn.autoencoder import decoder_storage_bits
+    from reallm.formats.autoencoder.networks import decoder_storage_bits
 
     assert bits["decoder"] == pytest.approx(decoder_storage_bits(stack.decoder(0)), rel=0.01)
     json.dumps(meta)  # the container's metadata is JSON-able
@@ -199,7 +200,7 @@ def test_group_keys():
 def test_lowrank_and_rotation_paths():
     cfg = config(rank=2, rotation="hadamard", permute=False)
     Ws, pms, data, stack, _ = trained(cfg, shapes=((32, 32),), epochs=1)
-    w = ae_recipe.build_container(pms[0], cfg, ae_recipe.export_group(stack, data, 0))
+    w = build_container(pms[0], cfg, ae_recipe.export_group(stack, data, 0))
     assert w.rank == 2 and "rotation_seeds" in w.frozen and w.bits()["lowrank"] > 0
     assert w.dequantize().shape == (32, 32) and math.isfinite(relative_error(Ws["m0"], w.dequantize()))
 
@@ -210,11 +211,11 @@ def test_codec_on_cuda():
     g = torch.Generator().manual_seed(0)
     W = torch.randn(40, 24, generator=g).cuda()
     spec = ae_format.ae_spec(cfg)
-    pm = ae_recipe.prepare_matrix(W, cfg, "m")
+    pm = prepare_matrix(W, cfg, "m")
     data = ae_recipe.GroupData([[pm]], spec)
     stack = ae_recipe.AEStack(spec, 3, 2, 1, [0]).cuda()
     ae_recipe.train_stacks([(stack, data)], ae_recipe.TrainSchedule(epochs=3, batch_size=4, kmeans_iters=3))
-    w = ae_recipe.build_container(pm, cfg, ae_recipe.export_group(stack, data, 0))
+    w = build_container(pm, cfg, ae_recipe.export_group(stack, data, 0))
     assert w.frozen["latent_codes"].is_cuda and w.dequantize().is_cuda
     cpu = w.to("cpu").dequantize()
     assert torch.allclose(cpu, w.dequantize().cpu(), atol=1e-4)
@@ -226,7 +227,7 @@ def test_latent_codebook_learns_by_gradient_in_the_vq_and_frozen_stages_only():
     cfg = config()
     spec = ae_format.ae_spec(cfg)
     W = torch.randn(40, 24, generator=torch.Generator().manual_seed(3))
-    data = ae_recipe.GroupData([[ae_recipe.prepare_matrix(W, cfg, "w")]], spec)
+    data = ae_recipe.GroupData([[prepare_matrix(W, cfg, "w")]], spec)
     stack = ae_recipe.AEStack(spec, cfg.bits, cfg.vq_dim, 1, [0])
     x, w, m, idx = data.batch(torch.arange(data.n_max)[None], "cpu")
     grads = {}

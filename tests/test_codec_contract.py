@@ -1,4 +1,4 @@
-"""The contract every stored format (a codec of `reallm.codecs`) fulfils, one table row per format.
+"""The contract every stored format (a codec of `reallm.formats`) fulfils, one table row per format.
 
 A new format adds its rows here (`ROWS`: a config and the relative-error bound it must meet on a Gaussian
 matrix); `test_every_format_has_a_row` fails until it does. Formats that `compress_weight` cannot produce
@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from reallm import CompressionConfig, CompressionError, ReALLMWeight, compress_weight
-from reallm.codecs import PIPELINE_BIT_ITEMS, get_codec, names
+from reallm.formats import PIPELINE_BIT_ITEMS, get_codec, names
 
 
 def gaussian(p, q, seed=0):

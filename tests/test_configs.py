@@ -17,8 +17,8 @@ import yaml
 from tiny_models import save_tiny_model_dir, word_tokenizer, write_text
 
 from reallm import CompressionConfig, compress_, load_compressed, save_compressed
-from reallm.cli import cli_main, phase_class
-from reallm.hf import load_hf_model
+from reallm.core.hf_models import load_hf_model
+from reallm.run.cli import cli_main, phase_class
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))

@@ -120,7 +120,7 @@ def test_permutation_orientation_helps_on_correlated_columns():
 def test_quantizer_sees_the_residual_of_the_stored_factors(init, dtype):
     """The frozen part encodes W − L1 L2ᵀ with L1, L2 exactly as stored (int8 / bf16), and the recorded
     error of the kept iterate is the error of the stored reconstruction."""
-    from reallm.container import encode_frozen
+    from reallm.weight.pipeline import encode_frozen
 
     W = gaussian(96, 128, seed=5) + 0.05 * gaussian(96, 1, seed=6) @ gaussian(1, 128, seed=7) * 50
     cfg = CompressionConfig(quantizer="nf", bits=3, rank=4, lowrank_init=init, lowrank_iters=4, lowrank_dtype=dtype)

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from reallm.datamodules import BaseDataModule, TextDataModule
-from reallm.evaluation import sources as sources_mod
-from reallm.evaluation import windows as windows_mod
-from reallm.evaluation.sources import load_texts, resolve_source
-from reallm.evaluation.windows import c4_windows, stream_windows, tokenize, wikitext_windows
+from reallm.data import BaseDataModule, TextDataModule
+from reallm.data import sources as sources_mod
+from reallm.data import windows as windows_mod
+from reallm.data.sources import load_texts, resolve_source
+from reallm.data.windows import c4_windows, stream_windows, tokenize, wikitext_windows
 
 N_WORDS = 200  # word-level test vocabulary: "w0".."w199" -> ids 3..202; <unk>=0, <s>=1, </s>=2
 
@@ -356,7 +356,7 @@ def test_default_context_is_the_models_capped(tmp_path, word_tokenizer_dir):
 
     from transformers import GPT2Config, LlamaConfig
 
-    from reallm.errors import UserError
+    from reallm.core.errors import UserError
 
     def model_dir(name, config):
         d = tmp_path / name

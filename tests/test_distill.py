@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from phase_helpers import TOKENIZER, Phase1, _one_thread, fast_config, text_datamodule, trainer  # noqa: F401
 
-from reallm.errors import UserError
-from reallm.modules import EndToEndPhase
-from reallm.training.distill import TeacherLogitCache, TeacherTargets, kl_to_teacher, teacher_targets
+from reallm.core.errors import UserError
+from reallm.phases import EndToEndPhase
+from reallm.phases.distillation import TeacherLogitCache, TeacherTargets, kl_to_teacher, teacher_targets
 
 
 def _logits(b=3, length=7, v=11, seed=0, scale=3.0):
@@ -69,7 +69,7 @@ def phase1(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from reallm import compress_, save_compressed
-    from reallm.hf import load_hf_model
+    from reallm.core.hf_models import load_hf_model
 
     root = tmp_path_factory.mktemp("distill")
     model = load_hf_model(str(TOKENIZER), "float32")
@@ -94,8 +94,8 @@ def _run(phase1, run_dir, cache_dir, seed=0, steps=6, **kwargs):
 
 
 def test_kl_run_lowers_the_kl_and_the_cache_is_reused_and_keyed_by_the_windows(phase1, tmp_path, monkeypatch):
-    from reallm.checkpoint import load_compressed
-    from reallm.hf import load_hf_model
+    from reallm.checkpoint.compressed import load_compressed
+    from reallm.core.hf_models import load_hf_model
 
     cache_dir = tmp_path / "teacher"
     module, dm, res = _run(phase1, tmp_path / "a", cache_dir, loss="kl", teacher_topk=32)

@@ -21,9 +21,9 @@ from phase_helpers import (  # noqa: F401 (_one_thread is an autouse fixture)
     trainer,
 )
 
-from reallm.checkpoint import frozen_digests, load_compressed, read_meta
-from reallm.modules import BlockwisePhase, EndToEndPhase, UserError
-from reallm.training.schedules import cosine_warmup
+from reallm.checkpoint.compressed import frozen_digests, load_compressed, read_meta
+from reallm.core.schedules import cosine_warmup
+from reallm.phases import BlockwisePhase, EndToEndPhase, UserError
 
 ROOT = Path(__file__).parents[1]
 
@@ -111,7 +111,7 @@ def test_validation_loss_decreases_frozen_identical_and_phase2_loads(phase1, pha
 
 def test_phase2_and_phase3_checkpoints_evaluate(phase1, phase2, tmp_path):
     """A phase-2 checkpoint goes through phase 3 and evaluation on the command line."""
-    from reallm.cli import cli_main
+    from reallm.run.cli import cli_main
 
     args = data_args(phase1)
     cli_main(["fit", "--config", str(ROOT / "configs" / "e2e.yaml"), "--model.init_args.checkpoint", str(phase2),
@@ -175,9 +175,9 @@ def test_bf16_autocast_and_gradient_checkpointing(phase1, tmp_path):
 def test_train_stored_codebook_and_scales_through_the_cli(phase1, tmp_path):
     """--model.init_args.train_stored "[codebook, scales]": phase 3 also tunes the model-wide codebook and the
     block-scale maxima; the codes and the accounted bits are unchanged, and the checkpoint loads."""
-    from reallm.bits import bits_report
-    from reallm.cli import cli_main
-    from reallm.surgery import iter_reallm_layers
+    from reallm.layer.bits import bits_report
+    from reallm.layer.linear import iter_reallm_layers
+    from reallm.run.cli import cli_main
 
     run = tmp_path / "e2e-stored"
     cli_main(["fit", "--config", str(ROOT / "configs" / "e2e.yaml"), "--model.init_args.checkpoint",

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from reallm import CompressionConfig, compress_, compress_weight
-from reallm.kernels import available_paths
-from reallm.nn.dora import ReALLMLinear, runtime_report, set_runtime_mode
+from reallm.layer.kernels import available_paths
+from reallm.layer.linear import ReALLMLinear, runtime_report, set_runtime_mode
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -17,16 +17,16 @@ import torch
 from phase_helpers import SHARED, data_args, make_phase1
 from tiny_models import save_tiny_model_dir, tiny_llama, word_tokenizer, write_text
 
-from reallm.callbacks import NonFiniteError, NonFiniteGuard
-from reallm.checkpoint import (
+from reallm.checkpoint.compressed import (
     CheckpointError,
     adapters_fingerprint,
     load_compressed,
     save_adapters,
     save_compressed,
 )
-from reallm.cli import cli_main
-from reallm.modules.base import ReALLMModule
+from reallm.phases.base import ReALLMModule
+from reallm.run.callbacks import NonFiniteError, NonFiniteGuard
+from reallm.run.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ["--trainer.accelerator", "cpu"]
@@ -108,7 +108,7 @@ def test_guard_names_the_weight_and_the_step(tmp_path):
 
 
 def test_nan_in_a_weight_stops_phase1_with_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
-    from reallm.datamodules.weights import WeightDataModule
+    from reallm.data.weights import WeightDataModule
 
     real = WeightDataModule.weight
 
@@ -130,7 +130,7 @@ def test_nan_in_a_weight_stops_phase1_with_one_line(tiny_dir, tmp_path, monkeypa
 def test_nan_in_a_trained_weight_stops_blockwise_with_one_line(tmp_path, monkeypatch, capsys):
     """Block-wise distillation (its model is not a registered submodule): a DoRA weight that turns
     NaN in the first step is reported with its layer, the step and the block."""
-    from reallm.modules.blockwise import BlockwisePhase
+    from reallm.phases.blockwise import BlockwisePhase
 
     real = BlockwisePhase.training_step
 
@@ -204,7 +204,7 @@ def test_fuzzed_checkpoints_never_load_silently_wrong(tmp_path):
     raises CheckpointError or gives exactly the original logits. (README.md, the model card, is
     documentation: nothing reads it, so it is left out.)"""
     from reallm import CompressionConfig, compress_
-    from reallm.surgery import iter_reallm_layers
+    from reallm.layer.linear import iter_reallm_layers
 
     model = tiny_llama()
     compress_(model, CompressionConfig(quantizer="vq", bits=2, vq_dim=2, permute=True, rotation="hadamard", rank=2,

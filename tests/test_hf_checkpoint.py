@@ -19,9 +19,9 @@ from test_codec_contract import MADE_ELSEWHERE, ROWS
 from tiny_models import ALL, sample_ids, word_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import reallm.checkpoint as ckpt
+import reallm.checkpoint.compressed as ckpt
 from reallm import CheckpointError, CompressionConfig, compress_, iter_reallm_layers, load_compressed, save_compressed
-from reallm.codecs import names
+from reallm.formats import names
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD = Path(__file__).parent / "data" / "checkpoints_v1"

@@ -15,8 +15,8 @@ import torch
 from tiny_models import ALL, save_tiny_model_dir, word_tokenizer, write_text
 
 from reallm import CheckpointError, CompressionConfig, compress_, iter_reallm_layers, load_compressed, save_compressed
-from reallm.hub import main as hub_main
-from reallm.hub import push_to_hub, verify_checkpoint
+from reallm.checkpoint.hub import main as hub_main
+from reallm.checkpoint.hub import push_to_hub, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,8 @@ def test_hub_command_and_its_errors(checkpoint, fake_hub, monkeypatch, capsys):
     monkeypatch.setattr(FakeHub, "create_repo", offline)
     assert hub_main([str(checkpoint), "me/tiny"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "offline mode is enabled" in err[0] and "retry with: python -m reallm.hub" in err[0]
+    assert len(err) == 1 and "offline mode is enabled" in err[0]
+    assert "retry with: python -m reallm.checkpoint.hub" in err[0]
 
 
 def test_cli_run_writes_the_model_card_of_its_results_and_pushes(tmp_path, fake_hub, monkeypatch):
@@ -124,7 +125,7 @@ def test_cli_run_writes_the_model_card_of_its_results_and_pushes(tmp_path, fake_
     import transformers
 
     import reallm
-    from reallm.cli import cli_main
+    from reallm.run.cli import cli_main
 
     monkeypatch.setattr(sys, "argv", ["train.py"])
     tiny = save_tiny_model_dir(tmp_path / "tiny")
@@ -153,13 +154,13 @@ def test_cli_run_writes_the_model_card_of_its_results_and_pushes(tmp_path, fake_
 # ------------------------------------------------------------------------------------------------
 def test_lm_eval_model_hf_equals_reallm_zeroshot(tmp_path, capsys):
     """`lm_eval --model hf --model_args pretrained=<dir>,trust_remote_code=True` in a process that imports
-    only lm-eval gives, document by document, the log-likelihoods of `reallm.zeroshot` on our model object,
-    hence the same accuracy as `python -m reallm.zeroshot`."""
+    only lm-eval gives, document by document, the log-likelihoods of `reallm.eval.zeroshot` on our model object,
+    hence the same accuracy as `python -m reallm.eval.zeroshot`."""
     pytest.importorskip("lm_eval")
     from test_zeroshot import ROWS, TASK_YAML
 
-    from reallm.zeroshot import main as zeroshot_main
-    from reallm.zeroshot import zero_shot
+    from reallm.eval.zeroshot import main as zeroshot_main
+    from reallm.eval.zeroshot import zero_shot
 
     tasks = tmp_path / "tasks"
     tasks.mkdir()

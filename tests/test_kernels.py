@@ -1,4 +1,4 @@
-"""Fused dequantize-matmul kernels (reallm.kernels) against the plain decode.
+"""Fused dequantize-matmul kernels (reallm.layer.kernels) against the plain decode.
 
 Every case builds the stored tensors with the real encoder (`compress_weight`), then compares a
 fused path with `decode_frozen` followed by `x @ Q̂ᵀ` (an independent reading of the packed
@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from reallm import CompressionConfig, compress_weight
-from reallm.kernels import (
+from reallm.layer.kernels import (
     UnsupportedPath,
     available_paths,
     cpu_avx512,

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reallm.datamodules import TextDataModule
-from reallm.evaluation import WindowPerplexity, greedy_generate, perplexity
-from reallm.evaluation.windows import tokenize, wikitext_windows
+from reallm.data import TextDataModule
+from reallm.data.windows import tokenize, wikitext_windows
+from reallm.eval import WindowPerplexity, greedy_generate, perplexity
 
 REFERENCE_PPL = 4.42  # ../shared/README.md: stories260K, fp32, L=512, first 200k tokens of TinyStories
 

@@ -1,4 +1,4 @@
-"""The phase contract (reallm.modules.base.ReALLMModule): every phase declares what it starts from and
+"""The phase contract (reallm.phases.base.ReALLMModule): every phase declares what it starts from and
 which model it works on; the CLI checks a checkpoint only for phases that read one; the autoencoder phase
 tells its datamodule the steps of an epoch."""
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from tiny_models import save_tiny_model_dir
 
-import reallm.modules as phases
-from reallm.cli import cli_main, phase_class
-from reallm.datamodules import PatchDataModule
-from reallm.modules.base import ReALLMModule, StartsFrom
+import reallm.phases as phases
+from reallm.data import PatchDataModule
+from reallm.phases.base import ReALLMModule, StartsFrom
+from reallm.run.cli import cli_main, phase_class
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ["--trainer.accelerator", "cpu"]
@@ -37,7 +37,7 @@ def test_every_phase_declares_its_start_and_its_model():
         assert cls.phase_model is not ReALLMModule.phase_model, f"{cls.__name__} does not implement phase_model"
         kwargs = {"checkpoint": "unused"} if cls.starts_from == "checkpoint" else {}
         assert cls(**kwargs).phase_model is None  # nothing loaded yet
-    assert phase_class("reallm.modules.EvaluatePhase") is phases.EvaluatePhase
+    assert phase_class("reallm.phases.EvaluatePhase") is phases.EvaluatePhase
 
 
 def test_evaluation_phase_model_is_the_evaluated_model(tiny_dir):
@@ -74,7 +74,7 @@ def test_patch_datamodule_yields_the_steps_it_is_told():
 def test_autoencoder_phase_refuses_another_datamodule(tiny_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", str(ROOT / "configs/ae.yaml"), "--config",
-                  str(ROOT / "configs/methods/reallm-3bit.yaml"), "--data", "reallm.datamodules.WeightDataModule",
+                  str(ROOT / "configs/methods/reallm-3bit.yaml"), "--data", "reallm.data.WeightDataModule",
                   "--model.init_args.model_name_or_path", str(tiny_dir), *CPU, "--trainer.fast_dev_run", "true",
                   "--run_dir", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip().splitlines()

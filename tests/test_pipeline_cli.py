@@ -18,8 +18,8 @@ from phase_helpers import (  # noqa: F401 (_one_thread is an autouse fixture)
     make_phase1,
 )
 
-from reallm.checkpoint import load_compressed
-from reallm.cli import cli_main
+from reallm.checkpoint.compressed import load_compressed
+from reallm.run.cli import cli_main
 
 ROOT = Path(__file__).parents[1]
 CPU = ["--trainer.accelerator", "cpu"]

@@ -1,5 +1,5 @@
 """Figures and reports: the plot functions, the figures a run writes into its directory, and
-`python -m reallm.report ... --figures` over several runs (a compression run measured by
+`python -m reallm.run.report ... --figures` over several runs (a compression run measured by
 --eval_after_fit, a compression run evaluated separately, the base model)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import torch
 from tiny_models import save_tiny_model_dir, write_text
 
-from reallm import plots
-from reallm.cli import cli_main
-from reallm.hf import decoder_block_index
+from reallm.core.hf_models import decoder_block_index
+from reallm.run import plots
+from reallm.run.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ["--trainer.accelerator", "cpu"]
@@ -116,7 +116,7 @@ def test_eval_after_fit_matches_the_evaluation_phase(runs):
 
 
 def test_report_command_table_and_figures(runs, capsys):
-    from reallm.report import main
+    from reallm.run.report import main
 
     out = runs / "report"
     rc = main([str(runs / d) for d in ("original", "nf3", "nf4", "nf4-eval")] + ["--figures", str(out)])
@@ -152,7 +152,7 @@ def _row(label, bits, ppl, matrices=()):
 
 
 def test_best_other_at_most_bits():
-    from reallm.report import best_other_at_most_bits
+    from reallm.run.report import best_other_at_most_bits
 
     rows = [_row("a", 2.1, 40.0), _row("b", 3.1, 9.0), _row("c", 3.5, 11.0), _row("d", 3.1, 8.5),
             _row("original", None, 5.0), _row("e", 2.0, float("nan"))]
@@ -163,7 +163,7 @@ def test_best_other_at_most_bits():
 
 
 def test_bits_breakdown_per_weight_over_the_matrices():
-    from reallm.report import bits_breakdown, format_breakdown
+    from reallm.run.report import bits_breakdown, format_breakdown
 
     mats = [{"shape": [2, 4], "items": {"codes": 16.0, "codebook": 8.0, "lowrank": 0.0}},
             {"shape": [4, 4], "items": {"codes": 32.0, "codebook": 8.0}}]
@@ -174,7 +174,7 @@ def test_bits_breakdown_per_weight_over_the_matrices():
 
 
 def test_report_errors_are_one_line(tmp_path, capsys):
-    from reallm.report import main
+    from reallm.run.report import main
 
     assert main([str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-import reallm.quant.additive as additive_mod
-from reallm.quant.additive import (
+import reallm.formats.additive.search as additive_mod
+from reallm.formats.additive.search import (
     AdditiveResult,
     additive_bits,
     additive_decode,
@@ -17,7 +17,7 @@ from reallm.quant.additive import (
     additive_pack_codes,
     additive_unpack_codes,
 )
-from reallm.quant.packing import pack_bits
+from reallm.ops.packing import pack_bits
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,7 +1,7 @@
 """E8P lattice codebook (QuIP#): construction, bit layout, exact nearest point, scale, residual stages.
 
 The lattice checks below are written from the definition of E8, independently of the construction
-in reallm/quant/e8p.py.
+in reallm/formats/e8p/lattice.py.
 """
 
 import itertools
@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from reallm.quant.e8p import (
+from reallm.formats.e8p.lattice import (
     E8_STAGES,
     E8P_NUM_BASE_PATTERNS,
     e8_ball256,
@@ -23,8 +23,8 @@ from reallm.quant.e8p import (
     e8p_quantize,
     e8p_search_scale,
 )
-from reallm.quant.packing import pack_bits, unpack_bits
-from reallm.quant.vq import kmeans
+from reallm.ops.kmeans import kmeans
+from reallm.ops.packing import pack_bits, unpack_bits
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,4 +1,4 @@
-"""GPTQ-style error feedback (`reallm.quant.gptq`, `compression.error_feedback: gptq`).
+"""GPTQ-style error feedback (`reallm.ops.gptq`, `compression.error_feedback: gptq`).
 
 The reference below is the textbook optimal-brain-quantiser loop written independently: it keeps the
 inverse Hessian of the columns still free explicitly and updates it after each group by the Schur
@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reallm.config import CompressionConfig
-from reallm.container import compress_weight, feedback_applies
-from reallm.errors import CompressionError
-from reallm.quant.gptq import feedback_codes
-from reallm.quant.weighting import output_error_sq, relative_output_error
+from reallm.core.errors import CompressionError
+from reallm.ops.gptq import feedback_codes
+from reallm.ops.weighting import output_error_sq, relative_output_error
+from reallm.weight.config import CompressionConfig
+from reallm.weight.pipeline import compress_weight, feedback_applies
 
 
 def obq_reference(X, scales, table, H, damp):
@@ -165,15 +165,15 @@ def test_config_checks():
 
 
 def test_phase_1_without_calibration_refuses_feedback_in_one_line():
-    from reallm.errors import UserError
-    from reallm.modules.compress import CompressPhase
+    from reallm.core.errors import UserError
+    from reallm.phases.compress import CompressPhase
 
     with pytest.raises(UserError, match="needs calibration-aware phase 1"):
         CompressPhase("unused", compression=CompressionConfig(error_feedback="gptq"))
 
 
 def test_the_report_says_how_many_matrices_got_feedback_codes():
-    from reallm.report import calibration_label
+    from reallm.run.report import calibration_label
 
     info = {"windows_used": 8, "seq_len": 512, "path": "/data/tinystories_train.txt"}
     assert calibration_label({**info, "error_feedback_matrices": 35}) == (

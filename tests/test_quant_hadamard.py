@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from reallm.quant.hadamard import _params, _sylvester, orthogonal_transform, rotate, unrotate
+from reallm.ops.hadamard import _params, _sylvester, orthogonal_transform, rotate, unrotate
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from reallm.quant.lowrank import LowRankResult, low_rank_svd, lowrank_decompose
-from reallm.quant.scalar import nearest_level, nf_levels
+from reallm.ops.lowrank import LowRankResult, low_rank_svd, lowrank_decompose
+from reallm.ops.scalar import nearest_level, nf_levels
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from reallm.quant.packing import pack_bits, packed_nbytes, unpack_bits
+from reallm.ops.packing import pack_bits, packed_nbytes, unpack_bits
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -76,7 +76,7 @@ def test_errors():
 def test_lut_decode_equals_table_of_unpacked_codes(width):
     """decode_codes reads whole bit fields through a table; it must equal table[unpack_bits(...)] for
     every width (fast widths and the fallback), any start, any length, any vector dimension."""
-    from reallm.quant.lut import decode_codes
+    from reallm.ops.lut import decode_codes
 
     g = torch.Generator().manual_seed(width)
     codes = torch.randint(0, 1 << width, (3001,), generator=g)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from reallm.quant.permutation import (
+from reallm.ops.permutation import (
     greedy_column_permutation,
     greedy_column_permutation_reference,
     index_bits,

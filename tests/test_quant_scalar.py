@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from reallm.quant.scalar import nearest_level, nf_levels, rtn_dequantize, rtn_quantize
-from reallm.quant.scales import QuantizedScales, block_absmax, quantize_scales
+from reallm.ops.scalar import nearest_level, nf_levels, rtn_dequantize, rtn_quantize
+from reallm.ops.scales import QuantizedScales, block_absmax, quantize_scales
 
 # QLoRA's published NF4 table (bitsandbytes / QLoRA paper appendix).
 NF4_PUBLISHED = [

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.cluster.vq import kmeans2, vq
 
-from reallm.quant.vq import KMeansResult, assign, kmeans
+from reallm.ops.kmeans import KMeansResult, assign, kmeans
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -127,7 +127,7 @@ def test_weighted_kmeans_lowers_the_weighted_inertia():
     """Weighted Lloyd: its codebook has a lower weighted inertia than the unweighted k-means codebook of the
     same data (same seed, same init), the reported inertia is that weighted inertia, and each codeword is the
     per-coordinate weighted mean of its cluster."""
-    from reallm.quant.vq import weighted_distances
+    from reallm.ops.kmeans import weighted_distances
 
     x, w = _data(4000, 2, seed=7), _weights(4000, 2, seed=8)
     plain = kmeans(x, 16, iters=30, tol=0, seed=1)

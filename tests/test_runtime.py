@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import reallm.nn.dora as dora
+import reallm.layer.linear as dora
 from reallm import CompressionConfig, compress_, load_compressed, save_compressed
-from reallm.checkpoint import WEIGHTS_FILE
-from reallm.errors import UserError
-from reallm.nn.dora import ReALLMLinear, runtime_report, set_runtime_mode
-from reallm.surgery import iter_reallm_layers, mark_only_adapters_trainable
+from reallm.checkpoint.compressed import WEIGHTS_FILE
+from reallm.core.errors import UserError
+from reallm.layer.linear import ReALLMLinear, iter_reallm_layers, runtime_report, set_runtime_mode
+from reallm.model.surgery import mark_only_adapters_trainable
 from tests.tiny_models import ALL, sample_ids
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -207,7 +207,7 @@ def test_bad_mode_and_too_little_memory_are_one_line(monkeypatch):
 def test_row_tiles_reassemble_the_whole_decode(fmt, shape):
     """Tiles smaller than a row, crossing scale blocks and permutation blocks, equal the one-shot decode."""
     from reallm import compress_weight
-    from reallm.container import decode_frozen_rows, row_tiles, tile_plan
+    from reallm.weight.pipeline import decode_frozen_rows, row_tiles, tile_plan
 
     cfg = CompressionConfig(**FORMATS[fmt])
     w = compress_weight(torch.randn(*shape, generator=torch.Generator().manual_seed(1)), cfg)
@@ -238,7 +238,7 @@ def test_inference_reads_stored_factors_in_place_and_trained_ones_at_storage_pre
         layer.lora_B.add_(1e-4 * torch.randn_like(layer.lora_B))  # between storage levels now
         B, A = layer._factors()
     assert B is not layer.lora_B and not torch.equal(B, layer.lora_B)
-    from reallm.storage import fake_store
+    from reallm.ops.precision import fake_store
 
     assert torch.equal(B, fake_store(layer.lora_B.detach(), lowrank_dtype))
     with torch.no_grad():

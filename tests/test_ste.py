@@ -1,4 +1,4 @@
-"""Straight-through quantizers: reallm.nn.ste (QAT convs of the decoder, latent VQ)."""
+"""Straight-through quantizers: reallm.formats.autoencoder.ste (QAT convs of the decoder, latent VQ)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reallm.nn.ste import (
+from reallm.formats.autoencoder.ste import (
     LatentVQ,
     QuantConv2d,
     dequantize_weight_per_channel,

@@ -1,4 +1,4 @@
-"""reallm.store.WeightStore: a compressed matrix and its stats survive the disk bit-exactly; what is
+"""reallm.weight.store.WeightStore: a compressed matrix and its stats survive the disk bit-exactly; what is
 missing, half-written, or written for another layer or configuration reads as missing."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from reallm import CompressionConfig, compress_weight
-from reallm.store import WeightStore
-from reallm.surgery import fit_shared_tensors
+from reallm.model.surgery import fit_shared_tensors
+from reallm.weight.store import WeightStore
 
 
 def _weight(seed: int = 0, **cfg):

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from reallm import CompressionConfig, compress_, compress_weight, load_compressed, save_compressed
-from reallm.bits import bits_report
-from reallm.container import decode_frozen
-from reallm.nn.dora import ReALLMLinear, make_stored_trainable, write_back_stored
-from reallm.surgery import iter_reallm_layers, mark_only_adapters_trainable
+from reallm.layer.bits import bits_report
+from reallm.layer.linear import ReALLMLinear, iter_reallm_layers, make_stored_trainable, write_back_stored
+from reallm.model.surgery import mark_only_adapters_trainable
+from reallm.weight.pipeline import decode_frozen
 from tests.tiny_models import ALL, sample_ids
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from tiny_models import save_tiny_model_dir
 
-from reallm.cli import cli_main
-from reallm.sweep import SweepError, check_sweep, command_line, example_parameter_sets, load_sweep, program_args
-from reallm.tracking import (
+from reallm.run.cli import cli_main
+from reallm.run.sweep import SweepError, check_sweep, command_line, example_parameter_sets, load_sweep, program_args
+from reallm.run.tracking import (
     WANDB_LOGGER,
     WandbSettings,
     flatten,
@@ -108,7 +108,7 @@ class _FakeRun:
 def test_upload_run_sends_summary_table_figures_files(tmp_path):
     import wandb
 
-    from reallm.plots import plot_error_by_block
+    from reallm.run.plots import plot_error_by_block
 
     run_dir = tmp_path / "run"
     matrices = [{"name": f"model.layers.{b}.self_attn.{t}", "shape": [64, 64], "bits": 3.1, "nominal": 3,
@@ -201,7 +201,7 @@ def test_sweep_parameters_are_accepted_by_the_cli(sweep, monkeypatch):
     """Each sweep's command, built as `wandb agent` builds it (`${env} ${interpreter} ${program}
     ${args}` → `--key=value`), parses; every parameter lands at its key with its value, and the
     compression config it gives is valid."""
-    from reallm.config import CompressionConfig
+    from reallm.weight.config import CompressionConfig
 
     monkeypatch.chdir(ROOT)  # sweep paths are relative to the repository root
     cfg = load_sweep(sweep)
@@ -225,7 +225,7 @@ def test_sweep_parameters_are_accepted_by_the_cli(sweep, monkeypatch):
         if comp:
             config = CompressionConfig(**comp)  # validates
             if config.quantizer == "autoencoder":
-                from reallm.codecs.autoencoder import ae_spec
+                from reallm.formats.autoencoder.codec import ae_spec
 
                 spec = ae_spec(config)  # the autoencoder options are real and consistent
                 assert spec.decoder_params_count() > 0  # the decoder width can be solved
@@ -251,7 +251,7 @@ def test_sweep_checks():
 
 
 def test_bad_sweep_file_is_one_line(tmp_path, capsys):
-    from reallm.sweep import main
+    from reallm.run.sweep import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("program: train.py\nmethod: grid\nparameters: {a: {min: 0, max: 1}}\n")
@@ -259,15 +259,15 @@ def test_bad_sweep_file_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "bad.yaml" in err[0]
     with pytest.raises(SweepError, match="needs --count"):
-        from reallm.sweep import parameter_sets
+        from reallm.run.sweep import parameter_sets
 
         parameter_sets({**yaml.safe_load(bad.read_text()), "method": "random"})
 
 
 def test_offline_sweep_runner(tiny_dir, tmp_path, monkeypatch, no_wandb_key):
-    """`python -m reallm.sweep` runs the command `wandb agent` would run, offline, one folder per run.
+    """`python -m reallm.run.sweep` runs the command `wandb agent` would run, offline, one folder per run.
     (The runs are executed in-process here, with the environment the runner gives them.)"""
-    import reallm.sweep as sweep_mod
+    import reallm.run.sweep as sweep_mod
 
     sweep = tmp_path / "tiny.yaml"
     sweep.write_text(yaml.safe_dump({
@@ -281,7 +281,7 @@ def test_offline_sweep_runner(tiny_dir, tmp_path, monkeypatch, no_wandb_key):
                     "--logger=wandb", "${args}"]}))
     launched = []
 
-    def run_in_process(cmd, env):  # replaces reallm.sweep._launch (only the sweep's runs go through it)
+    def run_in_process(cmd, env):  # replaces reallm.run.sweep._launch (only the sweep's runs go through it)
         assert cmd[:3] == ["/usr/bin/env", sys.executable, str(ROOT / "train.py")]
         for key in ("WANDB_RUN_ID", "WANDB_RUN_GROUP", "WANDB_MODE"):
             monkeypatch.setenv(key, env[key])
@@ -311,7 +311,7 @@ def test_offline_sweep_runner(tiny_dir, tmp_path, monkeypatch, no_wandb_key):
 def test_readme_shows_sweep_usage():
     readme = (ROOT / "README.md").read_text()
     assert "wandb sweep configs/sweeps/" in readme and "wandb agent" in readme
-    assert "python -m reallm.sweep" in readme
+    assert "python -m reallm.run.sweep" in readme
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -55,7 +55,7 @@ def checkpoint(tmp_path_factory):
     from tiny_models import tiny_llama
 
     from reallm import CompressionConfig, compress_, save_compressed
-    from reallm.surgery import iter_reallm_layers
+    from reallm.layer.linear import iter_reallm_layers
 
     model = tiny_llama()
     compress_(model, CompressionConfig(quantizer="nf", bits=4, rank=2), progress=False)
@@ -89,8 +89,8 @@ def _direct_accuracy(model, tok) -> float:
 
 def test_zero_shot_on_our_model_matches_a_direct_computation(checkpoint, task_dir):
     from reallm import load_compressed
-    from reallm.evaluation.zeroshot import zero_shot
-    from reallm.nn.dora import ReALLMLinear
+    from reallm.eval.zeroshot import zero_shot
+    from reallm.layer.linear import ReALLMLinear
 
     model = load_compressed(checkpoint)
     assert any(isinstance(m, ReALLMLinear) for m in model.modules())  # our model object, not a copy
@@ -103,7 +103,7 @@ def test_zero_shot_on_our_model_matches_a_direct_computation(checkpoint, task_di
 
 
 def test_zeroshot_command_writes_results(checkpoint, task_dir, tmp_path, capsys):
-    from reallm.zeroshot import main
+    from reallm.eval.zeroshot import main
 
     rc = main(["--checkpoint", str(checkpoint), "--tasks", "tiny_mc", "--include_path", str(task_dir),
                "--device", "cpu", "--limit", "4", "--out", str(tmp_path / "zs")])
@@ -114,7 +114,7 @@ def test_zeroshot_command_writes_results(checkpoint, task_dir, tmp_path, capsys)
 
 
 def test_unknown_task_and_missing_folder_are_one_line(checkpoint, task_dir, tmp_path, capsys):
-    from reallm.evaluation.zeroshot import ZeroShotError, main, task_manager
+    from reallm.eval.zeroshot import ZeroShotError, main, task_manager
 
     with pytest.raises(ZeroShotError, match=r"unknown lm-eval task\(s\) \['nope'\]"):
         task_manager(["nope"], include_path=str(task_dir), include_defaults=False)
@@ -126,7 +126,7 @@ def test_unknown_task_and_missing_folder_are_one_line(checkpoint, task_dir, tmp_
 
 def test_evaluation_phase_runs_zero_shot(task_dir, tmp_path, monkeypatch):
     """`validate --model.init_args.zero_shot_tasks [...]`: perplexity and zero-shot accuracy in one run."""
-    from reallm.cli import cli_main
+    from reallm.run.cli import cli_main
 
     monkeypatch.setattr(sys, "argv", ["train.py"])
     tiny = save_tiny_model_dir(tmp_path / "tiny")

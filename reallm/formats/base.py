@@ -1,0 +1,160 @@
+"""The contract every stored format of the frozen part fulfils (a "codec").
+
+The encoding pipeline (`reallm.weight.pipeline`) is the same for every format and knows none by name:
+
+    R = W − L1 L2ᵀ → Hadamard rotation → column permutation per row block → blocks of B0 values
+    (row-major flattening, zero padded) → absmax block scales (double-quantised) → **codec.encode**
+
+and decoding runs it backwards from **codec.decode**. A codec says which of the shared stages it
+wants (`blockwise`, `absmax_scales`), what it stores (`encode` → tensors, `bit_items` → where their
+bits are reported), and whether several matrices can share tensors it fits once (`fit_shared`,
+e.g. a model-wide VQ codebook). Adding a format is one module in `reallm/formats/` that defines a
+`Codec` subclass and decorates it with `@register` (the package imports every module in it), a
+preset in `configs/methods/`, and a row in `tests/test_codec_contract.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from torch import Tensor
+
+
+class FormatConfig(Protocol):
+    """What a codec reads of the compression config: the fields every format shares (the format's own knobs
+    are read by the format itself). `reallm.weight.config.CompressionConfig`, which sits above the formats,
+    fulfils it; a codec never imports it."""
+
+    quantizer: str
+    bits: int
+    block_size: int
+    seed: int
+
+__all__ = ["Codec", "Encoded", "PIPELINE_BIT_ITEMS"]
+
+# stored tensors written by the shared pipeline stages (not by a codec), and their bit items
+# stored floating tensors of the pipeline that fine-tuning may train (codes stay frozen), by item
+PIPELINE_TRAINABLE: dict[str, tuple[str, ...]] = {"scales": ("scale_group_max", "scale_offset")}
+
+PIPELINE_BIT_ITEMS: dict[str, str] = {
+    "scale_codes": "scales",
+    "scale_group_max": "scales",
+    "scale_offset": "scales",
+    "perm": "permutation",
+    "rotation_seeds": "rotation",
+}
+
+
+@dataclass
+class Encoded:
+    """What `Codec.encode` returns.
+
+    stored: tensors of this matrix, in their stored dtype (packed codes, codebooks, ...).
+    meta: JSON-able facts the decoder needs beyond the config (kept in the checkpoint's metadata).
+    shared: tensors used but owned by several matrices (a model-wide codebook); the container keeps
+        them by reference and the checkpoint stores them once.
+    """
+
+    stored: dict[str, Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    shared: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Codec:
+    """One stored format. Subclasses set the class attributes and implement encode / decode."""
+
+    #: the `CompressionConfig.quantizer` value that selects this format
+    name: ClassVar[str] = ""
+    #: one line for `--help` and the docs
+    summary: ClassVar[str] = ""
+    #: True: the pipeline applies rotation, permutation and the B0-block layout before `encode`, and
+    #: `encode` / `decode` see blocks (n_blocks, B0); False: they see the residual (p, q) itself
+    blockwise: ClassVar[bool] = True
+    #: the pipeline divides each block by its double-quantised absmax scale (needs `blockwise`)
+    absmax_scales: ClassVar[bool] = True
+    #: stored tensor name → bit-accounting item (protocol.md); every key `encode` can store, and every
+    #: shared key, must be listed (tests/test_codec_contract.py checks it)
+    bit_items: ClassVar[dict[str, str]] = {}
+    #: None when `compress_weight` can encode this format; otherwise who produces it (one line)
+    produced_by: ClassVar[str | None] = None
+    #: the format stores packed codes indexing a value table (`kernel_table`), with absmax block scales:
+    #: the fused dequantize-matmul kernels of `reallm.layer.kernels` can then read it directly
+    table_kernels: ClassVar[bool] = False
+    #: `decode_range` reads only the range's stored values (otherwise the runtime decodes in one tile)
+    decodes_ranges: ClassVar[bool] = True
+    #: stored floating tensors that fine-tuning may train while the codes stay frozen, by item
+    #: ("codebook", "scales"); written back at their stored precision, so the accounted bits do not change
+    trainable: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: `encode` (and `fit_shared`) accept `weights=`, per-value importance weights from calibration data, and
+    #: minimise the weighted error; the pipeline passes them only to formats that say so, so a format that
+    #: leaves this False needs no change and is encoded as without calibration (its error is still measured
+    #: on the layer's output). Scalar formats with a fixed grid (NF, RTN) gain nothing: the nearest level of a
+    #: value is the same under any positive weight.
+    weighted: ClassVar[bool] = False
+
+    # -- configuration ----------------------------------------------------------------------
+    def validate(self, config: FormatConfig) -> None:
+        """Raise ValueError (one sentence, without the "invalid compression config" prefix) for a
+        config this format cannot serve."""
+
+    def nominal_bits(self, config: FormatConfig) -> float:
+        """The paper's "bits" b of this format."""
+        return float(config.bits)
+
+    def vector_dim(self, config: FormatConfig) -> int:
+        """Values per stored code (blocks are cut into vectors of this length)."""
+        return 1
+
+    def code_width(self, config: FormatConfig) -> int:
+        """Bits of one stored code."""
+        return config.bits * self.vector_dim(config)
+
+    def decode_macs_per_weight(self, meta: dict[str, Any], config: FormatConfig) -> float:
+        """Multiply-adds `decode` spends per weight (the runtime caches formats that cost much more than
+        a matmul; table lookups, unpacking and scaling count as about one)."""
+        return 1.0
+
+    def kernel_table(self, stored: dict[str, Tensor], config: FormatConfig,
+                     shared: dict[str, Tensor]) -> Tensor:
+        """(2^code_width, vector_dim) fp32: the values each code stands for (formats with `table_kernels`)."""
+        raise NotImplementedError(f"format {self.name!r} has no value table for the fused kernels")
+
+    # -- shared tensors (codebook_scope="model") ------------------------------------------------
+    def can_share(self, config: FormatConfig) -> bool:
+        """Whether matrices compressed with `config` share tensors fitted once by `fit_shared`."""
+        return False
+
+    def fit_shared(self, vectors: Tensor, config: FormatConfig,
+                   weights: Tensor | None = None) -> dict[str, Tensor]:
+        """Shared tensors fitted on the pooled vectors (N, vector_dim) of every sharing matrix (`weights`, of the
+        vectors' shape, only for `weighted` formats: see `encode`)."""
+        raise NotImplementedError(f"format {self.name!r} shares nothing between matrices")
+
+    # -- encode / decode ------------------------------------------------------------------------
+    def encode(self, X: Tensor, config: FormatConfig, *, shared: dict[str, Tensor] | None = None,
+               state: dict[str, Any] | None = None, weights: Tensor | None = None) -> Encoded:
+        """Stored form of X: blocks (n_blocks, B0), normalised by their scales when `absmax_scales`;
+        the residual (p, q) when not `blockwise`. `shared` holds tensors fitted by `fit_shared`;
+        `state` is a dict the codec may use to warm-start the next call on the same matrix (the
+        alternating low-rank iterations call encode repeatedly). `weights` (only given to `weighted`
+        formats, and only in calibration-aware phase 1): X's shape, ≥ 0, the importance of each value,
+        i.e. the weight h_j = E[x_j²] of its original input column carried through rotation and permutation,
+        times the square of its block's scale, normalised to mean 1 over the matrix, so that
+        Σ weights · (X − X̂)² is proportional to the layer's output error in the diagonal approximation;
+        the format minimises that instead of Σ (X − X̂)²."""
+        raise NotImplementedError(f"format {self.name!r} is produced by {self.produced_by}")
+
+    def decode(self, stored: dict[str, Tensor], meta: dict[str, Any], config: FormatConfig,
+               shape: tuple[int, int], n_blocks: int, shared: dict[str, Tensor]) -> Tensor:
+        """Inverse of `encode`, fp32: blocks (n_blocks, B0) before the scales are applied (blockwise
+        formats), or the matrix (p, q). Implement this or `decode_range` (each defaults to the other)."""
+        return self.decode_range(stored, meta, config, shape, shared, 0, n_blocks if self.blockwise else shape[0])
+
+    def decode_range(self, stored: dict[str, Tensor], meta: dict[str, Any], config: FormatConfig,
+                     shape: tuple[int, int], shared: dict[str, Tensor], start: int, stop: int) -> Tensor:
+        """Part of `decode`: blocks [start, stop) (blockwise formats) or rows [start, stop), fp32. The
+        resident runtime decodes a matrix in such row tiles, so that no whole dense copy is made; a format
+        that can read its stored tensors by range overrides this (the default decodes all and slices)."""
+        n_blocks = -(-shape[0] * shape[1] // config.block_size)
+        return self.decode(stored, meta, config, shape, n_blocks, shared)[start:stop]

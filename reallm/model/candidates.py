@@ -1,0 +1,196 @@
+"""Phase 1's candidate configurations and the per-matrix choice among them (method.md §4, "Adaptive shape").
+
+- :func:`candidate_configs`: the configurations a matrix is tried with: the base config alone, or the base
+  config with each candidate's overrides of an :class:`reallm.model.adaptive.AdaptiveConfig`.
+- :func:`select`: given every matrix's evaluated candidates (stored containers and their errors), one
+  candidate per matrix: the exact MILP of `reallm.model.adaptive.choose` under the global bit budget (the trivial
+  choice with a single configuration); each shared tensor (a decoder, a codebook) is charged to the
+  matrices that use it. No Lightning: the autoencoder phase loads the candidates and stores the picks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from reallm.core.errors import UserError
+from reallm.core.io import tensor_digest
+from reallm.formats.autoencoder import codec as ae_format
+from reallm.model.adaptive import AdaptiveConfig, Candidate, choose, evaluate_fixed
+from reallm.weight.config import CompressionConfig
+from reallm.weight.pipeline import ReALLMWeight
+
+__all__ = ["Pick", "Selection", "candidate_configs", "select"]
+
+
+def _merge(base: CompressionConfig, overrides: dict[str, Any], label: str = "main") -> CompressionConfig:
+    """The base config with a candidate's overrides (a nested "autoencoder" dict is merged), checked."""
+    changes = dict(overrides)
+    if isinstance(changes.get("autoencoder"), dict) and base.autoencoder:
+        changes["autoencoder"] = {**base.autoencoder, **changes["autoencoder"]}
+    try:
+        cfg = CompressionConfig.from_dict({**base.to_dict(), **changes})
+        if cfg.quantizer == "autoencoder":
+            ae_format.ae_spec(cfg)
+        return cfg
+    except (TypeError, ValueError) as e:
+        raise UserError(f"configuration {label!r}: {e}") from None
+
+
+def candidate_configs(base: CompressionConfig | None, adaptive: AdaptiveConfig | None) -> dict[str, CompressionConfig]:
+    """label → configuration of every candidate of one matrix.
+
+    Args:
+        base: the matrix's config (None: the matrix is not compressed, no candidate).
+        adaptive: the candidates' overrides; None or no candidates: the base config alone, labelled "main".
+    Raises:
+        UserError: a candidate's overrides make an invalid configuration (named by its label).
+    """
+    if base is None:
+        return {}
+    if adaptive is None or not adaptive.candidates:
+        return {"main": _merge(base, {})}
+    return {label: _merge(base, ov, label) for label, ov in adaptive.candidates.items()}
+
+
+def _own_bits(weight: ReALLMWeight) -> tuple[float, float]:
+    """(bits of the matrix without its shared tensors, bits of the shared tensors)."""
+    shared = float(sum(t.numel() * t.element_size() * 8 for t in weight.shared.values()))
+    share = weight.shape[0] * weight.shape[1] / weight.meta.get("shared_numel", weight.shape[0] * weight.shape[1])
+    return weight.bits()["total"] - shared * share, shared
+
+
+@dataclass
+class Pick:
+    """The chosen candidate of one matrix: its label, its container (``meta["shared_numel"]`` set to the
+    weights of every matrix that picked the same shared tensors), its stats (with ``config`` and
+    ``reason``) and the per-matrix record for results.json (config, reason, every candidate's bits and
+    error, autoencoder group)."""
+
+    label: str
+    weight: ReALLMWeight
+    stats: dict[str, Any]
+    record: dict[str, Any]
+
+
+@dataclass
+class Selection:
+    """One :class:`Pick` per matrix name (matrices without any candidate are absent) and, when a choice
+    among several configurations was made, its summary for results.json (``adaptive``)."""
+
+    picks: dict[str, Pick] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def select(
+    matrices: Sequence[tuple[str, Mapping[str, tuple[ReALLMWeight, dict[str, Any]]]]],
+    labels: Sequence[str],
+    adaptive: AdaptiveConfig | None,
+    error: Literal["weight", "output"] = "weight",
+) -> Selection:
+    """One candidate per matrix.
+
+    Args:
+        matrices: per matrix, in order: (name, {label: (stored container, stats)}); stats hold
+            ``rel_frobenius_error`` (‖W − Ŵ‖/‖W‖ of the stored container) and ``w_norm2`` (‖W‖², for the
+            "absolute" objective), and with calibration ``rel_output_error`` (‖(W − Ŵ)X‖/‖WX‖) and
+            ``out_norm2`` (‖WX‖²).
+        labels: every configured candidate label (a shortened run may lack some candidates of some matrices).
+        adaptive: the budget and objective; None, or a single label: every matrix takes its one candidate.
+        error: "weight": the error term of a matrix is its weight error (relative objective n_m ε_m², absolute
+            ‖W − Ŵ‖²); "output" (calibration-aware phase 1): its error on the calibration inputs (n_m ε_out²,
+            or ‖(W − Ŵ)X‖² for the absolute objective), so that the choice minimises the layers' output error.
+    Raises:
+        UserError: no choice fits the budget (the message gives the cheapest total); ValueError: `error` is
+            "output" and a candidate has no output error.
+    """
+    if error not in ("weight", "output"):
+        raise ValueError(f"error must be 'weight' or 'output', got {error!r}")
+    err_key, norm_key = ("rel_output_error", "out_norm2") if error == "output" else ("rel_frobenius_error", "w_norm2")
+    rows: list[list[Candidate]] = []
+    results: list[list[tuple[ReALLMWeight, dict[str, Any]]]] = []
+    names: list[str] = []
+    numels: list[int] = []
+    shared_costs: dict[str, float] = {}
+    relative = adaptive is None or adaptive.objective != "absolute"
+    for name, found in matrices:
+        row, res_row = [], []
+        for label, (weight, stats) in found.items():
+            own, shared_bits = _own_bits(weight)
+            rid = None
+            if weight.shared:  # one resource per distinct set of shared tensors
+                rid = label + "|" + "|".join(tensor_digest(weight.shared[k]) for k in sorted(weight.shared))
+                shared_costs[rid] = shared_bits
+            numel = weight.shape[0] * weight.shape[1]
+            if err_key not in stats:
+                raise ValueError(f"candidate {label!r} of {name} has no {err_key} (the output error needs calibration)")
+            err = stats[err_key]
+            term = numel * err**2 if relative else stats.get(norm_key, 1.0) * err**2
+            info = {"rel_frobenius_error": stats["rel_frobenius_error"], "numel": numel}
+            if error == "output":  # what the reasons name
+                info["rel_output_error"] = err
+            row.append(Candidate(label, own, term, rid, info))
+            res_row.append((weight, stats))
+        if not row:
+            continue
+        rows.append(row)
+        results.append(res_row)
+        names.append(name)
+        numels.append(numel)
+    out = Selection()
+    total_weights = float(sum(numels))
+    if adaptive is not None and len(labels) > 1:
+        budget = adaptive.budget * total_weights
+        try:
+            choice = choose(rows, budget, shared_costs, time_limit=adaptive.time_limit, names=names)
+        except ValueError as e:
+            raise UserError(f"adaptive: {e}") from None
+        picks, reasons = choice.picks, choice.reasons
+        singles = {}
+        for label in labels:
+            fx = evaluate_fixed(rows, label, shared_costs)
+            if fx is not None:
+                singles[label] = {"bits_per_weight": fx["bits"] / total_weights, "objective": fx["objective"],
+                                  "fits_budget": fx["bits"] <= budget}
+        out.summary["adaptive"] = {
+            "budget_bits_per_weight": adaptive.budget,
+            "objective": ("sum of n_m * rel_err_m^2" if relative else "sum of ||W - W_hat||_F^2") if error == "weight"
+            else ("sum of n_m * rel_output_err_m^2" if relative else "sum of ||(W - W_hat) X||_F^2"),
+            "error": "relative output error on the calibration inputs" if error == "output"
+            else "relative Frobenius error of the weight",
+            "solver": "scipy.optimize.milp (HiGHS)", "status": choice.status, "mip_gap": choice.gap,
+            "objective_value": choice.objective, "bits_per_weight": choice.total_bits / total_weights,
+            "budget_price_lambda": choice.price,
+            "candidates": dict(adaptive.candidates),
+            "single_config": singles,
+            "counts": {label: sum(1 for m, j in enumerate(picks) if rows[m][j].label == label) for label in labels},
+        }
+    else:
+        picks = [0] * len(rows)
+        reasons = ["the only configuration (no adaptive choice)"] * len(rows)
+    # charge every shared resource to the matrices that use it
+    users: dict[str, int] = {}
+    for m, j in enumerate(picks):
+        if rows[m][j].shared is not None:
+            users[rows[m][j].shared] = users.get(rows[m][j].shared, 0) + numels[m]
+    for m, j in enumerate(picks):
+        cand = rows[m][j]
+        weight, stats = results[m][j]
+        if cand.shared is not None:
+            weight.meta["shared_numel"] = users[cand.shared]
+        stats = dict(stats, config=cand.label, reason=reasons[m])
+        stats.pop("w_norm2", None)
+        stats.pop("out_norm2", None)
+        record: dict[str, Any] = {
+            "config": cand.label,
+            "reason": reasons[m],
+            "candidates": {c.label: {"own_bits_per_weight": c.bits / numels[m],
+                                     **{k: st[k] for k in ("rel_frobenius_error", "rel_output_error") if k in st}}
+                           for c, (_, st) in zip(rows[m], results[m])},
+        }
+        if stats.get("group"):
+            record["group"] = stats["group"]
+            record["group_size"] = stats.get("group_size")
+        out.picks[names[m]] = Pick(cand.label, weight, stats, record)
+    return out

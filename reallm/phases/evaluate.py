@@ -1,0 +1,135 @@
+"""Evaluation: perplexity (protocol.md) of a base model or a ReALLM checkpoint, as `validate`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from reallm.core.errors import UserError
+from reallm.core.hf_models import load_hf_model
+from reallm.eval.perplexity import model_logits
+from reallm.layer.linear import RuntimeMode
+from reallm.phases.base import ReALLMModule
+from reallm.phases.validation import PerplexityMixin
+
+
+def load_model_for_eval(model_name_or_path: str | None, checkpoint: str | None, dtype: str | None,
+                        runtime: RuntimeMode = "resident") -> nn.Module:
+    """The model a phase works on: a ReALLM checkpoint when given, else the base model."""
+    if checkpoint:
+        from reallm.checkpoint.compressed import load_compressed
+
+        return load_compressed(checkpoint, mode=runtime)
+    if not model_name_or_path:
+        raise UserError("give --model.init_args.model_name_or_path or --model.init_args.checkpoint")
+    return load_hf_model(model_name_or_path, dtype)
+
+
+class EvaluatePhase(PerplexityMixin, ReALLMModule):
+    """Perplexity on every validation dataset of the datamodule; optional greedy sample."""
+
+    phase = "eval"
+    starts_from = "checkpoint"  # when one is given; the base model otherwise
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        checkpoint: str | None = None,
+        run_dir: str | None = None,
+        method: str = "custom",
+        dtype: str | None = "float32",
+        prompt: str | None = None,
+        max_new_tokens: int = 48,
+        zero_shot_tasks: list[str] | None = None,
+        zero_shot_include_path: str | None = None,
+        zero_shot_limit: float | None = None,
+        zero_shot_batch_size: int = 8,
+        runtime: RuntimeMode = "resident",
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            model_name_or_path: a base model to evaluate (hub id or directory).
+            checkpoint: a ReALLM checkpoint directory to evaluate instead.
+            run_dir: the run directory (set by --run_dir).
+            method: a label for results.json (e.g. the preset the checkpoint was made with).
+            dtype: dtype of a base model ("float32", "bfloat16", "auto").
+            prompt: if set, also write a greedy continuation of this prompt to results.json.
+            max_new_tokens: length of that continuation.
+            zero_shot_tasks: also measure zero-shot accuracy (metric acc) with lm-eval-harness on
+                these tasks (protocol: [arc_challenge, arc_easy, piqa, winogrande]); None: no.
+            zero_shot_include_path: a folder of local lm-eval task YAMLs (offline tasks).
+            zero_shot_limit: at most this many documents per task (or a fraction < 1); None: all.
+            zero_shot_batch_size: lm-eval batch size.
+            runtime: how the compressed linears run: "resident" (the stored form only, decoded in row
+                tiles at every forward; the memory-efficient default) or "cache" (decoded once into a dense
+                copy in the compute dtype; faster when memory allows).
+            seed: recorded in results.json.
+        """
+        super().__init__(model_name_or_path, checkpoint, run_dir, method, seed)
+        self.load_dtype = dtype
+        self.runtime = runtime
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.zero_shot_tasks = list(zero_shot_tasks) if zero_shot_tasks else None
+        self.zero_shot_include_path = zero_shot_include_path
+        self.zero_shot_limit = zero_shot_limit
+        self.zero_shot_batch_size = zero_shot_batch_size
+        self.model: nn.Module | None = None
+        self.ppl_metrics = nn.ModuleList()
+
+    @property
+    def phase_model(self) -> nn.Module | None:
+        return self.model
+
+    def configure_model(self) -> None:
+        if self.checkpoint and self.method == "custom":  # label the run with the checkpoint's preset
+            from reallm.checkpoint.compressed import read_meta
+
+            self.method = read_meta(self.checkpoint).get("extra", {}).get("method", self.method)
+        if self.model is None:
+            self.model = load_model_for_eval(self.model_name_or_path, self.checkpoint, self.load_dtype, self.runtime)
+            self.model.eval()
+
+    def setup(self, stage: str) -> None:
+        self.setup_perplexity()
+
+    def lm_logits(self, input_ids: Tensor) -> Tensor:
+        return model_logits(self.model, input_ids)  # (B, L, V)
+
+    def on_validation_end(self) -> None:
+        if self.trainer.sanity_checking or self.global_rank != 0 or self.trainer.state.fn != "validate":
+            return
+        payload: dict[str, Any] = {"perplexity": self.perplexity}
+        if self.checkpoint:
+            from reallm.checkpoint.compressed import read_meta
+
+            layers = read_meta(self.checkpoint)["layers"]
+            from reallm.layer.bits import bits_report
+
+            rep = bits_report(self.model)
+            payload["bits"] = {"nominal": rep["nominal"], "decoder_linears": rep["decoder_linears"],
+                               "whole_model": rep["whole_model"]}
+            payload["compressed_matrices"] = len(layers)
+            payload["runtime"] = self.runtime_info(self.model)
+        if self.prompt:
+            from transformers import AutoTokenizer
+
+            from reallm.eval.perplexity import greedy_generate
+
+            tok = AutoTokenizer.from_pretrained(self.trainer.datamodule.model_name_or_path)
+            payload["sample"] = {"prompt": self.prompt,
+                                 "text": greedy_generate(self.model, tok, self.prompt, self.max_new_tokens)}
+        if self.zero_shot_tasks:
+            from reallm.eval.zeroshot import zero_shot
+
+            limit = self.zero_shot_limit
+            limit = int(limit) if limit is not None and limit >= 1 else limit
+            with torch.inference_mode(False), torch.no_grad():
+                res = zero_shot(self.model, self.trainer.datamodule.model_name_or_path, self.zero_shot_tasks,
+                                include_path=self.zero_shot_include_path, limit=limit,
+                                batch_size=self.zero_shot_batch_size, seed=self.seed or 1234)
+            payload["zero_shot"] = {k: v for k, v in res.items() if k != "raw"}
+        self.write_results(payload)
