@@ -26,12 +26,19 @@ def test_every_stored_format_has_an_old_checkpoint():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_old_checkpoint_loads_with_the_same_logits(name, single_thread):
-    """One thread, as when they were written: the decoder convolutions then sum in the same order."""
+    """One thread, as when they were written. Formats decoded by table look-ups and matmuls give the same bits.
+    The autoencoder's decoder is a stack of convolutions, whose CPU kernels (oneDNN) sum in an order that
+    depends on the instruction set: written on an AVX-512 machine, read on an AVX2 one, its logits differ in
+    the last float32 bits (3.6e-7 of logits up to 1.5 seen on AMD EPYC, AVX2); a changed decode would differ by
+    orders of magnitude more."""
     model = load_compressed(DATA / name)
     expected = load_file(DATA / f"{name}.expected_logits.safetensors")["logits"]
     with torch.no_grad():
         logits = model(sample_ids()).logits
-    assert torch.equal(logits, expected)  # same decode, same arithmetic: bit-identical
+    if name == "autoencoder":
+        torch.testing.assert_close(logits, expected, rtol=0, atol=2e-6)
+    else:
+        assert torch.equal(logits, expected)  # same decode, same arithmetic: bit-identical
 
 
 @pytest.mark.parametrize("name", NAMES)
