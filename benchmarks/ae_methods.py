@@ -71,7 +71,7 @@ def single_config_model(run_dir: Path, label: str):
     from transformers import AutoModelForCausalLM
 
     from reallm.model.surgery import swap_in
-    from reallm.weight.pipeline import ReALLMWeight
+    from reallm.weight.container import ReALLMWeight
 
     model = AutoModelForCausalLM.from_pretrained(MODEL).eval()
     found = []

@@ -43,7 +43,7 @@ from reallm.layer.kernels import (
 )
 from reallm.ops.packing import pack_bits, packed_nbytes  # noqa: E402
 from reallm.ops.permutation import index_bits  # noqa: E402
-from reallm.weight.pipeline import decode_frozen  # noqa: E402
+from reallm.weight.decode import decode_frozen  # noqa: E402
 
 BLOCK = [("q_proj", 4096, 4096), ("k_proj", 4096, 4096), ("v_proj", 4096, 4096), ("o_proj", 4096, 4096),
          ("gate_proj", 11008, 4096), ("up_proj", 11008, 4096), ("down_proj", 4096, 11008)]

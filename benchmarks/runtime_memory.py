@@ -59,7 +59,7 @@ def prepare(out: Path, scale: int) -> dict:
     from transformers import LlamaForCausalLM
 
     from reallm import bits_report, compress_, save_compressed
-    from reallm.checkpoint.compressed import read_meta
+    from reallm.checkpoint.directory import read_meta
 
     base = out / "base"
     if not (base / "config.json").is_file():

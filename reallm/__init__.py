@@ -19,7 +19,8 @@ from reallm.layer.bits import bits_report, format_bits_table
 from reallm.layer.linear import ReALLMLinear, iter_reallm_layers
 from reallm.model.surgery import compress_, mark_only_adapters_trainable
 from reallm.weight.config import CompressionConfig
-from reallm.weight.pipeline import ReALLMWeight, compress_weight
+from reallm.weight.container import ReALLMWeight
+from reallm.weight.pipeline import compress_weight
 
 __all__ = [
     "CheckpointError",

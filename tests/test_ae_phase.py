@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tiny_models import ALL, sample_ids, save_tiny_model_dir
 
 from reallm import load_compressed, save_compressed
-from reallm.checkpoint.compressed import read_meta
+from reallm.checkpoint.directory import read_meta
 from reallm.core.hf_models import linear_weight
 from reallm.formats.autoencoder import codec as ae_format
 from reallm.formats.autoencoder import recipe as ae_recipe

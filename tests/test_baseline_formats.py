@@ -24,7 +24,9 @@ from reallm.formats import get_codec
 from reallm.formats.additive.search import additive_decode, additive_unpack_codes
 from reallm.formats.e8p.lattice import e8_residual_dequantize
 from reallm.ops.packing import unpack_bits
-from reallm.weight.pipeline import decode_frozen, decode_frozen_rows, normalize_residual, row_tiles
+from reallm.weight.decode import decode_frozen
+from reallm.weight.pipeline import normalize_residual
+from reallm.weight.tiling import decode_frozen_rows, row_tiles
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")

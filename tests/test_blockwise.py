@@ -17,7 +17,8 @@ from phase_helpers import (  # noqa: F401 (_one_thread is an autouse fixture)
 )
 from safetensors.torch import load_file
 
-from reallm.checkpoint.compressed import frozen_digests, load_compressed, read_meta
+from reallm.checkpoint.compressed import frozen_digests, load_compressed
+from reallm.checkpoint.directory import read_meta
 from reallm.core.hf_models import find_decoder_blocks
 from reallm.layer.bits import bits_report
 from reallm.layer.linear import iter_reallm_layers

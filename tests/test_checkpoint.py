@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 from tiny_models import sample_ids, tiny_gpt2, tiny_llama, tiny_mistral
 from transformers import AutoModelForCausalLM
 
-import reallm.checkpoint.compressed as ckpt
 from reallm import (
     CheckpointError,
     CompressionConfig,
@@ -22,6 +21,7 @@ from reallm import (
     save_adapters,
     save_compressed,
 )
+from reallm.checkpoint import format1, format2
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -53,7 +53,7 @@ def test_save_load_identical_logits(tmp_path, build, cfg):
     back = load_compressed(tmp_path / "ck")
     assert torch.equal(logits(model), logits(back))
     qc = json.loads((tmp_path / "ck" / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "reallm" and qc["format_version"] == ckpt.FORMAT_VERSION == 2
+    assert qc["quant_method"] == "reallm" and qc["format_version"] == format2.FORMAT_VERSION == 2
     assert set(qc["layers"]) == {name for name, _ in iter_reallm_layers(model)}
     assert all("bits" in rec and "config" in rec and len(rec["sha256"]) == 64 for rec in qc["layers"].values())
     assert (tmp_path / "ck" / "model.safetensors").is_file() and not (tmp_path / "ck" / "reallm.json").exists()
@@ -112,7 +112,7 @@ def test_truncated_file_is_refused(saved):
 
 
 def test_wrong_version_is_refused(saved):
-    ckpt.reseal_config(saved, lambda c: c["quantization_config"].__setitem__("format_version", 99))
+    format2.reseal_config(saved, lambda c: c["quantization_config"].__setitem__("format_version", 99))
     with pytest.raises(CheckpointError, match=r"config\.json: ReALLM checkpoint format version 99 is not supported "
                                               r"by this reallm \(it reads versions 1 and 2\): upgrade reallm"):
         load_compressed(saved)
@@ -148,7 +148,7 @@ def test_version_1_errors_are_still_named(tmp_path):
         load_compressed(old)
     meta = json.loads((old / "reallm.json").read_text())
     meta["format_version"] = 99
-    ckpt.write_meta(old, meta)
+    format1.write_meta(old, meta)
     with pytest.raises(CheckpointError, match=r"reallm\.json: format version 99 is not supported"):
         load_compressed(old)
 

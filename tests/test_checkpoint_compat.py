@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from reallm import load_compressed
-from reallm.checkpoint.compressed import read_meta
+from reallm.checkpoint.directory import read_meta
 from reallm.layer.bits import bits_report
 from tests.tiny_models import sample_ids
 
@@ -26,19 +26,16 @@ def test_every_stored_format_has_an_old_checkpoint():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_old_checkpoint_loads_with_the_same_logits(name, single_thread):
-    """One thread, as when they were written. Formats decoded by table look-ups and matmuls give the same bits.
-    The autoencoder's decoder is a stack of convolutions, whose CPU kernels (oneDNN) sum in an order that
-    depends on the instruction set: written on an AVX-512 machine, read on an AVX2 one, its logits differ in
-    the last float32 bits (3.6e-7 of logits up to 1.5 seen on AMD EPYC, AVX2); a changed decode would differ by
-    orders of magnitude more."""
+    """One thread, as when they were written. They were written on another CPU (AVX-512), whose MKL / oneDNN
+    kernels sum in another order than those of an AVX2 one: read on an AMD EPYC (AVX2) the logits are 2.4e-7 to
+    3.6e-7 away (logits up to 1.5), as are those of commit 7e332a8 itself run there. So they are compared within
+    1e-6, which a changed decode exceeds by orders of magnitude (tests/test_checkpoint_v2_compat.py compares
+    bit for bit on the machine that wrote its fixtures)."""
     model = load_compressed(DATA / name)
     expected = load_file(DATA / f"{name}.expected_logits.safetensors")["logits"]
     with torch.no_grad():
         logits = model(sample_ids()).logits
-    if name == "autoencoder":
-        torch.testing.assert_close(logits, expected, rtol=0, atol=2e-6)
-    else:
-        assert torch.equal(logits, expected)  # same decode, same arithmetic: bit-identical
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -211,7 +211,7 @@ def test_phase1_keeps_a_bf16_models_dense_dtype(tmp_path):
     from tiny_models import ALL, word_tokenizer
 
     from reallm import iter_reallm_layers, load_compressed
-    from reallm.checkpoint.compressed import read_meta
+    from reallm.checkpoint.directory import read_meta
 
     base = tmp_path / "qwen2-bf16"
     ALL["qwen2"]().to(torch.bfloat16).save_pretrained(base)  # q/k/v biases, untied head

@@ -17,7 +17,8 @@ from reallm.formats.autoencoder.ste import LatentVQ
 from reallm.ops.patches import patches_to_matrix
 from reallm.phases.autoencoder_matrices import build_container, prepare_matrix
 from reallm.weight.config import CompressionConfig
-from reallm.weight.pipeline import ReALLMWeight, relative_error
+from reallm.weight.container import ReALLMWeight
+from reallm.weight.pipeline import relative_error
 
 
 @pytest.fixture(autouse=True, scope="module")

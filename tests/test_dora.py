@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reallm import CompressionConfig, ReALLMLinear, compress_weight
-from reallm.layer.linear import FrozenMatmul
+from reallm.layer.matmul import FrozenMatmul
 
 
 def make_layer(p=48, q=64, **cfg):

@@ -21,7 +21,8 @@ from phase_helpers import (  # noqa: F401 (_one_thread is an autouse fixture)
     trainer,
 )
 
-from reallm.checkpoint.compressed import frozen_digests, load_compressed, read_meta
+from reallm.checkpoint.compressed import frozen_digests, load_compressed
+from reallm.checkpoint.directory import read_meta
 from reallm.core.schedules import cosine_warmup
 from reallm.phases import BlockwisePhase, EndToEndPhase, UserError
 

@@ -18,12 +18,12 @@ from phase_helpers import SHARED, data_args, make_phase1
 from tiny_models import save_tiny_model_dir, tiny_llama, word_tokenizer, write_text
 
 from reallm.checkpoint.compressed import (
-    CheckpointError,
     adapters_fingerprint,
     load_compressed,
     save_adapters,
     save_compressed,
 )
+from reallm.core.errors import CheckpointError
 from reallm.phases.base import ReALLMModule
 from reallm.run.callbacks import NonFiniteError, NonFiniteGuard
 from reallm.run.cli import cli_main

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import reallm.layer.linear as dora
 from reallm import CompressionConfig, compress_, load_compressed, save_compressed
-from reallm.checkpoint.compressed import WEIGHTS_FILE
+from reallm.checkpoint.directory import WEIGHTS_FILE
 from reallm.core.errors import UserError
 from reallm.layer.linear import ReALLMLinear, iter_reallm_layers, runtime_report, set_runtime_mode
 from reallm.model.surgery import mark_only_adapters_trainable
@@ -207,7 +207,7 @@ def test_bad_mode_and_too_little_memory_are_one_line(monkeypatch):
 def test_row_tiles_reassemble_the_whole_decode(fmt, shape):
     """Tiles smaller than a row, crossing scale blocks and permutation blocks, equal the one-shot decode."""
     from reallm import compress_weight
-    from reallm.weight.pipeline import decode_frozen_rows, row_tiles, tile_plan
+    from reallm.weight.tiling import decode_frozen_rows, row_tiles, tile_plan
 
     cfg = CompressionConfig(**FORMATS[fmt])
     w = compress_weight(torch.randn(*shape, generator=torch.Generator().manual_seed(1)), cfg)

@@ -11,9 +11,10 @@ import torch
 
 from reallm import CompressionConfig, compress_, compress_weight, load_compressed, save_compressed
 from reallm.layer.bits import bits_report
-from reallm.layer.linear import ReALLMLinear, iter_reallm_layers, make_stored_trainable, write_back_stored
+from reallm.layer.linear import ReALLMLinear, iter_reallm_layers
+from reallm.layer.stored import make_stored_trainable, write_back_stored
 from reallm.model.surgery import mark_only_adapters_trainable
-from reallm.weight.pipeline import decode_frozen
+from reallm.weight.decode import decode_frozen
 from tests.tiny_models import ALL, sample_ids
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -97,6 +98,19 @@ def test_training_codebooks_and_scales_lowers_the_loss_and_keeps_bits_and_bytes(
     back = load_compressed(tmp_path / "after")
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_false_leaves_a_model_wide_codebook_frozen():
+    """Block-wise tuning passes shared=False so that a codebook shared with blocks already tuned stays as it is
+    (a defect once trained it anyway: the flag was shadowed by the layer's shared tensors)."""
+    cfg = CompressionConfig(quantizer="vq", bits=2, vq_dim=4, codebook_scope="model", kmeans_iters=3)
+    model = ALL["llama"](0)
+    compress_(model, cfg, progress=False)
+    assert make_stored_trainable(model, ("codebook",), shared=False) == 0
+    assert all(not layer.stored_params for _, layer in iter_reallm_layers(model))
+    n = make_stored_trainable(model, ("codebook",), shared=True)
+    params = {id(p) for _, layer in iter_reallm_layers(model) for p in layer.stored_params.values()}
+    assert len(params) == 1 and n == (1 << 8) * 4  # one shared (K, d) = (2^(2·4), 4) codebook
 
 
 def test_autoencoder_latent_codebook_gets_gradients():

@@ -36,6 +36,10 @@ missing or unexpected tensor, or an edited config.json is refused with one line,
 
 Nothing here knows a stored format by name: a layer's tensors are whatever its codec stored
 (`reallm.formats`), read back by `ReALLMWeight.from_dict`.
+
+This module is the format itself: the records and digests, reading and checking the stored tensors of the
+layers, the named adapter files, re-sealing config.json. Saving and loading whole models is
+`reallm.checkpoint.compressed` (through transformers: `reallm.checkpoint.quantizer`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable
 from contextlib import ExitStack
@@ -50,13 +55,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from reallm.core.errors import CheckpointError
-from reallm.core.io import sha256_file, tensor_digest
+from reallm.core.io import atomic_write_text, sha256_file, tensor_digest
 from reallm.layer.linear import ReALLMLinear, RuntimeMode
 from reallm.ops import precision as storage
-from reallm.weight.pipeline import ReALLMWeight
+from reallm.weight.container import ReALLMWeight
 
 __all__ = [
     "FORMAT_VERSION",
@@ -71,6 +78,7 @@ __all__ = [
     "read_adapter_file",
     "read_config_file",
     "read_layers",
+    "reseal_config",
     "stored_state",
     "tensor_sha256",
     "verify_dense",
@@ -207,8 +215,6 @@ class TensorFiles:
     """
 
     def __init__(self, files: Iterable[str | Path]) -> None:
-        from safetensors import SafetensorError, safe_open
-
         self._stack = ExitStack()
         self._handles: dict[Path, Any] = {}
         self.where: dict[str, Path] = {}
@@ -244,8 +250,6 @@ class TensorFiles:
         return self.where.get(key) or next(iter(self._handles), Path("model.safetensors"))
 
     def get(self, key: str) -> Tensor:
-        from safetensors import SafetensorError
-
         path = self.where.get(key)
         if path is None:
             raise CheckpointError(f"{self.file_of(key)}: missing tensor {key!r}")
@@ -276,11 +280,26 @@ def read_config_file(path: Path) -> dict[str, Any]:
     check_version(qc.get("format_version"), path)
     if qc.get("config_sha256") != config_digest(config):
         raise CheckpointError(f"{path}: checksum mismatch (the file is corrupted or was edited; after an edit on "
-                              f"purpose, re-seal it with reallm.checkpoint.compressed.reseal_config)")
+                              f"purpose, re-seal it with reallm.checkpoint.format2.reseal_config)")
     for key, kind in (("layers", dict), ("dense", dict), ("shared", list), ("adapter_sets", dict), ("files", dict)):
         if not isinstance(qc.get(key), kind):
             raise CheckpointError(f"{path}: quantization_config field {key!r} is missing or malformed")
     return config
+
+
+def reseal_config(directory: str | os.PathLike, edit=None) -> Path:
+    """Rewrite config.json of a format-2 checkpoint with a fresh seal (after an edit on purpose: `edit` is
+    called with the parsed config dict and may change it in place). Atomic."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({e})") from None
+    if edit is not None:
+        edit(config)
+    config["quantization_config"]["config_sha256"] = config_digest(config)
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 def check_version(version: Any, where: Path | str) -> None:
@@ -425,9 +444,6 @@ def verify_dense(qc: dict[str, Any], files: TensorFiles) -> None:
 # ---------------------------------------------------------------------------------------------
 def read_adapter_file(directory: Path, qc: dict[str, Any], name: str) -> dict[str, Tensor]:
     """The tensors of a named adapter set stored in its own file (checked against its SHA-256)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     sets = qc.get("adapter_sets", {})
     entry = sets.get(name)
     if not isinstance(entry, dict) or "file" not in entry:

@@ -16,7 +16,12 @@ register_quantization_config` / `register_quantizer`; `import reallm` arranges f
   stored tensors of every compressed layer, and a fresh `quantization_config` describing them, sealed.
 
 `attach_quantizer(model)` gives a model compressed in memory (`reallm.compress_`, the version-1 loader)
-the same quantizer, so that `save_pretrained` works on it too.
+the same quantizer, so that `save_pretrained` works on it too. The format itself is `reallm.checkpoint.format2`;
+the loader module `trust_remote_code` users import is `reallm.checkpoint.remote_code`.
+
+Importing this module imports transformers' quantizer registry (seconds): its users (`reallm.checkpoint.
+compressed`, `reallm.checkpoint.format1`, `reallm.model.surgery`) import it inside the functions that need it,
+so that `import reallm` stays light (`reallm.checkpoint.registration`).
 """
 
 from __future__ import annotations
@@ -38,41 +43,19 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from reallm.checkpoint import format2 as fmt
+from reallm.checkpoint.remote_code import LOADER_CLASS, LOADER_MODULE, drop_loader_reference
 from reallm.core.errors import CheckpointError, UserError
 from reallm.core.hf_models import is_linear, linear_weight, set_module
+from reallm.core.io import LIBRARY_VERSION
 from reallm.layer.linear import RUNTIME_MODES
 
 if TYPE_CHECKING:  # transformers.modeling_utils may be importing this module (reallm.checkpoint.registration)
     from transformers import PreTrainedModel
 
-__all__ = ["LOADER_FILE", "LOADER_SOURCE", "ReALLMConfig", "ReALLMHfQuantizer", "attach_quantizer", "reallm_version"]
-
-LOADER_MODULE = "configuration_reallm"
-LOADER_FILE = f"{LOADER_MODULE}.py"
-LOADER_CLASS = "ReALLMAutoConfig"
-# the loader module written into every checkpoint: `trust_remote_code=True` (lm-eval's --model hf, pipelines)
-# imports it in a process that has not imported reallm; it registers the quantizer and hands over to the
-# architecture's own config class (it defines no model code)
-LOADER_SOURCE = '''"""Loads this ReALLM checkpoint with `trust_remote_code=True` in a process that has not imported
-reallm (e.g. `lm_eval --model hf --model_args pretrained=<dir>,trust_remote_code=True`): importing reallm registers
-its quantizer (quant_method "reallm") with transformers; the config is then the architecture's own.
-Needs the reallm package (pip install reallm). Written by reallm.checkpoint.compressed.save_compressed."""
-
-import reallm  # noqa: F401  (registers the "reallm" quantization method with transformers)
-from transformers import AutoConfig, PretrainedConfig
-
-
-class ReALLMAutoConfig(PretrainedConfig):
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        kwargs["trust_remote_code"] = False  # the model type's own config class, not this one
-        return AutoConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
-'''
+__all__ = ["ReALLMConfig", "ReALLMHfQuantizer", "attach_quantizer", "reallm_version"]
 
 
 def reallm_version() -> str:
-    from reallm.core.io import LIBRARY_VERSION
-
     return LIBRARY_VERSION
 
 
@@ -324,18 +307,6 @@ def _device_near(model: nn.Module, name: str) -> torch.device:
             if t.device.type != "meta":
                 return t.device
     return torch.device("cpu")
-
-
-def drop_loader_reference(config) -> None:
-    """Forget the loader module's entry of `auto_map` (a loading artefact: a later save_pretrained that does
-    not write the module must not point to it)."""
-    auto_map = getattr(config, "auto_map", None)
-    if isinstance(auto_map, dict) and str(auto_map.get("AutoConfig", "")).startswith(LOADER_MODULE + "."):
-        rest = {k: v for k, v in auto_map.items() if k != "AutoConfig"}
-        if rest:
-            config.auto_map = rest
-        else:
-            del config.auto_map
 
 
 def attach_quantizer(model: nn.Module, base_model: str | None = None) -> ReALLMHfQuantizer | None:

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from reallm.checkpoint.compressed import load_compressed
+from reallm.checkpoint.directory import read_meta
 from reallm.core.errors import UserError
 from reallm.core.hf_models import has_tokenizer, model_device
 
@@ -193,8 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if args.checkpoint:
-            from reallm.checkpoint.compressed import load_compressed, read_meta
-
             model = load_compressed(args.checkpoint, device=device)
             tok = args.tokenizer or (args.checkpoint if has_tokenizer(args.checkpoint)
                                      else read_meta(args.checkpoint).get("base_model"))

@@ -1,6 +1,14 @@
-"""ReALLMLinear: a frozen compressed weight plus a trainable DoRA part (method.md §5).
+"""ReALLMLinear: a frozen compressed weight plus a trainable low-rank (LoRA / DoRA) part (method.md §5).
 
-    W_ft = m ⊙ (Q̂ + s·B A) / ‖Q̂ + s·B A‖_row        (norm detached, DoRA §4.3)
+    W_ft = m ⊙ (Q̂ + s·B A) / ‖Q̂ + s·B A‖_row        (norm detached, DoRA §4.3; m = 1, no norm without DoRA)
+
+This module is the layer itself: its construction, its runtime modes and caches, and the forward that picks
+a path for x Q̂ᵀ and adds the low-rank part. The rest lives beside it, one job per module:
+
+- `reallm.layer.stored`: the stored tensors as buffers no dtype cast touches, and trainable stored tensors;
+- `reallm.layer.matmul`: the frozen matmul's autograd Functions (only the input gradient is returned);
+- `reallm.layer.dora`: the DoRA magnitude/direction math (init, forward scale, merge);
+- `reallm.layer.kernels`: fused dequantize-matmul kernels for small token counts without a gradient.
 
 The frozen part is kept in its stored form (packed codes, fp16 codebooks, scale codes, permutation,
 ...): that is all a layer holds in memory, in the dtypes it was stored with. How Q̂ is computed is the
@@ -14,10 +22,8 @@ layer's runtime mode:
 - ``"cache"``: Q̂ decoded once and kept densely in the compute dtype (fast when memory allows).
 
 In both modes the row norms ‖Q̂ + sBA‖ are cached while the adapters do not change (evaluation,
-generation, gradient accumulation). Stored floating-point tensors are kept as raw bytes, so `.to(dtype)`,
-`.half()`, precision plugins and FSDP mixed precision (which cast only floating tensors) never change
-them: only device moves apply. B (p, r), A (r, q) and m (p,) are parameters, computed with exactly their
-stored precision (`reallm.ops.precision`).
+generation, gradient accumulation). B (p, r), A (r, q) and m (p,) are parameters, computed with exactly
+their stored precision (`reallm.ops.precision`).
 """
 
 from __future__ import annotations
@@ -29,9 +35,17 @@ import torch
 from torch import Tensor, nn
 
 from reallm.core.errors import UserError
-from reallm.formats import PIPELINE_TRAINABLE, get_codec
+from reallm.formats import get_codec
+from reallm.layer import dora
+from reallm.layer.matmul import FrozenMatmul, ResidentMatmul
+from reallm.layer.stored import StoredTensors
 from reallm.ops import precision as storage
-from reallm.weight.pipeline import ReALLMWeight, decode_frozen, decode_frozen_rows, row_tiles, tile_plan
+from reallm.weight.container import ReALLMWeight
+from reallm.weight.decode import decode_frozen
+from reallm.weight.tiling import decode_frozen_rows, row_tiles, tile_plan
+
+__all__ = ["AUTO_CACHE_MACS_PER_WEIGHT", "RUNTIME_MODES", "FastPath", "ReALLMLinear", "RuntimeMode",
+           "iter_reallm_layers", "runtime_report", "set_runtime_mode"]
 
 RuntimeMode = Literal["resident", "cache"]
 RUNTIME_MODES = ("resident", "cache")
@@ -45,108 +59,12 @@ AUTO_CACHE_MACS_PER_WEIGHT = 64.0
 TILE_ELEMS = 1 << 22  # values per decoded row tile (16 MiB in fp32)
 
 
-class FrozenMatmul(torch.autograd.Function):
-    """y = x Wᵀ for a frozen dense W: backward returns only dL/dx = dL/dy · W (no grad for W)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:  # x (..., q), weight (p, q)
-        ctx.save_for_backward(weight)  # a reference to the cached buffer: no extra memory
-        return x @ weight.to(x.dtype).T
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):  # grad_out (..., p)
-        (weight,) = ctx.saved_tensors
-        return grad_out @ weight.to(grad_out.dtype), None
-
-
-class ResidentMatmul(torch.autograd.Function):
-    """y = x Q̂ᵀ with Q̂ decoded tile by tile from the layer's stored tensors, never whole.
-
-    Also returns the DoRA row norms ‖Q̂ + s·B A‖ (p,) from the same tiles when `lowrank` = (B, A) is given
-    (detached fp32 factors; an empty tensor otherwise). Backward decodes the tiles again and returns the
-    input gradient; nothing of Q̂ is saved between forward and backward. When stored tensors of the layer
-    are trained (`stored`: codebooks, scales; codes stay frozen), backward also re-decodes each tile under
-    autograd and pulls the tile's weight gradient gyᵀ x back to them (x is then saved).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, layer: ReALLMLinear, lowrank: tuple[Tensor, Tensor] | None,
-                *stored: Tensor) -> tuple[Tensor, Tensor]:
-        ctx.layer = layer
-        ctx.n_stored = len(stored)
-        if stored:
-            ctx.save_for_backward(x)
-        y = x.new_empty(*x.shape[:-1], layer.out_features)  # (..., p)
-        norms = torch.empty(layer.out_features if lowrank else 0, device=x.device, dtype=torch.float32)
-        for r0, r1, Q in layer.frozen_tiles():  # Q (r1 − r0, q) fp32
-            y[..., r0:r1] = x @ Q.to(x.dtype).T
-            if lowrank is not None:
-                B, A = lowrank
-                norms[r0:r1] = torch.linalg.vector_norm(Q + layer.lora_scale * (B[r0:r1] @ A), dim=1)
-        ctx.mark_non_differentiable(norms)
-        return y, norms
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor, _grad_norms: Tensor):  # grad_y (..., p)
-        layer = ctx.layer
-        need_x = ctx.needs_input_grad[0]
-        need_stored = any(ctx.needs_input_grad[3:])
-        grad_x = grad_y.new_zeros(*grad_y.shape[:-1], layer.in_features) if need_x else None  # (..., q)
-        grads: list[Tensor | None] = [None] * ctx.n_stored
-        if need_stored:
-            (x,) = ctx.saved_tensors
-            x2, gy2 = x.reshape(-1, layer.in_features).float(), grad_y.reshape(-1, layer.out_features).float()
-            leaves = {k: p.detach().requires_grad_(True) for k, p in layer.stored_params.items()}
-            with torch.enable_grad():
-                for r0, r1, Q in layer._decoded_tiles(leaves):  # Q depends on the leaves
-                    if need_x:
-                        grad_x += grad_y[..., r0:r1] @ Q.detach().to(grad_y.dtype)
-                    G = gy2[:, r0:r1].T @ x2  # (r1 − r0, q): the tile's weight gradient
-                    for k, g in zip(leaves, torch.autograd.grad(Q, list(leaves.values()), G, allow_unused=True)):
-                        if g is not None:
-                            i = list(leaves).index(k)
-                            grads[i] = g if grads[i] is None else grads[i] + g
-        elif need_x:
-            for r0, r1, Q in layer.frozen_tiles():
-                grad_x += grad_y[..., r0:r1] @ Q.to(grad_y.dtype)
-        return (grad_x, None, None, *grads)
-
-
-# ---------------------------------------------------------------------------------------------
-# stored tensors as buffers that no dtype cast can touch
-# ---------------------------------------------------------------------------------------------
-def _buffer_name(key: str, prefix: str) -> str:
-    return prefix + key.replace(".", "__")
-
-
-def _register_stored(module: nn.Module, prefix: str, tensors: dict[str, Tensor]) -> dict[str, tuple]:
-    """Register `tensors` as buffers `<prefix><name>`: integer tensors as they are, floating ones as their
-    raw bytes (uint8, 1-D). Returns {name: (dtype, shape)} to read them back with `_read_stored`."""
-    specs = {}
-    for k, t in tensors.items():
-        t = t.detach()
-        specs[k] = (t.dtype, tuple(t.shape))
-        if t.is_floating_point():
-            t = t.contiguous().reshape(-1).view(torch.uint8)  # bytes: .to(dtype) / .half() skip them
-        module.register_buffer(_buffer_name(k, prefix), t)
-    return specs
-
-
-def _read_stored(module: nn.Module, prefix: str, specs: dict[str, tuple]) -> dict[str, Tensor]:
-    """The stored tensors in their stored dtype and shape (views of the buffers, no copy)."""
-    out = {}
-    for k, (dtype, shape) in specs.items():
-        t = module._buffers[_buffer_name(k, prefix)]
-        out[k] = t.view(dtype).view(shape) if t.dtype != dtype else t
-    return out
-
-
-class ReALLMLinear(nn.Module):
+class ReALLMLinear(StoredTensors):
     """Drop-in replacement for nn.Linear whose weight is a ReALLM container.
 
     Buffers hold every stored tensor of the frozen part (names `frozen__*`, `shared__*`, floating ones as
-    raw bytes) and the original bias; parameters are `lora_A` (r, q), `lora_B` (p, r) and, with DoRA,
-    `magnitude` (p,).
+    raw bytes: `reallm.layer.stored`) and the original bias; parameters are `lora_A` (r, q), `lora_B` (p, r)
+    and, with DoRA, `magnitude` (p,); `stored_params` holds stored tensors being fine-tuned.
 
     Args:
         weight: the compressed weight.
@@ -178,10 +96,7 @@ class ReALLMLinear(nn.Module):
         self.name = name
         self.layout = "linear"  # "conv1d" for GPT-2 style layers (set by surgery)
         self.stats: dict = {}  # filled by surgery: rel_frobenius_error, original dtype, ...
-        self._frozen_specs = _register_stored(self, "frozen__", weight.frozen)
-        # shared with other layers (a model-wide codebook, a decoder): the checkpoint stores it once
-        self._shared_specs = _register_stored(self, "shared__", weight.shared)
-        self.stored_params = nn.ParameterDict()  # stored tensors being fine-tuned (`make_stored_trainable`)
+        self.init_stored(weight.frozen, weight.shared)  # buffers frozen__* / shared__*, and stored_params
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self._cache: Tensor | None = None  # dense Q̂ (p, q) in the compute dtype ("cache" mode)
         self._norm_cache: tuple[Any, Tensor] | None = None  # (adapter versions, row norms (p,))
@@ -205,7 +120,7 @@ class ReALLMLinear(nn.Module):
                 with torch.no_grad():
                     B, A = self._factors()
                     magnitude = self._row_norms(B.detach().float(), A.detach().float())
-            self.magnitude = nn.Parameter(storage.round_to_storage(magnitude, self.config.magnitude_dtype))
+            self.magnitude = nn.Parameter(dora.init_magnitude(magnitude, self.config.magnitude_dtype))
         else:
             self.register_parameter("magnitude", None)
 
@@ -242,6 +157,7 @@ class ReALLMLinear(nn.Module):
         self._exact_factors = None
         self._kernel_prep = None
 
+    # -- kernel dispatch ------------------------------------------------------------------------
     def set_fast_path(self, fast_path: FastPath) -> None:
         """"auto": small token counts without a gradient go through a fused dequantize-matmul kernel when
         one serves the format, device and dtype (`reallm.layer.kernels`); "off": always the plain path."""
@@ -273,51 +189,7 @@ class ReALLMLinear(nn.Module):
             self._kernel_prep = prepare(stored, self.config, shape, shared)
         return frozen_matmul(x, stored, self.config, shape, shared, path=path, prepared=self._kernel_prep)
 
-    # -- stored tensors -------------------------------------------------------------------------
-    def _frozen_tensors(self, values: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        return self._with_trained(_read_stored(self, "frozen__", self._frozen_specs), "frozen__", values)
-
-    def _shared_tensors(self, values: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        return self._with_trained(_read_stored(self, "shared__", self._shared_specs), "shared__", values)
-
-    def _with_trained(self, tensors: dict[str, Tensor], prefix: str, values: dict[str, Tensor] | None):
-        """Stored tensors, those being trained replaced by their parameter (or `values`) rounded to the stored
-        dtype: the forward sees exactly what would be saved. The value stays fp32 with a straight-through
-        gradient (a gradient taken in fp16 would flush the small ones to zero)."""
-        source = values if values is not None else self.stored_params
-        for k in tensors:
-            key = _buffer_name(k, prefix)
-            if key in source:
-                t = source[key]
-                tensors[k] = t + (t.detach().to(tensors[k].dtype).to(t.dtype) - t.detach())
-        return tensors
-
-    # -- training stored tensors (codes stay frozen) ---------------------------------------------------
-    def trainable_stored_keys(self, items: tuple[str, ...] = ("codebook", "scales")) -> list[str]:
-        """Buffer names (`frozen__*`, `shared__*`) of the stored floating tensors that fine-tuning may train
-        for `items` (the format's `trainable`, plus the pipeline's block-scale maxima)."""
-        codec = get_codec(self.config.quantizer)
-        wanted = {k for item in items for k in codec.trainable.get(item, ())}
-        if codec.blockwise and codec.absmax_scales:
-            wanted |= {k for item in items for k in PIPELINE_TRAINABLE.get(item, ())}
-        out = []
-        for prefix, specs in (("frozen__", self._frozen_specs), ("shared__", self._shared_specs)):
-            out += [_buffer_name(k, prefix) for k, (dt, _) in specs.items() if k in wanted and dt.is_floating_point]
-        return out
-
-    def write_back_stored(self) -> None:
-        """End of training: the trained stored tensors go back into the stored buffers at their stored
-        precision and stop being parameters (the layer is frozen again, fused kernels serve it again)."""
-        with torch.no_grad():
-            for key, param in list(self.stored_params.items()):
-                prefix = "frozen__" if key.startswith("frozen__") else "shared__"
-                specs = self._frozen_specs if prefix == "frozen__" else self._shared_specs
-                dtype, shape = specs[key[len(prefix):].replace("__", ".")]
-                value = param.detach().to(dtype).reshape(-1).contiguous()
-                self._buffers[key] = value.view(torch.uint8).clone() if value.is_floating_point() else value.clone()
-                del self.stored_params[key]
-        self.clear_cache()
-
+    # -- containers and adapters ----------------------------------------------------------------
     def container(self) -> ReALLMWeight:
         """The layer's current state as a ReALLMWeight (frozen part + current low-rank)."""
         lowrank = {}
@@ -325,9 +197,7 @@ class ReALLMLinear(nn.Module):
             dt = self.config.lowrank_dtype
             lowrank.update({f"L1.{k}": v for k, v in storage.encode_stored(self.lora_B, dt).items()})
             lowrank.update({f"L2.{k}": v for k, v in storage.encode_stored(self.lora_A.T, dt).items()})
-        # at their stored dtype (a trained tensor is an fp32 parameter)
-        frozen = {k: v.detach().to(self._frozen_specs[k][0]) for k, v in self._frozen_tensors().items()}
-        shared = {k: v.detach().to(self._shared_specs[k][0]) for k, v in self._shared_tensors().items()}
+        frozen, shared = self.stored_state()  # at their stored dtype (a trained tensor is an fp32 parameter)
         return ReALLMWeight((self.out_features, self.in_features), self.config, frozen, lowrank, dict(self.meta),
                             shared)
 
@@ -369,9 +239,11 @@ class ReALLMLinear(nn.Module):
             for r0 in range(0, self.out_features, rows):
                 yield r0, min(self.out_features, r0 + rows), Q[r0:r0 + rows].float()
             return
-        yield from self._decoded_tiles()
+        yield from self.decoded_tiles()
 
-    def _decoded_tiles(self, values: dict[str, Tensor] | None = None):
+    def decoded_tiles(self, values: dict[str, Tensor] | None = None):
+        """(r0, r1, Q̂[r0:r1] fp32) decoded from the stored tensors, those being trained replaced by `values`
+        (by buffer name; default: their parameters), in tiles of about TILE_ELEMS values."""
         stored, shared = self._frozen_tensors(values), self._shared_tensors(values)
         shape = (self.out_features, self.in_features)
         plan = tile_plan(stored, self.config, shape)
@@ -393,7 +265,7 @@ class ReALLMLinear(nn.Module):
             # a normal tensor even under inference_mode, so that a later training step can use it
             with torch.inference_mode(False), torch.no_grad():
                 Q = torch.empty(self.out_features, self.in_features, dtype=dtype, device=device)
-                for r0, r1, tile in self._decoded_tiles():
+                for r0, r1, tile in self.decoded_tiles():
                     Q[r0:r1] = tile
             self._cache = Q
         return self._cache
@@ -408,7 +280,7 @@ class ReALLMLinear(nn.Module):
             raise UserError(f"layer {self.name or '?'}: runtime mode 'cache' needs {need / 2**30:.2f} GiB on {device} "
                             f"for its dense weight, {free / 2**30:.2f} GiB are free: use mode 'resident'")
 
-    # -- DoRA -----------------------------------------------------------------------------------
+    # -- the low-rank part and its DoRA scale (the math: reallm.layer.dora) -----------------------
     def _factors(self) -> tuple[Tensor, Tensor]:
         """(B (p, r), A (r, q)) at their storage precision (straight-through while training). Without a
         gradient (generation, evaluation) factors that already hold stored values, as loaded, are used as they
@@ -434,13 +306,9 @@ class ReALLMLinear(nn.Module):
               *self.stored_params.values())  # (magnitude is not registered yet while __init__ computes it)
         return tuple(None if t is None else (t._version, t.data_ptr(), t.dtype) for t in ts) + (self.lora_scale,)
 
-    @torch.no_grad()
     def _row_norms(self, B: Tensor, A: Tensor) -> Tensor:
         """‖Q̂ + s·B A‖ per row (p,), fp32, from the frozen tiles (no whole (p, q) copy is made)."""
-        norms = torch.empty(self.out_features, dtype=torch.float32, device=B.device)
-        for r0, r1, Q in self.frozen_tiles():
-            norms[r0:r1] = torch.linalg.vector_norm(Q.float() + self.lora_scale * (B[r0:r1] @ A), dim=1)
-        return norms
+        return dora.row_norms(self.frozen_tiles(), B, A, self.lora_scale, self.out_features)
 
     def _cached_norms(self) -> Tensor | None:
         if self._norm_cache is None or self._norm_cache[0] != self._adapter_key():
@@ -462,8 +330,7 @@ class ReALLMLinear(nn.Module):
         return self._scale_from(norms)
 
     def _scale_from(self, norms: Tensor) -> Tensor:
-        m = storage.fake_store(self.magnitude, self.config.magnitude_dtype)
-        return m / norms.to(m.device).clamp_min(1e-12)
+        return dora.scale(self.magnitude, norms, self.config.magnitude_dtype)
 
     @torch.no_grad()
     def dequantize(self) -> Tensor:
@@ -474,7 +341,7 @@ class ReALLMLinear(nn.Module):
             W = W + BA.float()
         scale = self._dora_scale()
         if scale is not None:
-            W = W * scale.float()[:, None]
+            W = dora.merge(W, scale)
         return W
 
     def merge(self) -> nn.Linear:
@@ -508,13 +375,13 @@ class ReALLMLinear(nn.Module):
                 self._norm_cache = (self._adapter_key(), norms)
         if self.rank:
             B, A = self._factors()
-            y = y + self.lora_scale * ((x @ A.to(x.dtype).T) @ B.to(x.dtype).T)
+            y = y + self.lora_scale * ((x @ A.to(x.dtype).T) @ B.to(x.dtype).T)  # (..., p)
         if self.magnitude is not None:
             if norms is None:  # cache mode or a kernel: the norms of the fp32 tiles (once, then cached)
                 B, A = (t.detach().float() for t in self._factors())
                 norms = self._row_norms(B, A)
                 self._norm_cache = (self._adapter_key(), norms)
-            y = y * self._scale_from(norms).to(y.dtype)
+            y = dora.apply(y, self._scale_from(norms))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -539,62 +406,9 @@ def _free_memory(device: torch.device) -> int | None:
     return None
 
 
-def make_stored_trainable(model: nn.Module, items: tuple[str, ...] = ("codebook", "scales"), *,
-                          shared: bool = True) -> int:
-    """Fine-tune stored tensors of every compressed linear while the codes stay frozen (issue: trainable
-    codebooks and scales): for `items` ("codebook": VQ codebooks, autoencoder latent codebooks;
-    "scales": the block-scale maxima and offset, RTN's min and step), each stored floating tensor becomes
-    an fp32 parameter; the forward computes with it cast to its stored dtype, so what trains is exactly what
-    is saved and the accounted bits do not change. A tensor shared by several layers (a model-wide codebook)
-    becomes one parameter (`shared=False` leaves shared tensors frozen: block-wise tuning must not change the
-    blocks already tuned). Returns the number of trainable values added. `write_back_stored` undoes it."""
-    from reallm.core.io import tensor_digest
-
-    shared_params: dict[tuple[str, str], nn.Parameter] = {}
-    n = 0
-    for layer in model.modules():
-        if not isinstance(layer, ReALLMLinear):
-            continue
-        frozen, shared = _read_stored(layer, "frozen__", layer._frozen_specs), _read_stored(layer, "shared__",
-                                                                                           layer._shared_specs)
-        for key in layer.trainable_stored_keys(items):
-            if key in layer.stored_params or (key.startswith("shared__") and not shared):
-                continue
-            if key.startswith("shared__"):
-                value = shared[key[len("shared__"):].replace("__", ".")]
-                ident = (key, tensor_digest(value))
-                if ident not in shared_params:
-                    shared_params[ident] = nn.Parameter(value.detach().float().clone())
-                    n += value.numel()
-                param = shared_params[ident]
-            else:
-                value = frozen[key[len("frozen__"):].replace("__", ".")]
-                param = nn.Parameter(value.detach().float().clone())
-                n += value.numel()
-            layer.stored_params[key] = param
-        layer.clear_cache()
-    return n
-
-
-STORED_ITEMS = ("codebook", "scales")
-
-
-def check_stored_items(items) -> tuple[str, ...]:
-    """The `train_stored` option of the fine-tuning phases, checked (UserError naming a bad item)."""
-    items = tuple(items or ())
-    bad = [i for i in items if i not in STORED_ITEMS]
-    if bad:
-        raise UserError(f"train_stored takes {list(STORED_ITEMS)}, got {bad[0]!r}")
-    return items
-
-
-def write_back_stored(model: nn.Module) -> None:
-    """`ReALLMLinear.write_back_stored` for every compressed linear of `model`."""
-    for layer in model.modules():
-        if isinstance(layer, ReALLMLinear):
-            layer.write_back_stored()
-
-
+# ---------------------------------------------------------------------------------------------
+# over a model
+# ---------------------------------------------------------------------------------------------
 def set_runtime_mode(model: nn.Module, mode: RuntimeMode, fast_path: FastPath | None = None) -> dict[str, Any]:
     """Put every ReALLMLinear of `model` in `mode` (and `fast_path` when given); returns `runtime_report`."""
     for m in model.modules():

@@ -6,6 +6,8 @@
   candidate per matrix: the exact MILP of `reallm.model.adaptive.choose` under the global bit budget (the trivial
   choice with a single configuration); each shared tensor (a decoder, a codebook) is charged to the
   matrices that use it. No Lightning: the autoencoder phase loads the candidates and stores the picks.
+  Its steps, one function each: :func:`build_problem` (the MILP's data), :func:`solve` (the exact choice),
+  :func:`summarise` (results.json's ``adaptive`` section), :func:`make_picks` (the chosen containers).
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from typing import Any, Literal
 from reallm.core.errors import UserError
 from reallm.core.io import tensor_digest
 from reallm.formats.autoencoder import codec as ae_format
-from reallm.model.adaptive import AdaptiveConfig, Candidate, choose, evaluate_fixed
+from reallm.model.adaptive import AdaptiveConfig, Candidate, Choice, choose, evaluate_fixed
 from reallm.weight.config import CompressionConfig
-from reallm.weight.pipeline import ReALLMWeight
+from reallm.weight.container import ReALLMWeight
 
-__all__ = ["Pick", "Selection", "candidate_configs", "select"]
+__all__ = ["Pick", "Problem", "Selection", "build_problem", "candidate_configs", "make_picks", "select", "solve",
+           "summarise"]
 
 
 def _merge(base: CompressionConfig, overrides: dict[str, Any], label: str = "main") -> CompressionConfig:
@@ -83,13 +86,36 @@ class Selection:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Problem:
+    """Every matrix's candidates in the solver's terms (the input of `reallm.model.adaptive.choose`), with
+    what turns a choice back into picks. Matrix m is the m-th matrix that has at least one candidate."""
+
+    names: list[str]  # the matrices' names
+    rows: list[list[Candidate]]  # [m][j]: label, own bits, objective term, shared resource id, info
+    results: list[list[tuple[ReALLMWeight, dict[str, Any]]]]  # [m][j]: the candidate's container and stats
+    numels: list[int]  # [m]: weights of the matrix (n_m)
+    shared_costs: dict[str, float]  # shared resource id → its bits S_k (paid once)
+    relative: bool  # objective Σ n_m ε² (else Σ ‖W − Ŵ‖², the "absolute" objective)
+    error: Literal["weight", "output"]  # what ε measures
+
+    @property
+    def total_weights(self) -> float:
+        return float(sum(self.numels))
+
+    def budget_bits(self, adaptive: AdaptiveConfig) -> float:
+        """The budget in bits: β bits per weight over every matrix."""
+        return adaptive.budget * self.total_weights
+
+
 def select(
     matrices: Sequence[tuple[str, Mapping[str, tuple[ReALLMWeight, dict[str, Any]]]]],
     labels: Sequence[str],
     adaptive: AdaptiveConfig | None,
     error: Literal["weight", "output"] = "weight",
 ) -> Selection:
-    """One candidate per matrix.
+    """One candidate per matrix: `build_problem`, then `solve` it and `summarise` the choice (several
+    configurations under a budget) or take each matrix's only candidate, then `make_picks`.
 
     Args:
         matrices: per matrix, in order: (name, {label: (stored container, stats)}); stats hold
@@ -107,6 +133,30 @@ def select(
     """
     if error not in ("weight", "output"):
         raise ValueError(f"error must be 'weight' or 'output', got {error!r}")
+    problem = build_problem(matrices, adaptive, error)
+    out = Selection()
+    if adaptive is not None and len(labels) > 1:
+        choice = solve(problem, adaptive)
+        picks, reasons = choice.picks, choice.reasons
+        out.summary["adaptive"] = summarise(problem, labels, adaptive, choice)
+    else:
+        picks = [0] * len(problem.rows)
+        reasons = ["the only configuration (no adaptive choice)"] * len(problem.rows)
+    out.picks = make_picks(problem, picks, reasons)
+    return out
+
+
+def build_problem(
+    matrices: Sequence[tuple[str, Mapping[str, tuple[ReALLMWeight, dict[str, Any]]]]],
+    adaptive: AdaptiveConfig | None,
+    error: Literal["weight", "output"] = "weight",
+) -> Problem:
+    """The MILP's data: per candidate its own bits (shared tensors excluded), its objective term and the
+    shared resource it needs (one per distinct set of shared tensors, costed once). Arguments as in `select`.
+
+    Raises:
+        ValueError: a candidate lacks the error `error` asks for.
+    """
     err_key, norm_key = ("rel_output_error", "out_norm2") if error == "output" else ("rel_frobenius_error", "w_norm2")
     rows: list[list[Candidate]] = []
     results: list[list[tuple[ReALLMWeight, dict[str, Any]]]] = []
@@ -138,42 +188,54 @@ def select(
         results.append(res_row)
         names.append(name)
         numels.append(numel)
-    out = Selection()
-    total_weights = float(sum(numels))
-    if adaptive is not None and len(labels) > 1:
-        budget = adaptive.budget * total_weights
-        try:
-            choice = choose(rows, budget, shared_costs, time_limit=adaptive.time_limit, names=names)
-        except ValueError as e:
-            raise UserError(f"adaptive: {e}") from None
-        picks, reasons = choice.picks, choice.reasons
-        singles = {}
-        for label in labels:
-            fx = evaluate_fixed(rows, label, shared_costs)
-            if fx is not None:
-                singles[label] = {"bits_per_weight": fx["bits"] / total_weights, "objective": fx["objective"],
-                                  "fits_budget": fx["bits"] <= budget}
-        out.summary["adaptive"] = {
-            "budget_bits_per_weight": adaptive.budget,
-            "objective": ("sum of n_m * rel_err_m^2" if relative else "sum of ||W - W_hat||_F^2") if error == "weight"
-            else ("sum of n_m * rel_output_err_m^2" if relative else "sum of ||(W - W_hat) X||_F^2"),
-            "error": "relative output error on the calibration inputs" if error == "output"
-            else "relative Frobenius error of the weight",
-            "solver": "scipy.optimize.milp (HiGHS)", "status": choice.status, "mip_gap": choice.gap,
-            "objective_value": choice.objective, "bits_per_weight": choice.total_bits / total_weights,
-            "budget_price_lambda": choice.price,
-            "candidates": dict(adaptive.candidates),
-            "single_config": singles,
-            "counts": {label: sum(1 for m, j in enumerate(picks) if rows[m][j].label == label) for label in labels},
-        }
-    else:
-        picks = [0] * len(rows)
-        reasons = ["the only configuration (no adaptive choice)"] * len(rows)
-    # charge every shared resource to the matrices that use it
+    return Problem(names, rows, results, numels, shared_costs, relative, error)
+
+
+def solve(problem: Problem, adaptive: AdaptiveConfig) -> Choice:
+    """The exact choice under the budget (`reallm.model.adaptive.choose`, HiGHS MILP), with one reason per
+    matrix. Raises UserError when no choice fits the budget."""
+    try:
+        return choose(problem.rows, problem.budget_bits(adaptive), problem.shared_costs,
+                      time_limit=adaptive.time_limit, names=problem.names)
+    except ValueError as e:
+        raise UserError(f"adaptive: {e}") from None
+
+
+def summarise(problem: Problem, labels: Sequence[str], adaptive: AdaptiveConfig, choice: Choice) -> dict[str, Any]:
+    """results.json's ``adaptive`` section: the budget, objective and solver's status, the bits reached, the
+    budget's price λ, what each single configuration would have given, and how many matrices took each."""
+    total_weights, budget = problem.total_weights, problem.budget_bits(adaptive)
+    rows, relative, error = problem.rows, problem.relative, problem.error
+    singles = {}
+    for label in labels:
+        fx = evaluate_fixed(rows, label, problem.shared_costs)
+        if fx is not None:
+            singles[label] = {"bits_per_weight": fx["bits"] / total_weights, "objective": fx["objective"],
+                              "fits_budget": fx["bits"] <= budget}
+    return {
+        "budget_bits_per_weight": adaptive.budget,
+        "objective": ("sum of n_m * rel_err_m^2" if relative else "sum of ||W - W_hat||_F^2") if error == "weight"
+        else ("sum of n_m * rel_output_err_m^2" if relative else "sum of ||(W - W_hat) X||_F^2"),
+        "error": "relative output error on the calibration inputs" if error == "output"
+        else "relative Frobenius error of the weight",
+        "solver": "scipy.optimize.milp (HiGHS)", "status": choice.status, "mip_gap": choice.gap,
+        "objective_value": choice.objective, "bits_per_weight": choice.total_bits / total_weights,
+        "budget_price_lambda": choice.price,
+        "candidates": dict(adaptive.candidates),
+        "single_config": singles,
+        "counts": {label: sum(1 for m, j in enumerate(choice.picks) if rows[m][j].label == label) for label in labels},
+    }
+
+
+def make_picks(problem: Problem, picks: Sequence[int], reasons: Sequence[str]) -> dict[str, Pick]:
+    """matrix name → its :class:`Pick` (candidate `picks[m]` of matrix m, chosen for `reasons[m]`); each shared
+    resource is charged to the matrices that use it (``meta["shared_numel"]`` of their containers)."""
+    rows, results, numels = problem.rows, problem.results, problem.numels
     users: dict[str, int] = {}
     for m, j in enumerate(picks):
         if rows[m][j].shared is not None:
             users[rows[m][j].shared] = users.get(rows[m][j].shared, 0) + numels[m]
+    out: dict[str, Pick] = {}
     for m, j in enumerate(picks):
         cand = rows[m][j]
         weight, stats = results[m][j]
@@ -192,5 +254,5 @@ def select(
         if stats.get("group"):
             record["group"] = stats["group"]
             record["group_size"] = stats.get("group_size")
-        out.picks[names[m]] = Pick(cand.label, weight, stats, record)
+        out[problem.names[m]] = Pick(cand.label, weight, stats, record)
     return out

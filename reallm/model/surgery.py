@@ -20,7 +20,8 @@ from reallm.core.hf_models import find_decoder_blocks, is_linear, linear_weight,
 from reallm.formats import get_codec
 from reallm.layer.linear import ReALLMLinear, RuntimeMode
 from reallm.weight.config import CompressionConfig
-from reallm.weight.pipeline import ReALLMWeight, compress_weight, relative_error, shared_training_data
+from reallm.weight.container import ReALLMWeight
+from reallm.weight.pipeline import compress_weight, relative_error, shared_training_data
 
 FilterFn = Callable[[str, nn.Module], bool]
 ConfigSpec = CompressionConfig | Mapping[str, CompressionConfig | None]

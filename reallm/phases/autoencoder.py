@@ -49,7 +49,8 @@ from reallm.phases import calibration as calib
 from reallm.phases.autoencoder_matrices import build_container, prepare_matrix
 from reallm.phases.compress import CompressPhase
 from reallm.weight.config import CompressionConfig
-from reallm.weight.pipeline import ReALLMWeight, compress_weight
+from reallm.weight.container import ReALLMWeight
+from reallm.weight.pipeline import compress_weight
 from reallm.weight.store import WeightStore
 
 __all__ = ["AutoencoderPhase"]

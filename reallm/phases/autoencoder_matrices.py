@@ -17,7 +17,9 @@ from torch import Tensor
 from reallm.formats.autoencoder.recipe import GroupResult, PreparedMatrix
 from reallm.ops.lowrank import lowrank_decompose
 from reallm.weight.config import CompressionConfig
-from reallm.weight.pipeline import ReALLMWeight, decode_lowrank, normalize_residual, store_lowrank
+from reallm.weight.container import ReALLMWeight
+from reallm.weight.factors import decode_lowrank, store_lowrank
+from reallm.weight.pipeline import normalize_residual
 
 __all__ = ["build_container", "prepare_matrix"]
 

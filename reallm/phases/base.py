@@ -10,6 +10,8 @@ from typing import Any, ClassVar, Literal
 import lightning as L
 import torch
 
+from reallm.checkpoint.compressed import load_compressed
+from reallm.checkpoint.directory import read_meta
 from reallm.core.errors import UserError
 from reallm.core.io import atomic_write_json, git_sha
 from reallm.layer.linear import RuntimeMode
@@ -76,15 +78,11 @@ class ReALLMModule(L.LightningModule):
         if self.model_name_or_path:
             return self.model_name_or_path
         if self.checkpoint:
-            from reallm.checkpoint.compressed import read_meta
-
             return read_meta(self.checkpoint).get("base_model") or str(self.checkpoint)
         raise UserError("give --model.init_args.model_name_or_path or --model.init_args.checkpoint")
 
     def load_checkpoint_model(self, adapters: str = "default") -> torch.nn.Module:
         """The compressed model of `self.checkpoint`, its linears in the phase's runtime mode."""
-        from reallm.checkpoint.compressed import load_compressed
-
         return load_compressed(self.checkpoint, adapters=adapters, mode=self.runtime)
 
     def runtime_info(self, model: torch.nn.Module) -> dict[str, Any]:

@@ -44,13 +44,8 @@ from reallm.checkpoint.compressed import adapters_fingerprint
 from reallm.core.errors import UserError
 from reallm.core.hf_models import find_decoder_blocks, resolve_safetensors
 from reallm.core.io import atomic_save_safetensors, atomic_write_json
-from reallm.layer.linear import (
-    RuntimeMode,
-    check_stored_items,
-    iter_reallm_layers,
-    make_stored_trainable,
-    write_back_stored,
-)
+from reallm.layer.linear import RuntimeMode, iter_reallm_layers
+from reallm.layer.stored import check_stored_items, make_stored_trainable, write_back_stored
 from reallm.model.surgery import mark_only_adapters_trainable
 from reallm.phases.base import ReALLMModule
 from reallm.phases.block_io import (
@@ -135,7 +130,7 @@ class BlockwisePhase(ReALLMModule):
             train_stored: also fine-tune these stored tensors of the compressed linears while the codes stay
                 frozen: "codebook" (VQ / additive codebooks, autoencoder latent codebooks) and / or "scales"
                 (block-scale maxima and offset, RTN min / step, E8P lattice scales); written back at their stored
-                precision, so the accounted bits do not change (`reallm.layer.linear.make_stored_trainable`).
+                precision, so the accounted bits do not change (`reallm.layer.stored.make_stored_trainable`).
                 Tensors shared with other blocks (a model-wide codebook) stay frozen here: tuning block j must
                 not change the blocks before it.
             seed: seed of the step order (one permutation per block and epoch).

@@ -33,7 +33,8 @@ from reallm.ops.weighting import output_error_sq, relative_output_error
 from reallm.phases import calibration as calib
 from reallm.phases.base import ReALLMModule
 from reallm.weight.config import CompressionConfig
-from reallm.weight.pipeline import ReALLMWeight, compress_weight, relative_error
+from reallm.weight.container import ReALLMWeight
+from reallm.weight.pipeline import compress_weight, relative_error
 from reallm.weight.store import WeightStore
 
 # Phase 1 is data-free: it has nothing to optimise on purpose, and Lightning says so with a warning a user

@@ -39,7 +39,8 @@ from torch import Tensor, nn
 from reallm.core.errors import UserError
 from reallm.core.hf_models import clean_name
 from reallm.core.schedules import cosine_warmup
-from reallm.layer.linear import RuntimeMode, check_stored_items, make_stored_trainable, write_back_stored
+from reallm.layer.linear import RuntimeMode
+from reallm.layer.stored import check_stored_items, make_stored_trainable, write_back_stored
 from reallm.phases import distillation as distill
 from reallm.phases.base import ReALLMModule
 from reallm.phases.validation import PerplexityMixin, input_ids_of
@@ -101,7 +102,7 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
             train_stored: also fine-tune these stored tensors of the compressed linears while the codes stay
                 frozen: "codebook" (VQ / additive codebooks, autoencoder latent codebooks) and / or "scales"
                 (block-scale maxima and offset, RTN min / step, E8P lattice scales); written back at their stored
-                precision, so the accounted bits do not change (`reallm.layer.linear.make_stored_trainable`).
+                precision, so the accounted bits do not change (`reallm.layer.stored.make_stored_trainable`).
             seed: recorded in results.json (seed_everything seeds the run).
             loss: "ce" (causal-LM cross-entropy), "kl" (distillation from the original model) or "mix"
                 (kl_weight · KL + (1 − kl_weight) · CE).

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from reallm.checkpoint.compressed import load_compressed
+from reallm.checkpoint.directory import read_meta
 from reallm.core.errors import UserError
 from reallm.core.hf_models import load_hf_model
 from reallm.eval.perplexity import model_logits
@@ -19,8 +21,6 @@ def load_model_for_eval(model_name_or_path: str | None, checkpoint: str | None, 
                         runtime: RuntimeMode = "resident") -> nn.Module:
     """The model a phase works on: a ReALLM checkpoint when given, else the base model."""
     if checkpoint:
-        from reallm.checkpoint.compressed import load_compressed
-
         return load_compressed(checkpoint, mode=runtime)
     if not model_name_or_path:
         raise UserError("give --model.init_args.model_name_or_path or --model.init_args.checkpoint")
@@ -86,8 +86,6 @@ class EvaluatePhase(PerplexityMixin, ReALLMModule):
 
     def configure_model(self) -> None:
         if self.checkpoint and self.method == "custom":  # label the run with the checkpoint's preset
-            from reallm.checkpoint.compressed import read_meta
-
             self.method = read_meta(self.checkpoint).get("extra", {}).get("method", self.method)
         if self.model is None:
             self.model = load_model_for_eval(self.model_name_or_path, self.checkpoint, self.load_dtype, self.runtime)
@@ -104,8 +102,6 @@ class EvaluatePhase(PerplexityMixin, ReALLMModule):
             return
         payload: dict[str, Any] = {"perplexity": self.perplexity}
         if self.checkpoint:
-            from reallm.checkpoint.compressed import read_meta
-
             layers = read_meta(self.checkpoint)["layers"]
             from reallm.layer.bits import bits_report
 

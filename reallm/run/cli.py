@@ -36,6 +36,9 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 import reallm.run.strategies  # noqa: F401  (registers --trainer.strategy ddp_matrices)
+from reallm.checkpoint.card import write_model_card
+from reallm.checkpoint.directory import read_meta
+from reallm.checkpoint.hub import push_to_hub
 from reallm.core.errors import UserError
 from reallm.core.hf_models import has_tokenizer
 from reallm.data.base import BaseDataModule
@@ -61,7 +64,6 @@ def data_source(model_name_or_path: str | None, checkpoint: str | None) -> str |
         ck = Path(checkpoint)
         if has_tokenizer(ck):
             return str(ck)
-        from reallm.checkpoint.compressed import read_meta
         from reallm.core.errors import CheckpointError
 
         try:  # without a tokenizer of its own, the base model's
@@ -117,8 +119,6 @@ class ReALLMCLI(LightningCLI):
         cfg["model"]["init_args"]["run_dir"] = run_dir
         checkpoint = cfg["model"]["init_args"].get("checkpoint")
         if checkpoint and phase_class(cfg["model"]["class_path"]).starts_from == "checkpoint":
-            from reallm.checkpoint.compressed import read_meta
-
             read_meta(checkpoint)  # a missing or broken checkpoint is named before anything loads
         trainer = cfg["trainer"]
         trainer["default_root_dir"] = run_dir
@@ -142,8 +142,6 @@ class ReALLMCLI(LightningCLI):
         checkpoint = run_dir / "reallm"
         if not self.trainer.is_global_zero or not (checkpoint / "config.json").is_file():
             return
-        from reallm.checkpoint.hub import push_to_hub, write_model_card
-
         results = run_dir / "results.json"
         write_model_card(checkpoint, results=results if results.is_file() else None, command=self.command)
         if cfg.get("push_to_hub"):

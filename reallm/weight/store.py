@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from reallm.core.io import atomic_save_safetensors, atomic_write_text
-from reallm.weight.pipeline import ReALLMWeight
+from reallm.weight.container import ReALLMWeight
 
 __all__ = ["WeightStore"]
 

@@ -44,10 +44,12 @@ from torch import Tensor
 
 from reallm.weight.config import CompressionConfig
 
+from .backend import FusedBackend
 from .cpu_lut import group_table
 from .prepare import PreparedFrozen, common_reason, values_per_code
 
-__all__ = ["MAX_TOKENS", "machine_reason", "unsupported_reason", "avx512_frozen_matmul", "group_size"]
+__all__ = ["BACKEND", "MAX_TOKENS", "Avx512LutBackend", "machine_reason", "unsupported_reason",
+           "avx512_frozen_matmul", "group_size"]
 
 MAX_TOKENS = 4
 _REGISTER_WIDTH = 6  # K = 2^w ≤ 64: the LUT of one group is four zmm registers
@@ -357,7 +359,7 @@ def avx512_frozen_matmul(x: Tensor, prep: PreparedFrozen, config: CompressionCon
     """z = x · X̂ᵀ (T, p) in fp32, X̂ the stored (rotated) matrix with its permutation undone.
 
     Args:
-        x: (T, q), already rotated when the matrix is (see `reallm.layer.kernels.dispatch`).
+        x: (T, q), already rotated when the matrix is (see `reallm.layer.kernels.backend.FusedBackend`).
         prep: the prepared frozen part (CPU tensors).
         config: its configuration.
     """
@@ -411,3 +413,22 @@ def avx512_frozen_matmul(x: Tensor, prep: PreparedFrozen, config: CompressionCon
     for f in futures:
         f.result()
     return torch.from_numpy(out)
+
+
+class Avx512LutBackend(FusedBackend):
+    """Backend "cpu_avx512": the lookup-table matvec in C with AVX-512 (`avx512_frozen_matmul`), 1–4 tokens."""
+
+    name = "cpu_avx512"
+
+    def unavailable_reason(self) -> str | None:
+        return machine_reason()
+
+    def unsupported_reason(self, config: CompressionConfig, device: torch.device | str, dtype: torch.dtype,
+                           n_tokens: int, shape: tuple[int, int] | None = None) -> str | None:
+        return unsupported_reason(config, device, dtype, n_tokens, shape)
+
+    def kernel(self, x: Tensor, prep: PreparedFrozen, config: CompressionConfig, out_dtype: torch.dtype) -> Tensor:
+        return avx512_frozen_matmul(x, prep, config)  # (T, p) fp32
+
+
+BACKEND = Avx512LutBackend()

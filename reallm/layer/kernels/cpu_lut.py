@@ -15,7 +15,7 @@ y[t, r] = Σ_blocks s_blk · Σ_{codes v of row r in blk} LUT[t, v − v_row, co
   reads those bytes and cuts the 8 codes with constant shifts; codes at the edges of a row or a
   scale block (shapes whose rows or blocks do not start on an 8-code boundary) are cut one by one.
 - Block scales are dequantised on the fly from the stored uint8 codes (8 bits read per block).
-- Rotation is applied to x and y (see `reallm.layer.kernels.dispatch`), outside this module.
+- Rotation is applied to x and y (see `reallm.layer.kernels.backend.FusedBackend`), outside this module.
 
 Limits (`unsupported_reason`): q must be a multiple of the group g (a VQ vector must not cross
 a row); 1–4 tokens; x in fp32 / bf16 / fp16 on the CPU (computed in fp32).
@@ -36,9 +36,10 @@ from torch import Tensor
 
 from reallm.weight.config import CompressionConfig
 
+from .backend import FusedBackend
 from .prepare import PreparedFrozen, common_reason, values_per_code
 
-__all__ = ["MAX_TOKENS", "unsupported_reason", "cpu_frozen_matmul"]
+__all__ = ["BACKEND", "MAX_TOKENS", "NumbaLutBackend", "unsupported_reason", "cpu_frozen_matmul"]
 
 MAX_TOKENS = 4  # past a few tokens decode-then-GEMM (one BLAS call) wins over per-token lookups
 _LUT_MAX_WIDTH = 8  # K ≤ 256: the LUT of one input group stays within 1 KB per token
@@ -87,7 +88,7 @@ def unsupported_reason(
     if torch.device(device).type != "cpu":
         return f"the CPU path runs on CPU tensors, got device {torch.device(device)}"
     if sys.byteorder != "little":
-        return "the CPU path assumes a little-endian host"
+        return _BIG_ENDIAN
     common = common_reason(config, dtype, n_tokens, MAX_TOKENS, "CPU")
     if common is not None:
         return common
@@ -95,8 +96,19 @@ def unsupported_reason(
     if shape is not None and d > 1 and shape[1] % d:
         return f"vectors cross rows (q = {shape[1]} is not a multiple of d = {d})"
     if _numba() is None:
-        return "numba is not installed (pip install numba)"
+        return _NO_NUMBA
     return None
+
+
+_BIG_ENDIAN = "the CPU path assumes a little-endian host"
+_NO_NUMBA = "numba is not installed (pip install numba)"
+
+
+def machine_reason() -> str | None:
+    """Why this process cannot run the CPU path at all (a big-endian host, no numba), or None."""
+    if sys.byteorder != "little":
+        return _BIG_ENDIAN
+    return _NO_NUMBA if _numba() is None else None
 
 
 
@@ -309,7 +321,7 @@ def cpu_frozen_matmul(x: Tensor, prep: PreparedFrozen, config: CompressionConfig
     """z = x · X̂ᵀ (T, p) in fp32, X̂ the stored (rotated) matrix with its permutation undone.
 
     Args:
-        x: (T, q) already rotated when the matrix is (see `reallm.layer.kernels.dispatch`).
+        x: (T, q) already rotated when the matrix is (see `reallm.layer.kernels.backend.FusedBackend`).
         prep: the prepared frozen part (CPU tensors).
         config: its configuration (for the group size of NF lookups).
     """
@@ -353,3 +365,22 @@ def cpu_frozen_matmul(x: Tensor, prep: PreparedFrozen, config: CompressionConfig
         for f in futures:
             f.result()
     return torch.from_numpy(out)
+
+
+class NumbaLutBackend(FusedBackend):
+    """Backend "cpu": the lookup-table matvec compiled with Numba (`cpu_frozen_matmul`), 1–4 tokens."""
+
+    name = "cpu"
+
+    def unavailable_reason(self) -> str | None:
+        return machine_reason()
+
+    def unsupported_reason(self, config: CompressionConfig, device: torch.device | str, dtype: torch.dtype,
+                           n_tokens: int, shape: tuple[int, int] | None = None) -> str | None:
+        return unsupported_reason(config, device, dtype, n_tokens, shape)
+
+    def kernel(self, x: Tensor, prep: PreparedFrozen, config: CompressionConfig, out_dtype: torch.dtype) -> Tensor:
+        return cpu_frozen_matmul(x, prep, config)  # (T, p) fp32
+
+
+BACKEND = NumbaLutBackend()

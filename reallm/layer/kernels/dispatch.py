@@ -1,17 +1,18 @@
-"""Choosing a path for y = x · Q̂ᵀ (the frozen part only) and running it.
+"""Choosing a backend for y = x · Q̂ᵀ (the frozen part only) and running it.
 
-Paths, fastest first where several apply:
-- "triton": fused dequantize-matmul Triton kernel (CUDA; on CPU only under TRITON_INTERPRET=1,
-  the Triton interpreter, for tests), 1–16 tokens;
-- "cpu_avx512": the same lookup-table matvec, 16 rows at a time with AVX-512 (C compiled once per
-  machine), for tables of ≤ 256 entries and rows of whole scale blocks;
-- "cpu": lookup-table matvec compiled with Numba, 1–4 tokens on the CPU;
-- "decode": `reallm.weight.pipeline.decode_frozen` then a dense matmul — every stored format, any
-  device, any token count (the fallback).
+The registered backends (`BACKENDS`, each following `reallm.layer.kernels.backend.KernelBackend`), in the
+order they are tried; the first whose `unsupported_reason` is None serves an "auto" call:
 
-Rotation (QuIP#-style Hadamard) is served by the fused paths exactly: with the stored matrix
-X = M_L Q̂ M_Rᵀ (`reallm.ops.hadamard.rotate`), x · Q̂ᵀ = ((x M_Rᵀ) Xᵀ) M_L, i.e. the forward
-transform of seed_right on x and the inverse transform of seed_left on the kernel's output.
+- "cpu_avx512" (`cpu_avx512.py`): the lookup-table matvec, 16 rows at a time with AVX-512 (C compiled
+  once per machine), for tables of ≤ 256 entries and rows of whole scale blocks, 1–4 tokens on the CPU;
+- "cpu" (`cpu_lut.py`): the lookup-table matvec compiled with Numba, 1–4 tokens on the CPU;
+- "triton" (`triton_vq.py`): fused dequantize-matmul Triton kernel, 1–16 tokens, on CUDA (where the CPU
+  backends decline); on CPU only under TRITON_INTERPRET=1, the Triton interpreter, for tests — hence after
+  the CPU backends;
+- "decode" (`decode.py`): `reallm.weight.decode.decode_frozen` then a dense matmul — every stored format,
+  any device, any token count (the fallback, always last).
+
+Rotation (QuIP#-style Hadamard) is served by the fused backends exactly (`backend.FusedBackend`).
 """
 
 from __future__ import annotations
@@ -21,20 +22,32 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from reallm.ops.hadamard import orthogonal_transform
 from reallm.weight.config import CompressionConfig
-from reallm.weight.pipeline import decode_frozen
 
-from . import cpu_avx512, cpu_lut, triton_vq
-from .prepare import PreparedFrozen, prepare
+from . import cpu_avx512, cpu_lut, decode, triton_vq
+from .backend import FrozenOperand, KernelBackend
+from .prepare import PreparedFrozen
 
-__all__ = ["PATHS", "UnsupportedPath", "available_paths", "unsupported_reason", "frozen_matmul"]
+__all__ = ["BACKENDS", "PATHS", "UnsupportedPath", "available_paths", "frozen_matmul", "get_backend",
+           "unsupported_reason"]
 
-PATHS = ("triton", "cpu_avx512", "cpu", "decode")
+# tried in this order; "decode" serves every call and stays last
+BACKENDS: tuple[KernelBackend, ...] = (cpu_avx512.BACKEND, cpu_lut.BACKEND, triton_vq.BACKEND, decode.BACKEND)
+_BY_NAME = {b.name: b for b in BACKENDS}
+
+PATHS = ("triton", "cpu_avx512", "cpu", "decode")  # every backend's name (the order messages list them in)
 
 
 class UnsupportedPath(ValueError):
     """A forced path that cannot serve the call (the message names the reason in one line)."""
+
+
+def get_backend(path: str) -> KernelBackend:
+    """The registered backend named `path` (ValueError for an unknown name)."""
+    try:
+        return _BY_NAME[path]
+    except KeyError:
+        raise ValueError(f"unknown path {path!r}; expected one of {PATHS} or 'auto'") from None
 
 
 def unsupported_reason(
@@ -46,15 +59,7 @@ def unsupported_reason(
     shape: tuple[int, int] | None = None,
 ) -> str | None:
     """Why `path` cannot serve this call, or None. Arguments as in `available_paths`."""
-    if path == "triton":
-        return triton_vq.unsupported_reason(config, device, dtype, n_tokens, shape)
-    if path == "cpu":
-        return cpu_lut.unsupported_reason(config, device, dtype, n_tokens, shape)
-    if path == "cpu_avx512":
-        return cpu_avx512.unsupported_reason(config, device, dtype, n_tokens, shape)
-    if path == "decode":
-        return None  # every stored format (autoencoder matrices need their meta, see frozen_matmul)
-    raise ValueError(f"unknown path {path!r}; expected one of {PATHS} or 'auto'")
+    return get_backend(path).unsupported_reason(config, device, dtype, n_tokens, shape)
 
 
 def available_paths(
@@ -64,7 +69,7 @@ def available_paths(
     n_tokens: int,
     shape: tuple[int, int] | None = None,
 ) -> list[str]:
-    """The paths that can serve x · Q̂ᵀ, fastest first; "decode" is always last.
+    """The paths that can serve x · Q̂ᵀ, in the order of `BACKENDS` (fastest first); "decode" is always last.
 
     Args:
         config: the matrix's compression configuration.
@@ -74,15 +79,7 @@ def available_paths(
         shape: (p, q) of the weight; shape-dependent limits are only checked when given.
     """
     dev = torch.device(device)
-    # On CUDA the Triton kernel is the fast path; on the CPU the interpreter is for tests only.
-    order = ("triton",) if dev.type == "cuda" else ("cpu_avx512", "cpu", "triton")
-    fast = [p for p in order if unsupported_reason(p, config, dev, dtype, n_tokens, shape) is None]
-    return fast + ["decode"]
-
-
-def _decode_matmul(x2: Tensor, stored, config, shape, shared, meta) -> Tensor:
-    Q = decode_frozen(stored, meta or {}, config, shape, shared=shared)  # (p, q) fp32
-    return (x2.to(torch.float32) @ Q.T.to(x2.device)).to(x2.dtype)
+    return [b.name for b in BACKENDS if b.unsupported_reason(config, dev, dtype, n_tokens, shape) is None]
 
 
 def frozen_matmul(
@@ -104,7 +101,8 @@ def frozen_matmul(
         config: the configuration the matrix was compressed with.
         shape: (p, q) of the weight.
         shared: shared tensors (`ReALLMWeight.shared`: a model-wide codebook).
-        path: "auto" (the first of `available_paths`), or "triton" / "cpu" / "decode" to force one.
+        path: "auto" (the first of `available_paths`), or a backend's name ("triton" / "cpu_avx512" / "cpu" /
+            "decode") to force it.
         prepared: `prepare(stored, config, shape, shared)` kept by the caller (built per call
             when None; only the fused paths use it).
         meta: the matrix's metadata (`ReALLMWeight.meta`), needed by "decode" for autoencoder
@@ -130,20 +128,6 @@ def frozen_matmul(
         reason = unsupported_reason(path, config, x.device, x.dtype, T, shape)
         if reason is not None:
             raise UnsupportedPath(f"path {path!r} cannot serve this call: {reason}")
-    if path == "decode" or T == 0:
-        return _decode_matmul(x2, stored, config, shape, shared, meta).reshape(*lead, p)
-    prep = prepared if prepared is not None else prepare(stored, config, shape, shared)
-    if prep.device != x.device:
-        raise ValueError(f"x is on {x.device} but the stored tensors are on {prep.device}; move one of them")
-    xr = x2
-    if prep.rotation_seeds is not None:
-        xr = orthogonal_transform(x2, prep.rotation_seeds[1], dim=-1)  # (T, q) fp32: x M_Rᵀ
-    if path == "cpu":
-        z = cpu_lut.cpu_frozen_matmul(xr, prep, config)  # (T, p) fp32
-    elif path == "cpu_avx512":
-        z = cpu_avx512.avx512_frozen_matmul(xr, prep, config)  # (T, p) fp32
-    else:
-        z = triton_vq.triton_frozen_matmul(xr, prep, torch.float32 if prep.rotation_seeds else x.dtype)
-    if prep.rotation_seeds is not None:
-        z = orthogonal_transform(z, prep.rotation_seeds[0], dim=-1, inverse=True)  # z M_L
-    return z.to(x.dtype).reshape(*lead, p)
+    chosen = decode.BACKEND if T == 0 else get_backend(path)
+    frozen = FrozenOperand(stored, config, shape, shared, meta, prepared)
+    return chosen.matmul(x2, frozen).reshape(*lead, p)  # (..., p)

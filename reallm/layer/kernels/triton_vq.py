@@ -23,6 +23,7 @@ from torch import Tensor
 
 from reallm.weight.config import CompressionConfig
 
+from .backend import FusedBackend
 from .prepare import PreparedFrozen, common_reason
 
 try:  # triton ships with CUDA builds of torch; on CPU it is a test dependency (the interpreter)
@@ -31,7 +32,7 @@ try:  # triton ships with CUDA builds of torch; on CPU it is a test dependency (
 except ImportError:  # pragma: no cover - depends on the install
     triton = tl = None
 
-__all__ = ["MAX_TOKENS", "unsupported_reason", "triton_frozen_matmul", "interpreting"]
+__all__ = ["BACKEND", "MAX_TOKENS", "TritonBackend", "unsupported_reason", "triton_frozen_matmul", "interpreting"]
 
 MAX_TOKENS = 16  # beyond this, decode once and use a dense GEMM (tensor cores) instead
 _BLOCK_R = 16
@@ -174,3 +175,22 @@ def triton_frozen_matmul(x: Tensor, prep: PreparedFrozen, out_dtype: torch.dtype
         BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_C=block_c, USE_DOT=use_dot,
     )
     return y
+
+
+class TritonBackend(FusedBackend):
+    """Backend "triton": `triton_frozen_matmul` on CUDA tensors (on CPU tensors in the interpreter), 1–16 tokens."""
+
+    name = "triton"
+
+    def unavailable_reason(self) -> "str | None":
+        return "triton is not installed" if triton is None else None
+
+    def unsupported_reason(self, config: CompressionConfig, device: "torch.device | str", dtype: torch.dtype,
+                           n_tokens: int, shape: "tuple[int, int] | None" = None) -> "str | None":
+        return unsupported_reason(config, device, dtype, n_tokens, shape)
+
+    def kernel(self, x: Tensor, prep: PreparedFrozen, config: CompressionConfig, out_dtype: torch.dtype) -> Tensor:
+        return triton_frozen_matmul(x, prep, out_dtype)  # (T, p) in out_dtype
+
+
+BACKEND = TritonBackend()
