@@ -72,7 +72,7 @@ def main() -> int:
 
     ae = {"patch": args.patch, "n_stages": args.n_stages, "latent_channels": 16, "encoder_width": args.encoder_width,
           "encoder_blocks": 1, "decoder_params": args.decoder_params, "weight_bits": 6, "share": "matrix"}
-    cfg = CompressionConfig(quantizer="autoencoder", bits=3, vq_dim=2, rank=0, autoencoder=ae)
+    cfg = CompressionConfig(quantizer="autoencoder", bits=3, rank=0, options={"dim": 2, "network": ae})
     spec = ae_format.ae_spec(cfg)
     print(f"decoder: F = {spec.width()}, {spec.decoder_params_count():,} parameters (c = {args.decoder_params:.3g}); "
           f"latent per patch {spec.latent_hw[0]} × {spec.latent_hw[1]} × {spec.latent_channels}; "
@@ -86,7 +86,7 @@ def main() -> int:
         pms = [prepare_matrix((torch.randn(args.size, args.size, generator=g) * 0.02).to(dev), cfg, f"m{k}")
                for k in range(G)]
         data = ae_recipe.GroupData([[pm] for pm in pms], spec, device=dev)
-        stack = ae_recipe.AEStack(spec, cfg.bits, cfg.vq_dim, G, list(range(G))).to(dev)
+        stack = ae_recipe.AEStack(spec, cfg.bits, cfg.options.dim, G, list(range(G))).to(dev)
         opt, lr = schedules.adam_with_cosine(stack.parameters(), 1e-3, 10**6, 0.0)
         ae_recipe.on_epoch_start(stack, data, sched, 0)  # the latent VQ codebook (k-means) is fitted here
         steps = data.steps_per_epoch(args.batch)

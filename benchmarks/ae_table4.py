@@ -56,7 +56,7 @@ def train_ae(Ws: dict[str, torch.Tensor], cfg: CompressionConfig, sched: ae_reci
     spec = ae_format.ae_spec(cfg)
     pms = [prepare_matrix(W, cfg, n) for n, W in Ws.items()]
     data = ae_recipe.GroupData([pms], spec)
-    stack = ae_recipe.AEStack(spec, cfg.bits, cfg.vq_dim, 1, [cfg.seed], qat=sched.qat)
+    stack = ae_recipe.AEStack(spec, cfg.bits, cfg.options.dim, 1, [cfg.seed], qat=sched.qat)
     t0 = time.time()
     hist = ae_recipe.train_stacks([(stack, data)], sched)
     res = ae_recipe.export_group(stack, data, 0)
@@ -75,7 +75,7 @@ def train_ae(Ws: dict[str, torch.Tensor], cfg: CompressionConfig, sched: ae_reci
 
 
 def data_free(Ws: dict[str, torch.Tensor], cfg: CompressionConfig) -> dict:
-    """NF / VQ without decoder (a VQ codebook shared by all of Ws when codebook_scope == "model")."""
+    """NF / VQ without decoder (a VQ codebook shared by all of Ws when options.codebook_scope == "model")."""
     from torch import nn
 
     from reallm.model.surgery import fit_shared_tensors
@@ -133,15 +133,17 @@ def main() -> int:
           f"patch 64, latent 4 × 4 × 8 per patch\n")
     print(HEAD)
     for bphi in (6, 4):
-        cfg = CompressionConfig(quantizer="autoencoder", bits=3, vq_dim=2, rank=0, permute=False,
-                                autoencoder={**ae, "weight_bits": bphi})
+        cfg = CompressionConfig(quantizer="autoencoder", bits=3, rank=0, permute=False,
+                                options={"dim": 2, "network": {**ae, "weight_bits": bphi}})
         for qat in (True, False):
             r = train_ae(W, cfg, sched.__class__(**{**sched.__dict__, "qat": qat}))
             label = f"autoencoder, {'QAT' if qat else 'PTQ'}"
             print(row(label, r, "3 (d = 2)", f"{r['decoder_params']}", str(bphi)), flush=True)
     for name, cfg in [("NF3", CompressionConfig(quantizer="nf", bits=3, rank=0)),
-                      ("VQ b = 3, d = 2 (own codebook)", CompressionConfig(quantizer="vq", bits=3, vq_dim=2, rank=0)),
-                      ("VQ b = 2, d = 4 (own codebook)", CompressionConfig(quantizer="vq", bits=2, vq_dim=4, rank=0))]:
+                      ("VQ b = 3, d = 2 (own codebook)",
+                       CompressionConfig(quantizer="vq", bits=3, rank=0, options={"dim": 2})),
+                      ("VQ b = 2, d = 4 (own codebook)",
+                       CompressionConfig(quantizer="vq", bits=2, rank=0, options={"dim": 4}))]:
         print(row(name, data_free(W, cfg), "3" if name == "NF3" else name.split(" (")[0][3:]), flush=True)
 
     if args.skip_real:
@@ -165,19 +167,19 @@ def main() -> int:
           f"one decoder shared by all, {args.epochs_real} epochs\n")
     print(HEAD)
     for bphi in (6, 4):
-        cfg = CompressionConfig(quantizer="autoencoder", bits=3, vq_dim=2, rank=0, permute=True,
-                                autoencoder={**ae, "weight_bits": bphi})
+        cfg = CompressionConfig(quantizer="autoencoder", bits=3, rank=0, permute=True,
+                                options={"dim": 2, "network": {**ae, "weight_bits": bphi}})
         for qat in (True, False):
             r = train_ae(Ws, cfg, sched.__class__(**{**sched.__dict__, "qat": qat}))
             label = f"autoencoder, {'QAT' if qat else 'PTQ'}"
             print(row(label, r, "3 (d = 2)", f"{r['decoder_params']}", str(bphi)), flush=True)
     for name, cfg in [("NF3", CompressionConfig(quantizer="nf", bits=3, rank=0)),
                       ("VQ b = 3, d = 2 (shared codebook, permuted)",
-                       CompressionConfig(quantizer="vq", bits=3, vq_dim=2, rank=0, permute=True,
-                                         codebook_scope="model")),
+                       CompressionConfig(quantizer="vq", bits=3, rank=0, permute=True,
+                                         options={"dim": 2, "codebook_scope": "model"})),
                       ("VQ b = 2, d = 4 (shared codebook, permuted)",
-                       CompressionConfig(quantizer="vq", bits=2, vq_dim=4, rank=0, permute=True,
-                                         codebook_scope="model"))]:
+                       CompressionConfig(quantizer="vq", bits=2, rank=0, permute=True,
+                                         options={"dim": 4, "codebook_scope": "model"}))]:
         print(row(name, data_free(Ws, cfg), "3" if name == "NF3" else name.split(" (")[0][3:]), flush=True)
     return 0
 

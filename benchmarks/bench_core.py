@@ -152,10 +152,10 @@ def bench_full_compression(W: torch.Tensor) -> None:
 
     rows = [
         ("vq b=2 d=4 + perm + alternating r=64 (≤5 it.)",
-         CompressionConfig(quantizer="vq", bits=2, vq_dim=4, permute=True, rank=64, lowrank_init="alternating",
-                           lowrank_iters=5, kmeans_iters=25)),
+         CompressionConfig(quantizer="vq", bits=2, permute=True, rank=64, lowrank_init="alternating",
+                           lowrank_iters=5, options={"dim": 4, "kmeans_iters": 25})),
         ("vq b=3 d=2 + perm + svd r=64",
-         CompressionConfig(quantizer="vq", bits=3, vq_dim=2, permute=True, rank=64, kmeans_iters=25)),
+         CompressionConfig(quantizer="vq", bits=3, permute=True, rank=64, options={"dim": 2, "kmeans_iters": 25})),
     ]
     print(f"### Full data-free compression of the {W.shape[0]}×{W.shape[1]} matrix\n")
     print("| config | time (s) | accounted bits/weight | rel. Frobenius error |")

@@ -49,15 +49,15 @@ BLOCK = [("q_proj", 4096, 4096), ("k_proj", 4096, 4096), ("v_proj", 4096, 4096),
          ("gate_proj", 11008, 4096), ("up_proj", 11008, 4096), ("down_proj", 4096, 11008)]
 FORMATS = {
     "NF3": dict(quantizer="nf", bits=3),
-    "VQ b3 d2": dict(quantizer="vq", bits=3, vq_dim=2),
-    "VQ b2 d4": dict(quantizer="vq", bits=2, vq_dim=4),
+    "VQ b3 d2": dict(quantizer="vq", bits=3, options={"dim": 2}),
+    "VQ b2 d4": dict(quantizer="vq", bits=2, options={"dim": 4}),
 }
 
 
 def synthetic_frozen(p: int, q: int, cfg: CompressionConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """The stored tensors of `encode_frozen` for a (p, q) matrix, with random codes."""
     n_blocks = -(-p * q // cfg.block_size)
-    n_codes = n_blocks * cfg.block_size // (cfg.vq_dim if cfg.quantizer == "vq" else 1)
+    n_codes = n_blocks * cfg.block_size // (cfg.options.dim if cfg.quantizer == "vq" else 1)
     stored = {
         "codes": torch.randint(0, 256, (packed_nbytes(n_codes, cfg.code_width),), generator=gen, dtype=torch.uint8),
         "scale_codes": torch.randint(0, 256, (n_blocks,), generator=gen, dtype=torch.uint8),
@@ -65,7 +65,7 @@ def synthetic_frozen(p: int, q: int, cfg: CompressionConfig, gen: torch.Generato
         "scale_offset": torch.tensor(0.01),
     }
     if cfg.quantizer == "vq":
-        stored["codebook"] = (torch.randn(cfg.codebook_size, cfg.vq_dim, generator=gen) * 0.5).to(torch.float16)
+        stored["codebook"] = (torch.randn(1 << cfg.code_width, cfg.options.dim, generator=gen) * 0.5).to(torch.float16)
     if cfg.permute:
         n_rb = -(-p // cfg.permute_rows)
         perm = torch.stack([torch.randperm(q, generator=gen) for _ in range(n_rb)])
@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     dense16 = [W.to(torch.bfloat16) for W in dense32]
     rows["dense bf16"] = (dense_row(dense16, torch.bfloat16), 2 * n_weights)
     for fmt in args.formats:
-        cfg = CompressionConfig(**FORMATS[fmt], permute=args.permute, kmeans_iters=3, kmeans_max_points=1 << 16)
+        cfg = CompressionConfig(**FORMATS[fmt], permute=args.permute)
+        if cfg.quantizer == "vq":
+            cfg = cfg.with_options(kmeans_iters=3, kmeans_max_points=1 << 16)
         mats = []
         t0 = time.perf_counter()
         for (name, p, q), W in zip(shapes, dense32):

@@ -95,9 +95,9 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(path)
     ids = tok("Once upon a time, there was a little girl", return_tensors="pt").input_ids
     dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    for label, cfg in (("VQ b3 d2", CompressionConfig(quantizer="vq", bits=3, vq_dim=2, codebook_scope="model",
-                                                       rank=1, kmeans_iters=50)),
-                       ("NF3", CompressionConfig(quantizer="nf", bits=3, rank=1))):
+    vq = CompressionConfig(quantizer="vq", bits=3, rank=1,
+                           options={"dim": 2, "codebook_scope": "model", "kmeans_iters": 50})
+    for label, cfg in (("VQ b3 d2", vq), ("NF3", CompressionConfig(quantizer="nf", bits=3, rank=1))):
         model = copy.deepcopy(dense)
         compress_(model, cfg, progress=False)
         model.eval()

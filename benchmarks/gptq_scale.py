@@ -29,7 +29,7 @@ from reallm.weight.config import CompressionConfig  # noqa: E402
 from reallm.weight.pipeline import compress_weight  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (p, q): q_proj, up_proj, down_proj
-FORMATS = {"vq b3 d2": dict(quantizer="vq", bits=3, vq_dim=2, kmeans_max_points=1 << 18),
+FORMATS = {"vq b3 d2": dict(quantizer="vq", bits=3, options={"dim": 2, "kmeans_max_points": 1 << 18}),
            "nf3": dict(quantizer="nf", bits=3)}
 
 

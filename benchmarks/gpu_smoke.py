@@ -45,13 +45,14 @@ def main() -> int:
     g = torch.Generator(device="cpu").manual_seed(0)
     configs = {
         "vq-2bit d4 + perm + alternating r64 (5 it)": CompressionConfig(
-            quantizer="vq", bits=2, vq_dim=4, permute=True, rank=64, lowrank_init="alternating",
-            lowrank_iters=5, kmeans_iters=25),
-        "vq-3bit d2 + perm": CompressionConfig(quantizer="vq", bits=3, vq_dim=2, permute=True, kmeans_iters=25),
+            quantizer="vq", bits=2, permute=True, rank=64, lowrank_init="alternating",
+            lowrank_iters=5, options={"dim": 4, "kmeans_iters": 25}),
+        "vq-3bit d2 + perm": CompressionConfig(quantizer="vq", bits=3, permute=True,
+                                                 options={"dim": 2, "kmeans_iters": 25}),
         "nf3 + svd r64": CompressionConfig(quantizer="nf", bits=3, rank=64),
-        "quip-like (hadamard, b2 d8, 10 it)": CompressionConfig(quantizer="vq", bits=2, vq_dim=8,
-                                                                rotation="hadamard", kmeans_iters=10,
-                                                                kmeans_max_points=1 << 19),
+        "quip-like (hadamard, b2 d8, 10 it)": CompressionConfig(
+            quantizer="vq", bits=2, rotation="hadamard",
+            options={"dim": 8, "kmeans_iters": 10, "kmeans_max_points": 1 << 19}),
     }
     print("\n| matrix | config | time (s) | peak GPU mem (GiB) | rel. error | bits/weight |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -91,7 +92,7 @@ def main() -> int:
           f"frozen buffers require grad: {any(b.requires_grad for b in layer.buffers())}")
     # CPU vs device agreement
     W = torch.randn(512, 768, generator=g) * 0.02
-    cfg = CompressionConfig(quantizer="vq", bits=2, vq_dim=4, permute=True, rank=8, kmeans_iters=20)
+    cfg = CompressionConfig(quantizer="vq", bits=2, permute=True, rank=8, options={"dim": 4, "kmeans_iters": 20})
     a = compress_weight(W, cfg).dequantize()
     b = compress_weight(W.to(dev), cfg).dequantize().cpu()
     print(f"CPU vs {dev}: rel. error CPU {float((a - W).norm() / W.norm()):.4f}, {dev} "

@@ -9,7 +9,7 @@ W and the table prints the relative Frobenius error ‖W − Ŵ‖_F / ‖W‖_F
 time of the compression:
 
 - ``k-means b2 d4, container``: ``reallm.weight.pipeline.compress_weight`` with
-  ``CompressionConfig(quantizer="vq", bits=2, vq_dim=4)`` (absmax block scales B0 = 64 with 8-bit
+  ``CompressionConfig(quantizer="vq", bits=2, options={"dim": 4})`` (absmax block scales B0 = 64 with 8-bit
   double quantisation, one k-means codebook of 256 codewords fitted on at most 2^20 vectors,
   horizontal 4-vectors); bits from the container's own accounting;
 - ``k-means b2 d4, raw``: ``reallm.ops.kmeans.kmeans`` / ``assign`` directly on W's values cut into
@@ -25,7 +25,7 @@ time of the compression:
 - ``NF3, container`` as a 3-bit reference: ``CompressionConfig(quantizer="nf", bits=3)``;
 - the stored formats of the presets, through ``compress_weight`` with the compression settings of
   ``configs/methods/<preset>.yaml`` and the method seed (absmax block scales, bits from the container's
-  own accounting, per-matrix codebooks: ``codebook_scope`` is a model-level choice):
+  own accounting, per-matrix codebooks: the option ``codebook_scope`` is a model-level choice):
   ``aqlm-2bit, container`` (additive 2x8, beam 8), ``quip-2bit, container`` (Hadamard + E8P),
   ``quip-3bit, container`` (Hadamard + E8P + 1-bit stage).
 
@@ -68,7 +68,8 @@ def preset_config(name: str, seed: int) -> CompressionConfig:
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "methods", f"{name}.yaml")
     with open(path) as f:
         comp = yaml.safe_load(f)["model"]["init_args"]["compression"]
-    return CompressionConfig(**{**comp, "codebook_scope": "matrix", "seed": seed})
+    config = CompressionConfig(**{**comp, "seed": seed})
+    return config.with_options(codebook_scope="matrix") if hasattr(config.options, "codebook_scope") else config
 
 
 def kmeans_raw(W: torch.Tensor, seed: int) -> tuple[torch.Tensor, float]:
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = [
         ("k-means b2 d4, container", 2,
-         lambda s: container_row(W, CompressionConfig(quantizer="vq", bits=2, vq_dim=4, seed=s))),
+         lambda s: container_row(W, CompressionConfig(quantizer="vq", bits=2, seed=s, options={"dim": 4}))),
         ("k-means b2 d4, raw", 2, lambda s: kmeans_raw(W, s)),
         (f"additive 2x8 d8, beam {args.beam}", 2, lambda s: additive_row(W, s, args)),
         ("E8P (Hadamard)", 2, lambda s: e8_row(W, s, ("e8p",))),

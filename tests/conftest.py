@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED = (Path(__file__).parents[1] / ".." / "shared").resolve()
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs two workers on this 2-core machine) each worker computes on one
+    thread, and so do the processes its tests start: two workers of two threads each would oversubscribe the
+    cores, and OpenMP barriers stall under oversubscription."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture

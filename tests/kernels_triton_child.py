@@ -33,7 +33,7 @@ def main(src: str, dst: str) -> None:
             for x in case["xs"]
         ]
     nf3 = CompressionConfig(quantizer="nf", bits=3)
-    vq = CompressionConfig(quantizer="vq", bits=2, vq_dim=4)
+    vq = CompressionConfig(quantizer="vq", bits=2, options={"dim": 4})
     f32 = torch.float32
     def available_paths_no_avx(*args):
         return [p for p in available_paths(*args) if p != "cpu_avx512"]

@@ -43,8 +43,8 @@ def tiny_llama_512(seed: int = 0, layers: int = 2, attn: str | None = None):
 def fast_config(**changes):
     from reallm import CompressionConfig
 
-    base = dict(quantizer="vq", bits=2, vq_dim=2, block_size=64, rank=2, lowrank_dtype="float32",
-                magnitude_dtype="float32", codebook_scope="model", kmeans_iters=5)
+    base = dict(quantizer="vq", bits=2, block_size=64, rank=2, lowrank_dtype="float32", magnitude_dtype="float32",
+                options={"dim": 2, "codebook_scope": "model", "kmeans_iters": 5})
     return CompressionConfig(**{**base, **changes})
 
 

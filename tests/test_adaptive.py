@@ -116,7 +116,8 @@ def _stored_candidates():
     layers = {f"layers.{i}.proj": torch.nn.Linear(q, p, bias=False) for i, (p, q) in
               enumerate([(64, 64), (64, 128), (128, 64)])}
     nf3 = CompressionConfig(quantizer="nf", bits=3)
-    vq2 = CompressionConfig(quantizer="vq", bits=2, vq_dim=2, codebook_scope="model", kmeans_iters=3)
+    vq2 = CompressionConfig(quantizer="vq", bits=2,
+                            options={"dim": 2, "codebook_scope": "model", "kmeans_iters": 3})
     (tensors, numel), = fit_shared_tensors([(n, m, vq2) for n, m in layers.items()], progress=False).values()
     matrices = []
     for name, layer in layers.items():

@@ -31,22 +31,26 @@ from reallm.weight.config import CompressionConfig
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
 
-# small networks and few epochs; the budget forces a mix of cheap autoencoder matrices and VQ ones
+# small networks and few epochs; the budget forces a mix of cheap autoencoder matrices and VQ ones. A mapping given
+# by a later config file replaces the earlier one whole (jsonargparse): `options` is given in full (dim included)
 TINY = """
 trainer:
   max_epochs: 2
 model:
   init_args:
     compression:
-      autoencoder: {patch: 16, n_stages: 1, latent_channels: 4, encoder_width: 8, encoder_blocks: 0,
-                    decoder_width: 8, kernels: [3], share: model}
+      options:
+        dim: 2
+        network: {patch: 16, n_stages: 1, latent_channels: 4, encoder_width: 8, encoder_blocks: 0,
+                  decoder_width: 8, kernels: [3], share: model}
     schedule: {batch_size: 8, kmeans_iters: 5}
     adaptive:
       budget: 2.0
       candidates:
         ae_large_latent: {}
-        ae_small_latent: {bits: 2, autoencoder: {n_stages: 2, latent_channels: 2, decoder_width: 12, kernels: [1, 3]}}
-        vq3: {quantizer: vq, codebook_scope: model, kmeans_iters: 5}
+        ae_small_latent: {bits: 2, options: {network: {n_stages: 2, latent_channels: 2, decoder_width: 12,
+                                                       kernels: [1, 3]}}}
+        vq3: {quantizer: vq, options: {dim: 2, codebook_scope: model, kmeans_iters: 5}}
 """
 
 
@@ -153,9 +157,10 @@ def test_accounted_bits_equal_saved_bytes(adaptive_run):
 def test_save_load_identical_logits(tmp_path):
     """A model with autoencoder layers built in memory, saved, loaded: identical logits."""
     model = ALL["llama"](0)
-    cfg = CompressionConfig(quantizer="autoencoder", bits=3, vq_dim=2, permute=True, rank=2,
-                            autoencoder={"patch": 16, "n_stages": 1, "latent_channels": 4, "encoder_width": 8,
-                                         "encoder_blocks": 0, "decoder_width": 8, "kernels": [3], "share": "type"})
+    network = {"patch": 16, "n_stages": 1, "latent_channels": 4, "encoder_width": 8, "encoder_blocks": 0,
+               "decoder_width": 8, "kernels": [3], "share": "type"}
+    cfg = CompressionConfig(quantizer="autoencoder", bits=3, permute=True, rank=2,
+                            options={"dim": 2, "network": network})
     targets = select_layers(model, cfg)
     groups: dict[str, list] = {}
     for name, mod, c in targets:

@@ -154,6 +154,22 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+# file names that several modules share because they do the same job in different places
+SAME_JOB = {"__init__.py", "__main__.py", "base.py", "codec.py", "options.py"}  # base.py: a package's base class
+# (codec, datamodule, phase); codec.py / options.py: one per format folder
+
+
+def test_no_two_modules_share_a_file_name():
+    by_name: dict[str, list[str]] = {}
+    for path in MODULES.values():
+        by_name.setdefault(path.name, []).append(str(_rel(path)))
+    shared = {n: paths for n, paths in by_name.items() if len(paths) > 1 and n not in SAME_JOB}
+    assert not shared, f"modules sharing a file name (name one by its job): {shared}"
+    formats = PACKAGE / "formats"
+    assert {p.parent.name for p in formats.rglob("codec.py")} == {p.name for p in formats.iterdir()
+                                                                  if (p / "__init__.py").is_file()}
+
+
 def test_no_import_cycle():
     found = cycles(import_graph())
     assert not found, "import cycles:\n" + "\n".join(" ↔ ".join(c) for c in found)

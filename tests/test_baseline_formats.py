@@ -4,6 +4,7 @@ quantizers' own decoders, shared codebooks counted once, honest bits of every me
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,8 @@ from reallm.weight.tiling import decode_frozen_rows, row_tiles
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-ADDITIVE = CompressionConfig(quantizer="additive", bits=2, vq_dim=8, codebooks=2, beam=4, refine_iters=2,
-                             kmeans_iters=10)
+ADDITIVE = CompressionConfig(quantizer="additive", bits=2,
+                             options={"dim": 8, "codebooks": 2, "beam": 4, "refine_iters": 2, "kmeans_iters": 10})
 E8P = CompressionConfig(quantizer="e8p", bits=2, rotation="hadamard")
 
 
@@ -46,8 +47,8 @@ def logits(model):
 
 
 @pytest.mark.parametrize("cfg", [
-    ADDITIVE.replace(codebook_scope="model"),  # one pair of codebooks for the model, stored once
-    ADDITIVE.replace(codebooks=4, bits=2, vq_dim=4, permute=True, permute_rows=16),  # 4x2 per matrix
+    ADDITIVE.with_options(codebook_scope="model"),  # one pair of codebooks for the model, stored once
+    ADDITIVE.replace(bits=2, permute=True, permute_rows=16).with_options(codebooks=4, dim=4),  # 4x2 per matrix
     E8P.replace(rank=2),  # Hadamard + E8P + a low-rank part
     CompressionConfig(quantizer="e8p", bits=3, permute=True, permute_rows=16),  # residual stage, tiled decode
 ], ids=["additive-2x8-model", "additive-4x2-perm", "e8p-2bit-hadamard-rank2", "e8p-3bit-perm"])
@@ -68,7 +69,7 @@ def test_save_load_identical_logits(tmp_path, cfg):
 
 def test_model_wide_additive_codebooks_are_one_tensor_counted_once():
     model = tiny_llama()
-    compress_(model, ADDITIVE.replace(codebook_scope="model"), progress=False)
+    compress_(model, ADDITIVE.with_options(codebook_scope="model"), progress=False)
     layers = [layer.container() for _, layer in iter_reallm_layers(model)]
     books = [w.shared["codebooks"] for w in layers]
     assert all(torch.equal(b, books[0]) for b in books) and books[0].shape == (2, 256, 8)
@@ -93,10 +94,10 @@ def test_e8p_stores_no_codebook_and_exact_code_bits():
 def _expected_blocks(w):
     """The codec's output for every block, from the quantizers' own decoders (not the codec's lookups)."""
     cfg, stored = w.config, w.frozen
-    n = w.shape[0] * w.shape[1] // 8 if cfg.quantizer == "e8p" else w.shape[0] * w.shape[1] // cfg.vq_dim
+    n = w.shape[0] * w.shape[1] // 8 if cfg.quantizer == "e8p" else w.shape[0] * w.shape[1] // cfg.options.dim
     if cfg.quantizer == "additive":
-        k = cfg.bits * cfg.vq_dim // cfg.codebooks
-        codes = additive_unpack_codes(stored["codes"], n, cfg.codebooks, k)
+        k = cfg.bits * cfg.options.dim // cfg.options.codebooks
+        codes = additive_unpack_codes(stored["codes"], n, cfg.options.codebooks, k)
         return additive_decode(codes, stored["codebooks"].float()).view(-1, cfg.block_size)
     stages = {2: ("e8p",), 3: ("e8p", "e8_1bit"), 4: ("e8p", "e8p")}[cfg.bits]
     keys = ("codes", "residual_codes")
@@ -104,7 +105,7 @@ def _expected_blocks(w):
     return e8_residual_dequantize(codes, stored["lattice_scales"].tolist(), stages).view(-1, cfg.block_size)
 
 
-@pytest.mark.parametrize("cfg", [ADDITIVE, ADDITIVE.replace(codebooks=4, bits=2, vq_dim=4),
+@pytest.mark.parametrize("cfg", [ADDITIVE, ADDITIVE.replace(bits=2).with_options(codebooks=4, dim=4),
                                  CompressionConfig(quantizer="e8p", bits=3)], ids=["2x8", "4x2-d4", "e8p-3bit"])
 def test_decode_range_reads_only_its_codes(cfg):
     """Blocks [start, stop) decoded with every code byte outside their span overwritten equal the quantizers'
@@ -153,11 +154,11 @@ def test_additive_codec_codes_are_a_beam_search_of_the_stored_codebooks():
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(quantizer="additive", bits=3, vq_dim=2, codebooks=4), "b·d / M must be an integer"),
-    (dict(quantizer="additive", bits=2, vq_dim=16, codebooks=1), "b·d / M must be an integer in 1..16"),
-    (dict(quantizer="additive", vq_dim=3), "vq_dim must be 1, 2, 4, 8 or 16"),
-    (dict(quantizer="additive", beam=0), "beam must be ≥ 1"),
-    (dict(quantizer="additive", refine_iters=-1), "refine_iters must be ≥ 0"),
+    (dict(quantizer="additive", bits=3, options={"dim": 2, "codebooks": 4}), "b·d / M must be an integer"),
+    (dict(quantizer="additive", bits=2, options={"dim": 16, "codebooks": 1}), "b·d / M must be an integer in 1..16"),
+    (dict(quantizer="additive", options={"dim": 3}), "additive: dim must be 1, 2, 4, 8 or 16"),
+    (dict(quantizer="additive", options={"beam": 0}), "beam must be ≥ 1"),
+    (dict(quantizer="additive", options={"refine_iters": -1}), "refine_iters must be ≥ 0"),
     (dict(quantizer="e8p", bits=5), "e8p supports bits 2"),
 ])
 def test_bad_configs_are_one_clear_line(changes, message):
@@ -180,8 +181,16 @@ OUTSIDE_BAND = {
     "vq-3bit-ft": "a fine-tuning preset: its int8 rank-1 low-rank part and fp16 DoRA magnitude cost 0.42 bit per "
                   "weight",
 }
-# iteration counts change what is stored, never how much of it: the test runs them at their minimum
+# iteration counts change what is stored, never how much of it: the test runs them at their minimum (the shared
+# field lowrank_iters, and the options of the formats that have them)
 _FAST = {"kmeans_iters": 1, "refine_iters": 0, "lowrank_iters": 1, "beam": 1}
+
+
+def _fast(cfg: CompressionConfig) -> CompressionConfig:
+    """`cfg` with the iteration counts of _FAST that it (its shared fields or its format's options) has."""
+    shared = {k: v for k, v in _FAST.items() if k in {f.name for f in dataclasses.fields(cfg)}}
+    own = {k: v for k, v in _FAST.items() if k in {f.name for f in dataclasses.fields(cfg.options)}}
+    return cfg.replace(**shared).with_options(**own)
 
 
 def _preset_compression(name: str) -> dict:
@@ -215,13 +224,13 @@ def test_every_preset_bits_within_its_band_on_stories260k(preset, shared_dir):
     comp = _preset_compression(preset)
     if comp["quantizer"] == "autoencoder":
         pytest.skip("autoencoder presets choose per matrix under their own budget (tests/test_adaptive.py)")
-    cfg = CompressionConfig(**{**comp, **{k: v for k, v in _FAST.items()}})
+    cfg = _fast(CompressionConfig.from_dict(comp))  # the preset's form: nested options or the flat one of before
     if cfg.nominal_bits not in BANDS:
         pytest.skip(f"{cfg.nominal_bits:g}-bit presets have no band")
     lo, hi = BANDS[int(cfg.nominal_bits)]
     if preset == "aqlm-1x16":  # its codebook alone decides, and fitting 2^16 codewords is slow: arithmetic
-        assert cfg.codebooks == 1 and cfg.codebook_scope == "model"
-        assert (1 << cfg.bits * cfg.vq_dim) * cfg.vq_dim * 16 / 226_560 > hi
+        assert cfg.options.codebooks == 1 and cfg.options.codebook_scope == "model"
+        assert (1 << cfg.bits * cfg.options.dim) * cfg.options.dim * 16 / 226_560 > hi
         return
     bits = _decoder_linear_bits(shared_dir / "models" / "stories260K", cfg)
     if preset in OUTSIDE_BAND:

@@ -40,9 +40,9 @@ def logits(model, ids=None):
 
 @pytest.mark.parametrize("build,cfg", [
     (tiny_llama, {}),
-    (tiny_mistral, {"quantizer": "vq", "bits": 2, "vq_dim": 4, "permute": True, "kmeans_iters": 5}),
+    (tiny_mistral, {"quantizer": "vq", "bits": 2, "permute": True, "options": {"dim": 4, "kmeans_iters": 5}}),
     (tiny_gpt2, {"quantizer": "rtn", "bits": 3, "rotation": "hadamard"}),
-    (tiny_llama, {"quantizer": "vq", "bits": 2, "vq_dim": 2, "codebook_scope": "model"}),
+    (tiny_llama, {"quantizer": "vq", "bits": 2, "options": {"dim": 2, "codebook_scope": "model"}}),
 ])
 def test_save_load_identical_logits(tmp_path, build, cfg):
     model = compressed(build, **cfg)

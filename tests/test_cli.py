@@ -187,7 +187,7 @@ def test_unknown_preset_key_is_one_clear_line(tiny_dir, tmp_path):
 
 def test_impossible_config_is_one_clear_line(tiny_dir, tmp_path):
     proc = _run_train(["fit", "--config", "configs/ae.yaml", "--config", "configs/methods/vq-3bit.yaml",
-                       "--model.init_args.compression.vq_dim", "8", "--model.init_args.model_name_or_path",
+                       "--model.init_args.compression.options.dim", "8", "--model.init_args.model_name_or_path",
                        str(tiny_dir), *CPU, "--run_dir", str(tmp_path / "r")])
     _one_clear_line(proc, "b·d")
 

@@ -35,10 +35,10 @@ AE = {"patch": 16, "n_stages": 1, "latent_channels": 4, "encoder_width": 8, "enc
       "decoder_width": 8, "kernels": [3], "weight_bits": 6, "share": "model"}
 
 
-def config(**kw) -> CompressionConfig:
-    ae = {**AE, **kw.pop("autoencoder", {})}
-    return CompressionConfig(**{"quantizer": "autoencoder", "bits": 3, "vq_dim": 2, "permute": True,
-                                "rank": 0, "autoencoder": ae, **kw})
+def config(dim: int = 2, network: dict | None = None, **kw) -> CompressionConfig:
+    """An autoencoder config: options dim and network (AE, with `network`'s keys changed); `kw` the shared fields."""
+    return CompressionConfig(**{"quantizer": "autoencoder", "bits": 3, "permute": True, "rank": 0,
+                                "options": {"dim": dim, "network": {**AE, **(network or {})}}, **kw})
 
 
 def trained(cfg: CompressionConfig, shapes=((40, 24), (24, 33)), epochs: int = 4, qat: bool = True, seed: int = 0):
@@ -47,7 +47,7 @@ def trained(cfg: CompressionConfig, shapes=((40, 24), (24, 33)), epochs: int = 4
     spec = ae_format.ae_spec(cfg)
     pms = [prepare_matrix(W, cfg, n) for n, W in Ws.items()]
     data = ae_recipe.GroupData([pms], spec)
-    stack = ae_recipe.AEStack(spec, cfg.bits, cfg.vq_dim, 1, [seed], qat=qat)
+    stack = ae_recipe.AEStack(spec, cfg.bits, cfg.options.dim, 1, [seed], qat=qat)
     hist = ae_recipe.train_stacks([(stack, data)], ae_recipe.TrainSchedule(epochs=epochs, lr=3e-3, batch_size=4,
                                                                    kmeans_iters=5))
     return Ws, pms, data, stack, hist
@@ -114,7 +114,7 @@ def test_decoder_weights_take_at_most_2_pow_b_values_per_channel(group):
 
 @pytest.mark.parametrize("share", ["matrix", "model"])
 def test_bits_equal_saved_bytes(tmp_path, share):
-    cfg = config(autoencoder={"share": share})
+    cfg = config(network={"share": share})
     Ws, pms, data, stack, _ = trained(cfg, shapes=((64, 48),), epochs=1)
     res = ae_recipe.export_group(stack, data, 0)
     w = build_container(pms[0], cfg, res)
@@ -179,8 +179,8 @@ def test_spec_validation():
         ae_format.AESpec.from_dict({**AE, "patch": 18, "n_stages": 2})
     with pytest.raises(ValueError, match="unknown autoencoder options"):
         ae_format.AESpec.from_dict({**AE, "latent": 3})
-    with pytest.raises(ValueError, match="multiple of vq_dim"):
-        ae_format.ae_spec(config(vq_dim=4, autoencoder={"latent_channels": 2}))
+    with pytest.raises(ValueError, match=r"multiple of options\.dim d=4"):
+        ae_format.ae_spec(config(dim=4, network={"latent_channels": 2}))
     with pytest.raises(ValueError, match="share"):
         ae_format.AESpec.from_dict({**AE, "share": "layer"})
     spec = ae_format.AESpec.from_dict({**AE, "decoder_width": None, "decoder_params": 20000})
@@ -188,14 +188,14 @@ def test_spec_validation():
 
 
 def test_group_keys():
-    cfg = config(autoencoder={"share": "type_blocks:2"})
+    cfg = config(network={"share": "type_blocks:2"})
     k = lambda n: ae_recipe.group_key(cfg, n, "model.layers")  # noqa: E731
     assert k("model.layers.0.self_attn.q_proj") == k("model.layers.1.self_attn.q_proj")
     assert k("model.layers.0.self_attn.q_proj") != k("model.layers.2.self_attn.q_proj")
     assert k("model.layers.0.self_attn.q_proj") != k("model.layers.0.self_attn.k_proj")
-    m = config(autoencoder={"share": "matrix"})
+    m = config(network={"share": "matrix"})
     assert ae_recipe.group_key(m, "a.0.q") != ae_recipe.group_key(m, "a.1.q")
-    assert ae_recipe.stack_key(m) == ae_recipe.stack_key(config(autoencoder={"share": "model"}))
+    assert ae_recipe.stack_key(m) == ae_recipe.stack_key(config(network={"share": "model"}))
 
 
 def test_lowrank_and_rotation_paths():
@@ -229,7 +229,7 @@ def test_latent_codebook_learns_by_gradient_in_the_vq_and_frozen_stages_only():
     spec = ae_format.ae_spec(cfg)
     W = torch.randn(40, 24, generator=torch.Generator().manual_seed(3))
     data = ae_recipe.GroupData([[prepare_matrix(W, cfg, "w")]], spec)
-    stack = ae_recipe.AEStack(spec, cfg.bits, cfg.vq_dim, 1, [0])
+    stack = ae_recipe.AEStack(spec, cfg.bits, cfg.options.dim, 1, [0])
     x, w, m, idx = data.batch(torch.arange(data.n_max)[None], "cpu")
     grads = {}
     for stage in ("float", "vq", "frozen"):

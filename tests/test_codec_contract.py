@@ -39,16 +39,18 @@ ROWS = {
     "nf2": (CompressionConfig(quantizer="nf", bits=2), 0.62),  # 0.567
     "rtn3": (CompressionConfig(quantizer="rtn", bits=3), 0.23),  # 0.192
     "rtn3-perm-rot": (CompressionConfig(quantizer="rtn", bits=3, permute=True, rotation="hadamard"), 0.23),
-    "vq-3bit-d2-perm": (CompressionConfig(quantizer="vq", bits=3, vq_dim=2, permute=True, kmeans_iters=20), 0.20),
-    "vq-2bit-d4": (CompressionConfig(quantizer="vq", bits=2, vq_dim=4, kmeans_iters=20), 0.34),  # 0.296
-    "vq-1bit-d8": (CompressionConfig(quantizer="vq", bits=1, vq_dim=8, kmeans_iters=20), 0.60),  # 0.531
-    "quip-like": (CompressionConfig(quantizer="vq", bits=2, vq_dim=4, rotation="hadamard", kmeans_iters=20), 0.34),
+    "vq-3bit-d2-perm": (CompressionConfig(quantizer="vq", bits=3, permute=True,
+                                          options={"dim": 2, "kmeans_iters": 20}), 0.20),
+    "vq-2bit-d4": (CompressionConfig(quantizer="vq", bits=2, options={"dim": 4, "kmeans_iters": 20}), 0.34),  # 0.296
+    "vq-1bit-d8": (CompressionConfig(quantizer="vq", bits=1, options={"dim": 8, "kmeans_iters": 20}), 0.60),  # 0.531
+    "quip-like": (CompressionConfig(quantizer="vq", bits=2, rotation="hadamard",
+                                    options={"dim": 4, "kmeans_iters": 20}), 0.34),
     "int8-lowrank": (CompressionConfig(quantizer="nf", bits=3, rank=4, lowrank_dtype="int8"), 0.23),  # 0.191
     # AQLM-like 2x8 (per-matrix codebooks: 1.33 bits of codebook on this small matrix) and 4x4 after permutation
-    "additive-2x8-d8": (CompressionConfig(quantizer="additive", bits=2, vq_dim=8, codebooks=2, beam=4,
-                                          refine_iters=3, kmeans_iters=10), 0.30),  # 0.264
-    "additive-4x4-d8-perm": (CompressionConfig(quantizer="additive", bits=2, vq_dim=8, codebooks=4, beam=2,
-                                               refine_iters=2, kmeans_iters=10, permute=True), 0.36),  # 0.326
+    "additive-2x8-d8": (CompressionConfig(quantizer="additive", bits=2, options={
+        "dim": 8, "codebooks": 2, "beam": 4, "refine_iters": 3, "kmeans_iters": 10}), 0.30),  # 0.264
+    "additive-4x4-d8-perm": (CompressionConfig(quantizer="additive", bits=2, permute=True, options={
+        "dim": 8, "codebooks": 4, "beam": 2, "refine_iters": 2, "kmeans_iters": 10}), 0.36),  # 0.326
     # QuIP#-like: Hadamard + E8P (2 bits); E8P + the 1-bit lattice stage (3 bits)
     "e8p-2bit-hadamard": (CompressionConfig(quantizer="e8p", bits=2, rotation="hadamard"), 0.34),  # 0.306
     # (its scale search runs ~50 nearest-point passes: a smaller matrix keeps the test short)
@@ -108,8 +110,8 @@ def test_odd_shapes(row, shape):
 def test_more_bits_less_error_within_a_format():
     """An independent sanity check of every quantising format: the error falls as b grows."""
     W = gaussian(128, 128, seed=3)
-    for quantizer, dims in (("nf", {}), ("rtn", {}), ("vq", {"vq_dim": 2})):
-        errs = [float((compress_weight(W, CompressionConfig(quantizer=quantizer, bits=b, kmeans_iters=20, **dims))
+    for quantizer, options in (("nf", {}), ("rtn", {}), ("vq", {"dim": 2, "kmeans_iters": 20})):
+        errs = [float((compress_weight(W, CompressionConfig(quantizer=quantizer, bits=b, options=options))
                        .dequantize() - W).norm() / W.norm()) for b in (2, 3, 4)]
         assert errs[0] > errs[1] > errs[2], (quantizer, errs)
 

@@ -28,7 +28,7 @@ def test_bits_nf3_by_hand():
 
 
 def test_bits_vq_2bit_d4_by_hand():
-    cfg = CompressionConfig(quantizer="vq", bits=2, vq_dim=4, kmeans_iters=5)
+    cfg = CompressionConfig(quantizer="vq", bits=2, options={"dim": 4, "kmeans_iters": 5})
     w = compress_weight(gaussian(128, 256), cfg)
     b = w.bits()
     n = 128 * 256
@@ -75,8 +75,8 @@ def test_nan_weight_is_refused_with_its_name():
 
 
 @pytest.mark.parametrize("kwargs, msg", [
-    (dict(quantizer="vq", bits=3, vq_dim=8), "b·d"),
-    (dict(quantizer="vq", vq_dim=3), "vq_dim"),
+    (dict(quantizer="vq", bits=3, options={"dim": 8}), "b·d"),
+    (dict(quantizer="vq", options={"dim": 3}), "vq: dim must be 1, 2, 4 or 8"),
     (dict(quantizer="nf", bits=12), "1..8"),
     (dict(rank=2.5), "integer"),
     (dict(quantizer="bogus"), "quantizer"),
@@ -95,7 +95,7 @@ def test_alternating_never_worse_than_svd():
 
 
 def test_shared_codebook_is_used_and_charged_fairly():
-    cfg = CompressionConfig(quantizer="vq", bits=2, vq_dim=4, codebook_scope="model")
+    cfg = CompressionConfig(quantizer="vq", bits=2, options={"dim": 4, "codebook_scope": "model"})
     codebook = torch.randn(256, 4).half()
     w = compress_weight(gaussian(64, 64), cfg, codebook=codebook, shared_numel=4 * 64 * 64)
     assert "codebook" not in w.frozen and torch.equal(w.shared["codebook"], codebook)
@@ -109,7 +109,7 @@ def test_permutation_orientation_helps_on_correlated_columns():
     base = torch.randn(128, 32, generator=g)
     W = torch.cat([base, base + 0.01 * torch.randn(128, 32, generator=g)], dim=1)  # (128, 64)
     W = W[:, torch.randperm(64, generator=g)]
-    cfg = dict(quantizer="vq", bits=2, vq_dim=2, kmeans_iters=30)
+    cfg = dict(quantizer="vq", bits=2, options={"dim": 2, "kmeans_iters": 30})
     e_plain = compress_weight(W, CompressionConfig(**cfg)).dequantize()
     e_perm = compress_weight(W, CompressionConfig(**cfg, permute=True)).dequantize()
     assert (W - e_perm).norm() < 0.8 * (W - e_plain).norm()

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def layer(quantizer="vq", **kw) -> ReALLMLinear:
     g = torch.Generator().manual_seed(0)
-    cfg = CompressionConfig(quantizer=quantizer, bits=kw.pop("bits", 3), rank=2, kmeans_iters=5, **kw)
+    options = {"kmeans_iters": 5, **kw.pop("options", {})} if quantizer == "vq" else {}
+    cfg = CompressionConfig(quantizer=quantizer, bits=kw.pop("bits", 3), rank=2, options=options, **kw)
     lay = ReALLMLinear(compress_weight(torch.randn(128, 192, generator=g) * 0.05, cfg), torch.randn(128) * 0.01)
     with torch.no_grad():
         lay.lora_B.add_(0.01)
@@ -27,8 +28,8 @@ def cpu_fast_paths(cfg, shape, n=1):
     return [p for p in available_paths(cfg, "cpu", torch.float32, n, shape) if p != "decode"]
 
 
-@pytest.mark.parametrize("kw", [dict(quantizer="vq", vq_dim=2), dict(quantizer="nf"),
-                                dict(quantizer="vq", vq_dim=2, permute=True, permute_rows=32)])
+@pytest.mark.parametrize("kw", [dict(quantizer="vq", options={"dim": 2}), dict(quantizer="nf"),
+                                dict(quantizer="vq", options={"dim": 2}, permute=True, permute_rows=32)])
 def test_small_batches_without_grad_take_a_kernel_with_the_plain_paths_numbers(kw):
     lay = layer(**kw)
     if not cpu_fast_paths(lay.config, (128, 192)):
@@ -70,7 +71,8 @@ def test_greedy_generation_is_the_same_with_and_without_the_fast_path(shared_dir
     path = shared_dir / "models" / "stories260K"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path)
-    compress_(model, CompressionConfig(quantizer="vq", bits=3, vq_dim=2, codebook_scope="model", kmeans_iters=20),
+    compress_(model, CompressionConfig(quantizer="vq", bits=3,
+                                       options={"dim": 2, "codebook_scope": "model", "kmeans_iters": 20}),
               progress=False)
     model.eval()
     ids = tok("Once upon a time", return_tensors="pt").input_ids

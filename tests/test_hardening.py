@@ -164,7 +164,7 @@ def test_phase1_same_seed_same_bytes(tiny_dir, tmp_path, capfd):
     identical files. (Another process with another PYTHONHASHSEED gives the same bytes as well, on
     the same machine and thread count: float reductions depend on the number of threads.) The run
     shows a progress bar with an ETA."""
-    extra = ["--model.init_args.compression.kmeans_iters", "10", "--data.init_args.layers", r"layers\.0\.",
+    extra = ["--model.init_args.compression.options.kmeans_iters", "10", "--data.init_args.layers", r"layers\.0\.",
              "--artifacts.figures", "false"]
     cli_main(compress_args(tiny_dir, tmp_path / "a", "vq-3bit-ft", *extra))
     out = capfd.readouterr()
@@ -207,8 +207,10 @@ def test_fuzzed_checkpoints_never_load_silently_wrong(tmp_path):
     from reallm.layer.linear import iter_reallm_layers
 
     model = tiny_llama()
-    compress_(model, CompressionConfig(quantizer="vq", bits=2, vq_dim=2, permute=True, rotation="hadamard", rank=2,
-                                       lowrank_dtype="int8", codebook_scope="model", kmeans_iters=5), progress=False)
+    compress_(model, CompressionConfig(quantizer="vq", bits=2, permute=True, rotation="hadamard", rank=2,
+                                       lowrank_dtype="int8",
+                                       options={"dim": 2, "codebook_scope": "model", "kmeans_iters": 5}),
+              progress=False)
     with torch.no_grad():
         for _, layer in iter_reallm_layers(model):
             layer.lora_B.add_(0.01)

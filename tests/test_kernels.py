@@ -47,18 +47,18 @@ FORMATS = {
     "nf2": dict(quantizer="nf", bits=2),
     "nf3": dict(quantizer="nf", bits=3),
     "nf4": dict(quantizer="nf", bits=4),
-    "vq2x4": dict(quantizer="vq", bits=2, vq_dim=4),
-    "vq3x2": dict(quantizer="vq", bits=3, vq_dim=2),
-    "vq2x2": dict(quantizer="vq", bits=2, vq_dim=2),
-    "vq4x2": dict(quantizer="vq", bits=4, vq_dim=2),
-    "vq2x8": dict(quantizer="vq", bits=2, vq_dim=8),
+    "vq2x4": dict(quantizer="vq", bits=2, options={"dim": 4}),
+    "vq3x2": dict(quantizer="vq", bits=3, options={"dim": 2}),
+    "vq2x2": dict(quantizer="vq", bits=2, options={"dim": 2}),
+    "vq4x2": dict(quantizer="vq", bits=4, options={"dim": 2}),
+    "vq2x8": dict(quantizer="vq", bits=2, options={"dim": 8}),
 }
 SHAPES = [(172, 64), (64, 172), (100, 37), (64, 128)]
 VARIANTS = {
     "plain": {},
     "perm": dict(permute=True, permute_rows=32),  # several row blocks, the last one partial
     "block32": dict(block_size=32),
-    "shared": dict(codebook_scope="model"),  # VQ codebook passed separately
+    "shared": dict(options={"codebook_scope": "model"}),  # VQ codebook passed separately
     "rot": dict(rotation="hadamard", permute=True, permute_rows=100),  # 100: not a power of two
 }
 CASES = (
@@ -78,13 +78,16 @@ def case_id(case) -> str:
 @cache
 def compressed(fmt: str, shape: tuple[int, int], variant: str):
     """(config, stored, shared, Q̂) of a Gaussian matrix compressed by the real encoder."""
-    opts = dict(FORMATS[fmt], **VARIANTS[variant], kmeans_iters=4, kmeans_max_points=4096)
-    cfg = CompressionConfig(**opts)
+    fmt_fields, variant_fields = dict(FORMATS[fmt]), dict(VARIANTS[variant])
+    options = {**fmt_fields.pop("options", {}), **variant_fields.pop("options", {})}
+    if fmt_fields["quantizer"] == "vq":
+        options.update(kmeans_iters=4, kmeans_max_points=4096)
+    cfg = CompressionConfig(**fmt_fields, **variant_fields, options=options)
     seed = sum(map(ord, fmt)) + 7 * shape[0] + shape[1]
     W = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.02
     codebook = None
     if variant == "shared":  # a codebook fitted on another matrix, as a model-wide one would be
-        other = compress_weight(torch.randn(64, 64) * 0.02, cfg.replace(codebook_scope="matrix"))
+        other = compress_weight(torch.randn(64, 64) * 0.02, cfg.with_options(codebook_scope="matrix"))
         codebook = other.frozen["codebook"]
     w = compress_weight(W, cfg, codebook=codebook)
     if variant == "shared":
@@ -117,7 +120,7 @@ def skip_without_avx512(path: str) -> None:
 def expected_cpu_limit(path: str, cfg: CompressionConfig, q: int) -> bool:
     """The shape / format limits each CPU path states (see their module docstrings)."""
     if path == "cpu":
-        return cfg.quantizer == "vq" and q % cfg.vq_dim != 0  # a VQ vector must not cross a row
+        return cfg.quantizer == "vq" and q % cfg.options.dim != 0  # a VQ vector must not cross a row
     g = cpu_avx512.group_size(cfg, q)
     return g * cfg.bits > 8 or q % cfg.block_size != 0 or cfg.block_size % (8 * g) != 0
 
@@ -282,7 +285,7 @@ def test_available_paths_fall_back_to_decode():
     if cpu_avx512.machine_reason() is None:  # the register-LUT path comes first where it serves
         assert available_paths(nf3, "cpu", f32, 1, (64, 128)) == ["cpu_avx512", "cpu", "decode"]
         assert available_paths(nf3, "cpu", f32, 1, (64, 172))[0] == "cpu"  # blocks cross rows
-        vq28 = CompressionConfig(quantizer="vq", bits=2, vq_dim=8)
+        vq28 = CompressionConfig(quantizer="vq", bits=2, options={"dim": 8})
         assert available_paths(vq28, "cpu", f32, 1, (64, 128))[0] == "cpu"  # 65536-entry table
     assert paths_without_avx512(nf3, "cpu", f32, 1) == ["cpu", "decode"]
     # rotation is served (x and y transformed), so it is no reason to fall back
@@ -293,7 +296,7 @@ def test_available_paths_fall_back_to_decode():
     assert paths_without_avx512(nf3, "cpu", f32, 4) == ["cpu", "decode"]
     assert paths_without_avx512(nf3, "cpu", f32, 5) == ["decode"]  # CPU path: 1..4 tokens
     assert paths_without_avx512(nf3, "cpu", torch.float64, 1) == ["decode"]
-    vq = CompressionConfig(quantizer="vq", bits=2, vq_dim=4)
+    vq = CompressionConfig(quantizer="vq", bits=2, options={"dim": 4})
     assert paths_without_avx512(vq, "cpu", f32, 1, (64, 38)) == ["decode"]  # vectors would cross rows
     assert paths_without_avx512(vq, "cpu", f32, 1, (64, 40)) == ["cpu", "decode"]
     assert paths_without_avx512(vq, "cpu", f32, 1) == ["cpu", "decode"]  # no shape given: not checked

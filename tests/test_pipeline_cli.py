@@ -53,7 +53,7 @@ def test_fine_tuning_presets_compress(phase1, tmp_path, preset, rank, dora):
     cli_main(["fit", "--config", str(ROOT / "configs" / "ae.yaml"),
               "--config", str(ROOT / "configs" / "methods" / f"{preset}.yaml"),
               "--model.init_args.model_name_or_path", str(phase1.base),
-              "--model.init_args.compression.kmeans_iters", "3",
+              "--model.init_args.compression.options.kmeans_iters", "3",
               *CPU, "--run_dir", str(tmp_path / "run")])
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["complete"] and res["method"] == preset
@@ -85,7 +85,7 @@ def _pipeline_argv(phase1, runs, *extra):
     return ["--model", str(phase1.base), "--train", str(TRAIN_TEXT), "--eval", str(VALID_TEXT),
             "--seq-len", str(SEQ_LEN), "--runs", str(runs), "--calibration-sequences", "16", "--train-sequences", "16",
             "--batch-size", "4", "--max-eval-windows", "4", "--accelerator", "cpu", "--token-cache",
-            str(phase1.token_cache), "--compress-args", "--model.init_args.compression.kmeans_iters 3",
+            str(phase1.token_cache), "--compress-args", "--model.init_args.compression.options.kmeans_iters 3",
             "--blockwise-args", "--model.init_args.lr 1e-3", "--e2e-args", "--trainer.val_check_interval 1.0", *extra]
 
 

@@ -104,15 +104,21 @@ def layer(p=96, q=64, seed=0):
 
 
 CASES = [
-    dict(quantizer="vq", bits=3, vq_dim=2),
-    dict(quantizer="vq", bits=2, vq_dim=4, permute=True, permute_rows=32),  # three row blocks, each its own order
+    dict(quantizer="vq", bits=3, options={"dim": 2}),
+    # three row blocks, each its own order
+    dict(quantizer="vq", bits=2, permute=True, permute_rows=32, options={"dim": 4}),
     dict(quantizer="nf", bits=3),
     dict(quantizer="nf", bits=3, rotation="hadamard"),
-    dict(quantizer="vq", bits=2, vq_dim=4, rank=2),  # on the residual after the low-rank part
+    dict(quantizer="vq", bits=2, rank=2, options={"dim": 4}),  # on the residual after the low-rank part
 ]
 
 
-@pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def _case_id(kw: dict) -> str:
+    flat = {**{k: v for k, v in kw.items() if k != "options"}, **kw.get("options", {})}
+    return "-".join(f"{k}={v}" for k, v in flat.items())
+
+
+@pytest.mark.parametrize("kw", CASES, ids=_case_id)
 def test_compress_weight_with_feedback_keeps_the_format_and_lowers_the_output_error(kw):
     W, H = layer()
     plain = compress_weight(W, CompressionConfig(**kw), moments=H)
@@ -131,7 +137,7 @@ def test_compress_weight_with_feedback_keeps_the_format_and_lowers_the_output_er
 
 def test_feedback_needs_the_full_moments():
     W, H = layer()
-    cfg = CompressionConfig(quantizer="vq", bits=3, vq_dim=2, error_feedback="gptq")
+    cfg = CompressionConfig(quantizer="vq", bits=3, error_feedback="gptq", options={"dim": 2})
     with pytest.raises(CompressionError, match="data-free"):
         compress_weight(W, cfg, name="mlp.up")
     with pytest.raises(CompressionError, match="only their diagonal"):
@@ -140,7 +146,7 @@ def test_feedback_needs_the_full_moments():
 
 def test_a_width_that_cuts_vectors_across_rows_is_encoded_without_feedback_and_says_so():
     W, H = layer(16, 6)
-    kw = dict(quantizer="vq", bits=2, vq_dim=4, block_size=8)
+    kw = dict(quantizer="vq", bits=2, block_size=8, options={"dim": 4})
     fed = compress_weight(W, CompressionConfig(**kw, error_feedback="gptq"), moments=H)
     plain = compress_weight(W, CompressionConfig(**kw), moments=H)
     assert fed.meta["error_feedback"] == "skipped: q = 6 is not a multiple of d = 4"

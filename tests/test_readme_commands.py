@@ -31,7 +31,7 @@ DOCS_LINK = re.compile(r"\]\((docs/[\w./-]+\.md)#([\w-]+)\)")
 
 # only what keeps each phase short on a CPU (the commands are otherwise as printed)
 SHORT = {
-    "configs/ae.yaml": ["--model.init_args.compression.kmeans_iters", "5"],
+    "configs/ae.yaml": ["--model.init_args.compression.options.kmeans_iters", "5"],
     "configs/eval.yaml": ["--data.init_args.max_eval_windows", "2"],
     "configs/blockwise.yaml": ["--data.init_args.train_sequences", "8", "--data.init_args.seq_len", "64",
                                "--data.init_args.batch_size", "4"],

@@ -25,9 +25,10 @@ FORMATS = {
     "fp16": dict(quantizer="none", rank=2),
     "nf3": dict(quantizer="nf", bits=3, rank=2),
     "rtn3": dict(quantizer="rtn", bits=3, rank=2, lowrank_dtype="int8"),
-    "vq-perm": dict(quantizer="vq", bits=2, vq_dim=4, permute=True, permute_rows=16, rank=2, kmeans_iters=5),
-    "vq-rot-shared": dict(quantizer="vq", bits=3, vq_dim=2, rotation="hadamard", rank=2, codebook_scope="model",
-                          kmeans_iters=5, magnitude_dtype="float16"),
+    "vq-perm": dict(quantizer="vq", bits=2, permute=True, permute_rows=16, rank=2,
+                    options={"dim": 4, "kmeans_iters": 5}),
+    "vq-rot-shared": dict(quantizer="vq", bits=3, rotation="hadamard", rank=2, magnitude_dtype="float16",
+                          options={"dim": 2, "codebook_scope": "model", "kmeans_iters": 5}),
 }
 OLD = __import__("pathlib").Path(__file__).parent / "data" / "checkpoints_v1"
 

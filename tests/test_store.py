@@ -37,7 +37,7 @@ def test_shared_tensors_are_kept(tmp_path):
     """A matrix of a model-wide VQ codebook keeps the codebook (and the share it is charged)."""
     g = torch.Generator().manual_seed(1)
     W = torch.randn(64, 64, generator=g)
-    config = CompressionConfig(quantizer="vq", bits=2, vq_dim=2, codebook_scope="model", kmeans_iters=3)
+    config = CompressionConfig(quantizer="vq", bits=2, options={"dim": 2, "codebook_scope": "model", "kmeans_iters": 3})
     layer = torch.nn.Linear(64, 64, bias=False)
     ((tensors, _),) = fit_shared_tensors([("a", layer, config)], progress=False).values()
     weight = compress_weight(W, config, name="a", shared=tensors, shared_numel=3 * W.numel())

@@ -29,11 +29,12 @@ def _payload_bytes(path) -> dict[str, int]:
     return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
 
-@pytest.mark.parametrize("cfg", [dict(quantizer="vq", bits=2, vq_dim=4, permute=True, permute_rows=16),
+@pytest.mark.parametrize("cfg", [dict(quantizer="vq", bits=2, permute=True, permute_rows=16,
+                                      options={"dim": 4, "kmeans_iters": 5}),
                                  dict(quantizer="rtn", bits=3), dict(quantizer="nf", bits=3)])
 def test_gradients_of_stored_tensors_equal_a_dense_reference(cfg):
     g = torch.Generator().manual_seed(0)
-    weight = compress_weight(torch.randn(40, 64, generator=g) * 0.05, CompressionConfig(rank=2, kmeans_iters=5, **cfg))
+    weight = compress_weight(torch.randn(40, 64, generator=g) * 0.05, CompressionConfig(rank=2, **cfg))
     layer = ReALLMLinear(weight)
     layer.requires_grad_(False)
     holder = torch.nn.Sequential(layer)
@@ -59,8 +60,9 @@ def test_gradients_of_stored_tensors_equal_a_dense_reference(cfg):
 def test_training_codebooks_and_scales_lowers_the_loss_and_keeps_bits_and_bytes(tmp_path):
     teacher = ALL["llama"](0)
     model = ALL["llama"](0)
-    compress_(model, CompressionConfig(quantizer="vq", bits=2, vq_dim=4, rank=2, codebook_scope="model",
-                                       kmeans_iters=10), progress=False)
+    compress_(model, CompressionConfig(quantizer="vq", bits=2, rank=2,
+                                       options={"dim": 4, "codebook_scope": "model", "kmeans_iters": 10}),
+              progress=False)
     save_compressed(model, tmp_path / "before")
     bits_before = bits_report(model)
     mark_only_adapters_trainable(model)
@@ -103,7 +105,7 @@ def test_training_codebooks_and_scales_lowers_the_loss_and_keeps_bits_and_bytes(
 def test_shared_false_leaves_a_model_wide_codebook_frozen():
     """Block-wise tuning passes shared=False so that a codebook shared with blocks already tuned stays as it is
     (a defect once trained it anyway: the flag was shadowed by the layer's shared tensors)."""
-    cfg = CompressionConfig(quantizer="vq", bits=2, vq_dim=4, codebook_scope="model", kmeans_iters=3)
+    cfg = CompressionConfig(quantizer="vq", bits=2, options={"dim": 4, "codebook_scope": "model", "kmeans_iters": 3})
     model = ALL["llama"](0)
     compress_(model, cfg, progress=False)
     assert make_stored_trainable(model, ("codebook",), shared=False) == 0
@@ -127,7 +129,8 @@ def test_autoencoder_latent_codebook_gets_gradients():
     assert grads and all(g is not None and float(g.abs().sum()) > 0 for g in grads)
 
 
-@pytest.mark.parametrize("cfg", [dict(quantizer="additive", bits=2, vq_dim=8, codebooks=2, beam=2, refine_iters=2),
+@pytest.mark.parametrize("cfg", [dict(quantizer="additive", bits=2,
+                                      options={"dim": 8, "codebooks": 2, "beam": 2, "refine_iters": 2}),
                                  dict(quantizer="e8p", bits=2, rotation="hadamard")])
 def test_baseline_formats_train_their_codebooks_or_scales(cfg):
     g = torch.Generator().manual_seed(1)

@@ -111,7 +111,7 @@ def test_unsupported_model_is_refused():
 
 def test_shared_codebook_across_model():
     model = tiny_llama()
-    cfg = CompressionConfig(quantizer="vq", bits=2, vq_dim=4, codebook_scope="model", kmeans_iters=10)
+    cfg = CompressionConfig(quantizer="vq", bits=2, options={"dim": 4, "codebook_scope": "model", "kmeans_iters": 10})
     compress_(model, cfg, progress=False)
     layers = [layer for _, layer in iter_reallm_layers(model)]
     books = [layer.container().shared["codebook"] for layer in layers]

@@ -1,7 +1,7 @@
 """LightningDataModules, all deriving from :class:`BaseDataModule`."""
 
 from reallm.data.base import BaseDataModule
-from reallm.data.patches import PatchDataModule
+from reallm.data.patch_steps import PatchDataModule
 from reallm.data.text import TextDataModule
 from reallm.data.weights import WeightDataModule
 

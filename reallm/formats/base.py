@@ -15,7 +15,8 @@ preset in `configs/methods/`, and a row in `tests/test_codec_contract.py`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Protocol
 
 from torch import Tensor
@@ -30,8 +31,49 @@ class FormatConfig(Protocol):
     bits: int
     block_size: int
     seed: int
+    #: the format's own options: an instance of its `Codec.options` class
+    options: Any
 
-__all__ = ["Codec", "Encoded", "PIPELINE_BIT_ITEMS"]
+
+@dataclass
+class FormatOptions:
+    """A stored format's own options: none here. A format with knobs of its own subclasses this as a dataclass
+    in its folder's `options.py` (its class docstring's Args are the `--help`) and names the class in its codec
+    (`Codec.options`); `CompressionConfig.options` then holds an instance, checked by the class. `version` is
+    written with the options, so that a checkpoint says which schema its options follow."""
+
+    #: the schema version written with the options; bump it when a field changes meaning
+    version: ClassVar[int] = 1
+    #: CompressionConfig keys of before issue 20, when every format's options sat in one flat bag (checkpoints
+    #: and configs written then) → the field of this class that took each over; keys not listed were never read
+    #: by the format and are dropped
+    legacy_keys: ClassVar[dict[str, str]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None, format_name: str = "") -> FormatOptions:
+        """The options of `values` (a dict as `to_dict` writes it, `version` optional), checked: a newer
+        version or an unknown key is a ValueError naming it."""
+        values = dict(values or {})
+        version = values.pop("version", cls.version)
+        if not isinstance(version, int) or version > cls.version:
+            raise ValueError(f"options of format {format_name!r} have version {version!r}; this reallm reads up to "
+                             f"version {cls.version} (a newer reallm wrote them)")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"format {format_name!r} has no option {', '.join(map(repr, unknown))} "
+                             f"(its options: {', '.join(known) or 'none'})")
+        return cls(**values)
+
+    @classmethod
+    def from_legacy(cls, flat: Mapping[str, Any]) -> dict[str, Any]:
+        """The options dict of a flat config of before issue 20 (the keys of `legacy_keys` that it has)."""
+        return {field_name: flat[key] for key, field_name in cls.legacy_keys.items() if key in flat}
+
+__all__ = ["Codec", "Encoded", "FormatConfig", "FormatOptions", "PIPELINE_BIT_ITEMS"]
 
 # stored tensors written by the shared pipeline stages (not by a codec), and their bit items
 # stored floating tensors of the pipeline that fine-tuning may train (codes stay frozen), by item
@@ -68,6 +110,8 @@ class Codec:
     name: ClassVar[str] = ""
     #: one line for `--help` and the docs
     summary: ClassVar[str] = ""
+    #: the class of the format's own options (`CompressionConfig.options`); FormatOptions: none
+    options: ClassVar[type[FormatOptions]] = FormatOptions
     #: True: the pipeline applies rotation, permutation and the B0-block layout before `encode`, and
     #: `encode` / `decode` see blocks (n_blocks, B0); False: they see the residual (p, q) itself
     blockwise: ClassVar[bool] = True
@@ -120,10 +164,14 @@ class Codec:
         """(2^code_width, vector_dim) fp32: the values each code stands for (formats with `table_kernels`)."""
         raise NotImplementedError(f"format {self.name!r} has no value table for the fused kernels")
 
-    # -- shared tensors (codebook_scope="model") ------------------------------------------------
+    # -- shared tensors (e.g. vq's options.codebook_scope="model") --------------------------------
     def can_share(self, config: FormatConfig) -> bool:
         """Whether matrices compressed with `config` share tensors fitted once by `fit_shared`."""
         return False
+
+    def sample_size(self, config: FormatConfig) -> int | None:
+        """At most how many vectors `fit_shared` is given (a seeded sample of the pooled vectors); None: all."""
+        return None
 
     def fit_shared(self, vectors: Tensor, config: FormatConfig,
                    weights: Tensor | None = None) -> dict[str, Tensor]:

@@ -100,7 +100,7 @@ def fit_shared_tensors(
     moments: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[dict[str, torch.Tensor], int]]:
     """Tensors shared by every matrix of a config whose format shares them (`Codec.can_share`, e.g. one
-    VQ codebook for `codebook_scope: model`), fitted on the pooled normalised residual vectors of all
+    VQ codebook for `options.codebook_scope: model`), fitted on the pooled normalised residual vectors of all
     its matrices. Returns {config key: (shared tensors, weights of the sharing matrices)}.
 
     `moments` (layer name → its inputs' second moments, calibration-aware phase 1): a `weighted` format
@@ -114,7 +114,7 @@ def fit_shared_tensors(
     for key, members in groups.items():
         cfg = members[0][2]
         numel = sum(linear_weight(m).numel() for _, m, _ in members)
-        budget = cfg.kmeans_max_points or numel
+        budget = get_codec(cfg.quantizer).sample_size(cfg) or numel
         pooled, pooled_w = [], []
         gen = torch.Generator().manual_seed(cfg.seed)
         codec = get_codec(cfg.quantizer)

@@ -5,8 +5,9 @@
 1. ``setup``: every matrix × every candidate configuration is prepared. Candidates without a decoder
    (VQ, NF, ...) are compressed at once (data-free; a model-wide VQ codebook is fitted per candidate).
    Autoencoder candidates are grouped (matrices sharing one decoder and latent codebook, ``share`` in
-   the config), groups of identical networks are stacked (`reallm.formats.autoencoder.recipe.AEStack`, vmapped), and
-   the groups are divided among the devices (longest-processing-time first).
+   the config's ``options.network``), groups of identical networks are stacked
+   (`reallm.formats.autoencoder.recipe.AEStack`, vmapped), and the groups are divided among the devices
+   (longest-processing-time first).
 2. ``fit``: a Lightning epoch is an autoencoder epoch; a step trains every stack of this device on one
    mini-batch of patches per group (Adam, cosine schedule with warm-up, MSE weighted so that it is the
    relative squared Frobenius error of W; latent VQ with straight-through gradients; QAT of the
@@ -38,7 +39,7 @@ from torch import nn
 from reallm.core import schedules
 from reallm.core.errors import UserError
 from reallm.core.hf_models import find_decoder_blocks
-from reallm.data.patches import PatchDataModule
+from reallm.data.patch_steps import PatchDataModule
 from reallm.formats.autoencoder import codec as ae_format
 from reallm.formats.autoencoder import recipe as ae_recipe
 from reallm.model.adaptive import AdaptiveConfig
@@ -221,7 +222,7 @@ class AutoencoderPhase(CompressPhase):
             for pm in row:
                 pm.target = pm.weight = None
         seeds = [ae_recipe.seed_of(self.compression.seed, *gid) for gid in gids]
-        stack = ae_recipe.AEStack(spec, c0.bits, c0.vq_dim, len(gids), seeds, qat=self.sched.qat)
+        stack = ae_recipe.AEStack(spec, c0.bits, c0.options.dim, len(gids), seeds, qat=self.sched.qat)
         self._stacks.append((stack, data, gids))
 
     def choice_error(self) -> str:

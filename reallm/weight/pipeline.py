@@ -309,7 +309,7 @@ def compress_weight(
         config: the compression configuration.
         name: the layer name (salts the rotation seeds; named in errors).
         shared: tensors shared by several matrices, fitted once by `fit_shared_tensors`
-            (config.codebook_scope == "model"), e.g. {"codebook": (K, d) fp16}.
+            (the format's `can_share`, e.g. vq's options.codebook_scope == "model"), e.g. {"codebook": (K, d) fp16}.
         shared_numel: weights of all matrices sharing them (for the bit accounting).
         codebook: shorthand for shared={"codebook": codebook}.
         moments: the second moments of the layer's inputs on calibration data, E[x xᵀ] (q, q) or its

@@ -34,6 +34,7 @@ from reallm.formats.autoencoder.networks import (
     export_decoder,
     solve_decoder_width,
 )
+from reallm.formats.autoencoder.options import AutoencoderOptions
 from reallm.formats.base import Codec
 from reallm.formats.registry import register
 from reallm.ops.packing import pack_bits, unpack_bits
@@ -50,7 +51,7 @@ _DECODE_CHUNK_ELEMS = 1 << 26  # activations per decoder chunk when decoding a m
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class AESpec:
-    """Architecture and storage of the patch autoencoder of one config (``config.autoencoder``).
+    """Architecture and storage of the patch autoencoder of one config (``config.options.network``).
 
     Args:
         patch: patch size P, or [P0, P1] (512 in the paper; 32 suits stories260K's 64–172 sides).
@@ -151,12 +152,12 @@ class AESpec:
 
 def ae_spec(config) -> AESpec:
     """The :class:`AESpec` of an autoencoder config, checked against the latent VQ (b, d)."""
-    spec = AESpec.from_dict(config.autoencoder)
-    b, d = config.bits, config.vq_dim
+    spec = AESpec.from_dict(config.options.network)
+    b, d = config.bits, config.options.dim
     if b < 1 or d < 1 or b * d > 16:
-        raise ValueError(f"latent VQ needs bits >= 1, vq_dim >= 1 and bits·vq_dim <= 16, got {b}, {d}")
+        raise ValueError(f"latent VQ needs bits >= 1, options.dim >= 1 and bits·dim <= 16, got {b}, {d}")
     if spec.latent_channels % d:
-        raise ValueError(f"latent_channels e2={spec.latent_channels} must be a multiple of vq_dim d={d}")
+        raise ValueError(f"latent_channels e2={spec.latent_channels} must be a multiple of options.dim d={d}")
     return spec
 
 
@@ -233,7 +234,7 @@ def decode_autoencoder(
     """Ŷ (p, q), the normalised matrix in the rotated / permuted domain (before the block scales), by
     one forward pass of the stored decoder over the latent decoded from the stored codes."""
     spec = ae_spec(config)
-    d, width = config.vq_dim, config.bits * config.vq_dim
+    d, width = config.options.dim, config.bits * config.options.dim
     src = {**shared, **stored}
     codes_packed = src.get("latent_codes")
     codebook = src.get("latent_codebook")
@@ -259,6 +260,7 @@ def decode_autoencoder(
 @register
 class PatchAutoencoder(Codec):
     name = "autoencoder"
+    options = AutoencoderOptions
     summary = "latent VQ codes decoded by a trained PixelShuffle decoder (ReALLM; made by the autoencoder phase)"
     bit_items = {"latent_codes": "latent", "latent_codebook": "latent", "decoder": "decoder"}
     produced_by = "the autoencoder phase (configs/ae.yaml with a reallm-* preset), not by compress_weight"
@@ -286,7 +288,7 @@ class PatchAutoencoder(Codec):
         return total
 
     def code_width(self, config) -> int:  # latent codes: one per d latent coordinates
-        return config.bits * config.vq_dim
+        return config.bits * config.options.dim
 
     def decode(self, stored: dict[str, Tensor], meta: dict[str, Any], config, shape, n_blocks, shared) -> Tensor:
         Y = decode_autoencoder(stored, meta, config, shape, shared).reshape(-1)  # (p·q,)

@@ -96,7 +96,7 @@ def stack_key(config: FormatConfig) -> str:
     """Groups with the same key have identical networks and can be trained as one vmapped stack."""
     spec = ae_spec(config).to_dict()
     spec.pop("share")
-    return f"{sorted(spec.items())}|b={config.bits}|d={config.vq_dim}"
+    return f"{sorted(spec.items())}|b={config.bits}|d={config.options.dim}"
 
 
 

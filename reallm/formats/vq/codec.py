@@ -2,8 +2,8 @@
 
 Vectors are d consecutive values of the row-major stream, i.e. d neighbouring columns of one row
 (after the column permutation has put similar columns side by side). The codebook (K = 2^(b·d)
-codewords, fp16) is fitted per matrix, or once for every matrix of a config (`codebook_scope:
-model`, a shared tensor whose bits are divided among the matrices).
+codewords, fp16) is fitted per matrix, or once for every matrix of a config (option
+`codebook_scope: model`, a shared tensor whose bits are divided among the matrices).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import Tensor
 
 from reallm.formats.base import Codec, Encoded
 from reallm.formats.registry import register
+from reallm.formats.vq.options import VQOptions
 from reallm.ops.kmeans import assign, kmeans
 from reallm.ops.lut import decode_codes
 from reallm.ops.packing import pack_bits
@@ -23,14 +24,15 @@ from reallm.ops.packing import pack_bits
 def fit_codebook(vectors: Tensor, config, init: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
     """k-means codebook (K, d) of `vectors` (N, d), rounded to its fp16 storage, returned in fp32 (weighted
     k-means with per-coordinate `weights` (N, d) when given)."""
+    opts: VQOptions = config.options
     res = kmeans(
         vectors,
-        config.codebook_size,
-        iters=config.kmeans_iters,
-        tol=config.kmeans_tol,
-        init=config.kmeans_init,
+        1 << (config.bits * opts.dim),  # K = 2^(b·d) codewords (method.md §3; the paper's "2^(b−d)" is a typo)
+        iters=opts.kmeans_iters,
+        tol=opts.kmeans_tol,
+        init=opts.kmeans_init,
         seed=config.seed,
-        max_points=config.kmeans_max_points,
+        max_points=opts.kmeans_max_points,
         init_codebook=init,
         weights=weights,
     )
@@ -41,6 +43,7 @@ def fit_codebook(vectors: Tensor, config, init: Tensor | None = None, weights: T
 class VectorQuantizer(Codec):
     name = "vq"
     summary = "k-means codebook of 2^(b·d) d-vectors, absmax block scales (ReALLM without decoder)"
+    options = VQOptions
     bit_items = {"codes": "codes", "codebook": "codebook"}
     table_kernels = True
     trainable = {"codebook": ("codebook",)}
@@ -53,24 +56,30 @@ class VectorQuantizer(Codec):
         return codebook.to(device=stored["codes"].device, dtype=torch.float32).contiguous()  # (K, d)
 
     def validate(self, config) -> None:
-        if config.vq_dim not in (1, 2, 4, 8):
-            raise ValueError(f"vq_dim must be 1, 2, 4 or 8, got {config.vq_dim}")
-        if not 1 <= config.bits * config.vq_dim <= 16:
-            raise ValueError(f"b·d must be in 1..16 (codebook of 2^(b·d) codewords), got "
-                             f"bits={config.bits} × vq_dim={config.vq_dim}")
+        opts: VQOptions = config.options
+        if opts.dim not in (1, 2, 4, 8):
+            raise ValueError(f"vq: dim must be 1, 2, 4 or 8, got {opts.dim}")
+        if not 1 <= config.bits * opts.dim <= 16:
+            raise ValueError(f"vq: b·d must be in 1..16 (codebook of 2^(b·d) codewords), got "
+                             f"bits={config.bits} × dim={opts.dim}")
+        if opts.codebook_scope not in ("matrix", "model"):
+            raise ValueError(f"vq: codebook_scope must be 'matrix' or 'model', got {opts.codebook_scope!r}")
 
     def vector_dim(self, config) -> int:
-        return config.vq_dim
+        return config.options.dim
 
     def can_share(self, config) -> bool:
-        return config.codebook_scope == "model"
+        return config.options.codebook_scope == "model"
+
+    def sample_size(self, config) -> int | None:
+        return config.options.kmeans_max_points
 
     def fit_shared(self, vectors: Tensor, config, weights: Tensor | None = None) -> dict[str, Tensor]:
         return {"codebook": fit_codebook(vectors, config, weights=weights).to(torch.float16)}
 
     def encode(self, X: Tensor, config, *, shared=None, state=None, weights=None) -> Encoded:
-        vectors = X.reshape(-1, config.vq_dim)  # (n_vectors, d)
-        w = weights.reshape(-1, config.vq_dim) if weights is not None else None  # (n_vectors, d)
+        vectors = X.reshape(-1, config.options.dim)  # (n_vectors, d)
+        w = weights.reshape(-1, config.options.dim) if weights is not None else None  # (n_vectors, d)
         stored: dict[str, Tensor] = {}
         if shared and "codebook" in shared:
             codebook = shared["codebook"].to(device=X.device, dtype=torch.float16).float()
@@ -90,7 +99,7 @@ class VectorQuantizer(Codec):
         codebook = stored.get("codebook", shared.get("codebook"))
         if codebook is None:
             raise KeyError("VQ matrix without its codebook (shared codebook missing)")
-        per_block = config.block_size // config.vq_dim  # vectors per block
+        per_block = config.block_size // config.options.dim  # vectors per block
         values = decode_codes(stored["codes"], self.code_width(config), (stop - start) * per_block,
                               codebook.float().to(stored["codes"].device), start=start * per_block)
         return values.view(stop - start, config.block_size)  # (n_vectors, d) → blocks

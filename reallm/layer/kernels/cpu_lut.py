@@ -11,7 +11,7 @@ y[t, r] = Σ_blocks s_blk · Σ_{codes v of row r in blk} LUT[t, v − v_row, co
 - "dot" mode, for larger tables (VQ b·d > 8, e.g. b = 2, d = 8 with 65536 codewords): every code
   costs the d-term dot product of its codeword with the input group.
 - Codes are read from the stored byte stream as stored: a run of 8 codes is exactly `width`
-  bytes, so the inner loop, generated per (width, tokens, mode) and compiled once per process,
+  bytes, so the inner loop, generated per (width, tokens, mode) and compiled once per machine (a cache on disk),
   reads those bytes and cuts the 8 codes with constant shifts; codes at the edges of a row or a
   scale block (shapes whose rows or blocks do not start on an 8-code boundary) are cut one by one.
 - Block scales are dequantised on the fly from the stored uint8 codes (8 bits read per block).
@@ -23,17 +23,22 @@ a row); 1–4 tokens; x in fp32 / bf16 / fp16 on the CPU (computed in fp32).
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import math
 import os
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from reallm.core.io import atomic_write_text
 from reallm.weight.config import CompressionConfig
 
 from .backend import FusedBackend
@@ -204,96 +209,128 @@ def _row_source(width: int, n_tokens: int, mode: str, g: int, k_entries: int) ->
     return "\n".join(L) + "\n"
 
 
-# Kernels, compiled once per process per key. They release the GIL: a call splits its row tasks
-# into one contiguous range per thread and runs them on a small Python thread pool (numba's own
-# parallel loops would cost a second, slower compilation per key, and its default threading
-# layer must not be entered by two threads at once).
+# Kernels, compiled once per machine per key. They release the GIL: a call splits its row tasks into one
+# contiguous range per thread and runs them on a small Python thread pool (numba's own parallel loops would cost
+# a second, slower compilation per key, and its default threading layer must not be entered by two threads at
+# once). Compiling one key takes 1–40 s (its unrolled row loop grows with tokens and code width), so each key's
+# source is written once as a module file in the kernel cache directory and compiled with numba's on-disk cache:
+# a later process loads the machine code instead of compiling again. The file name is the digest of the source
+# and numba's version, so a changed generator or numba never reads a stale kernel.
 _KERNELS: dict[tuple, Any] = {}
 _POOL: ThreadPoolExecutor | None = None
 
+_COMMON_SOURCE = """
+@njit(fastmath=True, inline="always", cache=True)
+def codeword_dot(tb, c, xp, t, base):
+    \"\"\"sum_i tb[c, i] * xp[t, base + i]: one codeword against its input group.\"\"\"
+    s = np.float32(0.0)
+    for i in range(tb.shape[1]):
+        s += tb[c, i] * xp[t, base + i]
+    return s
 
-@cache
-def _common_kernels() -> tuple[Any, Any]:
-    """(codeword_dot, build_lut), shared by every generated kernel."""
-    njit = _numba().njit
 
-    @njit(fastmath=True, inline="always")
-    def codeword_dot(tb, c, xp, t, base):
-        """Σ_i tb[c, i] · xp[t, base + i]: one codeword against its input group."""
-        s = np.float32(0.0)
-        for i in range(tb.shape[1]):
-            s += tb[c, i] * xp[t, base + i]
-        return s
-
-    @njit(fastmath=True, nogil=True)
-    def build_lut(xp, tb_t, lut):
-        """lut[(grp · T + t) · K + k] = Σ_i tb[k, i] · xp[t, grp·g + i]; tb_t is tb transposed (g, K)."""
-        T, q = xp.shape
-        gg, K = tb_t.shape
-        for grp in range(q // gg):
-            for t in range(T):
-                base = (grp * T + t) * K
+@njit(fastmath=True, nogil=True, cache=True)
+def build_lut(xp, tb_t, lut):
+    \"\"\"lut[(grp * T + t) * K + k] = sum_i tb[k, i] * xp[t, grp*g + i]; tb_t is tb transposed (g, K).\"\"\"
+    T, q = xp.shape
+    gg, K = tb_t.shape
+    for grp in range(q // gg):
+        for t in range(T):
+            base = (grp * T + t) * K
+            for k in range(K):
+                lut[base + k] = np.float32(0.0)
+            for i in range(gg):
+                xv = xp[t, grp * gg + i]
                 for k in range(K):
-                    lut[base + k] = np.float32(0.0)
-                for i in range(gg):
-                    xv = xp[t, grp * gg + i]
-                    for k in range(K):
-                        lut[base + k] += tb_t[i, k] * xv
+                    lut[base + k] += tb_t[i, k] * xv
+"""
 
-    return codeword_dot, build_lut
+_ROWS_SOURCE = """
+@njit(fastmath=True, nogil=True, cache=True)
+def rows(x, perm, rows_per_task, task_begin, task_end, chunk, shared_lut, codes, tb, tb_t, scode, gmax,
+         offset, levels, sgroup, cpb, out):
+    \"\"\"out[:, rows of tasks task_begin..task_end-1] += x (T, q) . X^T, by column chunks of `chunk` values (a
+    multiple of g) so that a chunk's LUT stays in the core's cache while the task's rows use it. With a
+    permutation (perm (n_row_blocks, q), one task per row block) each task gathers x through its block's column
+    order and builds its LUT chunk by chunk; without (perm of shape (0, q)) `shared_lut` (the whole row's LUT)
+    serves every task.\"\"\"
+    T, q = x.shape
+    p = out.shape[1]
+    gg, K = tb_t.shape
+    has_perm = perm.shape[0] > 0
+    xp = np.empty((T, q), dtype=np.float32)
+    lut = np.empty(chunk // gg * T * K if (USE_LUT and has_perm) else 1, dtype=np.float32)
+    for task in range(task_begin, task_end):
+        r0 = task * rows_per_task
+        r1 = min(p, r0 + rows_per_task)
+        if has_perm:
+            for t in range(T):
+                for j in range(q):
+                    xp[t, j] = x[t, perm[task, j]]
+        else:
+            xp[:, :] = x
+        for c0 in range(0, q, chunk):
+            c1 = min(q, c0 + chunk)
+            if not USE_LUT:
+                chunk_lut = lut
+            elif has_perm:
+                build_lut(xp[:, c0:c1], tb_t, lut)
+                chunk_lut = lut
+            else:
+                chunk_lut = shared_lut[c0 // gg * T * K:]
+            for r in range(r0, r1):
+                row_dot(codes, chunk_lut, tb, xp, c0, (r * q + c0) // gg, (c1 - c0) // gg, cpb, scode,
+                        gmax, offset, levels, sgroup, out, r)
+"""
+
+
+def kernel_cache_dir() -> Path:
+    """Where compiled kernels are kept: $REALLM_KERNEL_CACHE, else $XDG_CACHE_HOME/reallm/kernels (default
+    ~/.cache/reallm/kernels), else, when that cannot be created, a folder of the temporary directory."""
+    configured = os.environ.get("REALLM_KERNEL_CACHE")
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reallm" / "kernels"
+    for directory in ([Path(configured)] if configured else [base]) + [
+            Path(tempfile.gettempdir()) / f"reallm-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"]:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if os.access(directory, os.W_OK):
+                return directory
+        except OSError:
+            continue
+    raise OSError("no writable directory for the compiled CPU kernels (set REALLM_KERNEL_CACHE)")
+
+
+def kernel_module_source(width: int, n_tokens: int, mode: str, g: int, k_entries: int) -> str:
+    """The whole module of one key: its row loop (`_row_source`), the row-task driver and the shared helpers,
+    every function compiled with numba's on-disk cache."""
+    row = _row_source(width, n_tokens, mode, g, k_entries).replace(
+        "def row_dot(", "@njit(fastmath=True, cache=True)\ndef row_dot(", 1)
+    header = (f'"""Generated by reallm.layer.kernels.cpu_lut for (width, tokens, mode, g, K) = '
+              f'{(width, n_tokens, mode, g, k_entries)}."""\n\nimport numpy as np\nfrom numba import njit\n\n'
+              f"U = np.uint64\nUSE_LUT = {mode == 'lut'}\n")
+    return header + _COMMON_SOURCE + "\n\n" + row + _ROWS_SOURCE
+
+
+def _load_kernel_module(key: tuple) -> ModuleType:
+    source = kernel_module_source(*key)
+    digest = hashlib.sha256((source + _numba().__version__).encode()).hexdigest()[:20]
+    path = kernel_cache_dir() / f"cpu_lut_{digest}.py"
+    if not path.is_file():
+        atomic_write_text(path, source)  # two processes may write it at once: each rename is whole
+    spec = importlib.util.spec_from_file_location(f"reallm_cpu_lut_{digest}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # numba's cache finds the module of a cached function by its name
+    spec.loader.exec_module(module)
+    return module
 
 
 def _kernel(width: int, n_tokens: int, mode: str, g: int, k_entries: int) -> Any:
-    """`rows(...)` for one (width, tokens, mode, group, table size): the output rows of a range of
-    row tasks (see `cpu_frozen_matmul`)."""
+    """The compiled module of one (width, tokens, mode, group, table size): `rows(...)`, the output rows of a
+    range of row tasks (see `cpu_frozen_matmul`), and `build_lut`."""
     key = (width, n_tokens, mode, g, k_entries)
-    if key in _KERNELS:
-        return _KERNELS[key]
-    njit = _numba().njit
-    codeword_dot, build_lut = _common_kernels()
-    namespace: dict[str, Any] = {"np": np, "U": np.uint64, "codeword_dot": codeword_dot}
-    exec(_row_source(width, n_tokens, mode, g, k_entries), namespace)  # noqa: S102 (generated here)
-    row_dot = njit(fastmath=True)(namespace["row_dot"])
-    use_lut = mode == "lut"
-
-    @njit(fastmath=True, nogil=True)
-    def rows(x, perm, rows_per_task, task_begin, task_end, chunk, shared_lut, codes, tb, tb_t, scode, gmax,
-             offset, levels, sgroup, cpb, out):
-        """out[:, rows of tasks task_begin..task_end-1] += x (T, q) · X̂ᵀ, by column chunks of
-        `chunk` values (a multiple of g) so that a chunk's LUT stays in the core's cache while the
-        task's rows use it. With a permutation (perm (n_row_blocks, q), one task per row block)
-        each task gathers x through its block's column order and builds its LUT chunk by chunk;
-        without (perm of shape (0, q)) `shared_lut` (the whole row's LUT) serves every task."""
-        T, q = x.shape
-        p = out.shape[1]
-        gg, K = tb_t.shape
-        has_perm = perm.shape[0] > 0
-        xp = np.empty((T, q), dtype=np.float32)
-        lut = np.empty(chunk // gg * T * K if (use_lut and has_perm) else 1, dtype=np.float32)
-        for task in range(task_begin, task_end):
-            r0 = task * rows_per_task
-            r1 = min(p, r0 + rows_per_task)
-            if has_perm:
-                for t in range(T):
-                    for j in range(q):
-                        xp[t, j] = x[t, perm[task, j]]
-            else:
-                xp[:, :] = x
-            for c0 in range(0, q, chunk):
-                c1 = min(q, c0 + chunk)
-                if not use_lut:
-                    chunk_lut = lut
-                elif has_perm:
-                    build_lut(xp[:, c0:c1], tb_t, lut)
-                    chunk_lut = lut
-                else:
-                    chunk_lut = shared_lut[c0 // gg * T * K:]
-                for r in range(r0, r1):
-                    row_dot(codes, chunk_lut, tb, xp, c0, (r * q + c0) // gg, (c1 - c0) // gg, cpb, scode,
-                            gmax, offset, levels, sgroup, out, r)
-
-    _KERNELS[key] = rows
-    return rows
+    if key not in _KERNELS:
+        _KERNELS[key] = _load_kernel_module(key)
+    return _KERNELS[key]
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -332,8 +369,8 @@ def cpu_frozen_matmul(x: Tensor, prep: PreparedFrozen, config: CompressionConfig
     K = table.shape[0]
     width = g * prep.bits
     mode = "lut" if width <= _LUT_MAX_WIDTH else "dot"
-    rows = _kernel(width, T, mode, g, K)
-    _, build_lut = _common_kernels()
+    kernel = _kernel(width, T, mode, g, K)
+    rows, build_lut = kernel.rows, kernel.build_lut
     xf = x.to(torch.float32).contiguous().numpy()  # (T, q)
     tb = table.numpy()  # (K, g)
     tb_t = np.ascontiguousarray(tb.T)  # (g, K)

@@ -9,7 +9,7 @@ order they are tried; the first whose `unsupported_reason` is None serves an "au
 - "triton" (`triton_vq.py`): fused dequantize-matmul Triton kernel, 1–16 tokens, on CUDA (where the CPU
   backends decline); on CPU only under TRITON_INTERPRET=1, the Triton interpreter, for tests — hence after
   the CPU backends;
-- "decode" (`decode.py`): `reallm.weight.decode.decode_frozen` then a dense matmul — every stored format,
+- "decode" (`fallback.py`): `reallm.weight.decode.decode_frozen` then a dense matmul — every stored format,
   any device, any token count (the fallback, always last).
 
 Rotation (QuIP#-style Hadamard) is served by the fused backends exactly (`backend.FusedBackend`).
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from reallm.weight.config import CompressionConfig
 
-from . import cpu_avx512, cpu_lut, decode, triton_vq
+from . import cpu_avx512, cpu_lut, fallback, triton_vq
 from .backend import FrozenOperand, KernelBackend
 from .prepare import PreparedFrozen
 
@@ -32,7 +32,7 @@ __all__ = ["BACKENDS", "PATHS", "UnsupportedPath", "available_paths", "frozen_ma
            "unsupported_reason"]
 
 # tried in this order; "decode" serves every call and stays last
-BACKENDS: tuple[KernelBackend, ...] = (cpu_avx512.BACKEND, cpu_lut.BACKEND, triton_vq.BACKEND, decode.BACKEND)
+BACKENDS: tuple[KernelBackend, ...] = (cpu_avx512.BACKEND, cpu_lut.BACKEND, triton_vq.BACKEND, fallback.BACKEND)
 _BY_NAME = {b.name: b for b in BACKENDS}
 
 PATHS = ("triton", "cpu_avx512", "cpu", "decode")  # every backend's name (the order messages list them in)
@@ -128,6 +128,6 @@ def frozen_matmul(
         reason = unsupported_reason(path, config, x.device, x.dtype, T, shape)
         if reason is not None:
             raise UnsupportedPath(f"path {path!r} cannot serve this call: {reason}")
-    chosen = decode.BACKEND if T == 0 else get_backend(path)
+    chosen = fallback.BACKEND if T == 0 else get_backend(path)
     frozen = FrozenOperand(stored, config, shape, shared, meta, prepared)
     return chosen.matmul(x2, frozen).reshape(*lead, p)  # (..., p)
