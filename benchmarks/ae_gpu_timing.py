@@ -72,7 +72,7 @@ def main() -> int:
 
     ae = {"patch": args.patch, "n_stages": args.n_stages, "latent_channels": 16, "encoder_width": args.encoder_width,
           "encoder_blocks": 1, "decoder_params": args.decoder_params, "weight_bits": 6, "share": "matrix"}
-    cfg = CompressionConfig(quantizer="autoencoder", bits=3, rank=0, options={"dim": 2, "network": ae})
+    cfg = CompressionConfig(quantizer="autoencoder", bits=3, rank=0, options={"dim": 2, **ae})
     spec = ae_format.ae_spec(cfg)
     print(f"decoder: F = {spec.width()}, {spec.decoder_params_count():,} parameters (c = {args.decoder_params:.3g}); "
           f"latent per patch {spec.latent_hw[0]} × {spec.latent_hw[1]} × {spec.latent_channels}; "

@@ -134,7 +134,7 @@ def main() -> int:
     print(HEAD)
     for bphi in (6, 4):
         cfg = CompressionConfig(quantizer="autoencoder", bits=3, rank=0, permute=False,
-                                options={"dim": 2, "network": {**ae, "weight_bits": bphi}})
+                                options={"dim": 2, **ae, "weight_bits": bphi})
         for qat in (True, False):
             r = train_ae(W, cfg, sched.__class__(**{**sched.__dict__, "qat": qat}))
             label = f"autoencoder, {'QAT' if qat else 'PTQ'}"
@@ -168,7 +168,7 @@ def main() -> int:
     print(HEAD)
     for bphi in (6, 4):
         cfg = CompressionConfig(quantizer="autoencoder", bits=3, rank=0, permute=True,
-                                options={"dim": 2, "network": {**ae, "weight_bits": bphi}})
+                                options={"dim": 2, **ae, "weight_bits": bphi})
         for qat in (True, False):
             r = train_ae(Ws, cfg, sched.__class__(**{**sched.__dict__, "qat": qat}))
             label = f"autoencoder, {'QAT' if qat else 'PTQ'}"

@@ -40,16 +40,14 @@ model:
   init_args:
     compression:
       options:
-        dim: 2
-        network: {patch: 16, n_stages: 1, latent_channels: 4, encoder_width: 8, encoder_blocks: 0,
-                  decoder_width: 8, kernels: [3], share: model}
+        {dim: 2, patch: 16, n_stages: 1, latent_channels: 4, encoder_width: 8, encoder_blocks: 0, decoder_width: 8,
+         kernels: [3], share: model}
     schedule: {batch_size: 8, kmeans_iters: 5}
     adaptive:
       budget: 2.0
       candidates:
         ae_large_latent: {}
-        ae_small_latent: {bits: 2, options: {network: {n_stages: 2, latent_channels: 2, decoder_width: 12,
-                                                       kernels: [1, 3]}}}
+        ae_small_latent: {bits: 2, options: {n_stages: 2, latent_channels: 2, decoder_width: 12, kernels: [1, 3]}}
         vq3: {quantizer: vq, options: {dim: 2, codebook_scope: model, kmeans_iters: 5}}
 """
 
@@ -160,7 +158,7 @@ def test_save_load_identical_logits(tmp_path):
     network = {"patch": 16, "n_stages": 1, "latent_channels": 4, "encoder_width": 8, "encoder_blocks": 0,
                "decoder_width": 8, "kernels": [3], "share": "type"}
     cfg = CompressionConfig(quantizer="autoencoder", bits=3, permute=True, rank=2,
-                            options={"dim": 2, "network": network})
+                            options={"dim": 2, **network})
     targets = select_layers(model, cfg)
     groups: dict[str, list] = {}
     for name, mod, c in targets:

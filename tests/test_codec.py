@@ -36,9 +36,9 @@ AE = {"patch": 16, "n_stages": 1, "latent_channels": 4, "encoder_width": 8, "enc
 
 
 def config(dim: int = 2, network: dict | None = None, **kw) -> CompressionConfig:
-    """An autoencoder config: options dim and network (AE, with `network`'s keys changed); `kw` the shared fields."""
+    """An autoencoder config: options dim and the network AE, with `network`'s keys changed; `kw` the shared fields."""
     return CompressionConfig(**{"quantizer": "autoencoder", "bits": 3, "permute": True, "rank": 0,
-                                "options": {"dim": dim, "network": {**AE, **(network or {})}}, **kw})
+                                "options": {"dim": dim, **AE, **(network or {})}, **kw})
 
 
 def trained(cfg: CompressionConfig, shapes=((40, 24), (24, 33)), epochs: int = 4, qat: bool = True, seed: int = 0):
@@ -177,7 +177,7 @@ def test_vmapped_stack_equals_individual_modules():
 def test_spec_validation():
     with pytest.raises(ValueError, match="not divisible"):
         ae_format.AESpec.from_dict({**AE, "patch": 18, "n_stages": 2})
-    with pytest.raises(ValueError, match="unknown autoencoder options"):
+    with pytest.raises(ValueError, match="'AESpec' has no option 'latent'"):
         ae_format.AESpec.from_dict({**AE, "latent": 3})
     with pytest.raises(ValueError, match=r"multiple of options\.dim d=4"):
         ae_format.ae_spec(config(dim=4, network={"latent_channels": 2}))

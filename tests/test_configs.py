@@ -137,8 +137,8 @@ def test_shipped_configs_use_options_not_the_former_flat_keys():
 
 def test_candidates_of_the_reallm_presets_keep_their_meaning():
     """The ReALLM presets' candidates as they were before options moved per format: a VQ candidate (another format
-    than the autoencoder base) names its vector length, the small-latent autoencoder merges its network into the
-    base's."""
+    than the autoencoder base) names its vector length, the small-latent autoencoder merges its network options into
+    the base's."""
     from reallm.model.adaptive import AdaptiveConfig
     from reallm.model.candidates import candidate_configs
 
@@ -153,10 +153,9 @@ def test_candidates_of_the_reallm_presets_keep_their_meaning():
             c = configs[label]
             assert c.quantizer == "vq" and c.options.dim == dim and c.options.codebook_scope == "model", (preset, label)
             assert (c.rank, c.dora, c.lowrank_dtype) == (base.rank, base.dora, base.lowrank_dtype)
-        small = configs["ae_small_latent"].options
-        assert small.dim == base.options.dim
-        assert small.network == {**base.options.network, "n_stages": 3, "latent_channels": 8, "encoder_blocks": 1,
-                                 "decoder_width": 64, "kernels": [1, 3, 3]}
+        small = configs["ae_small_latent"].options.to_dict()
+        assert small == {**base.options.to_dict(), "n_stages": 3, "latent_channels": 8, "encoder_blocks": 1,
+                         "decoder_width": 64, "kernels": [1, 3, 3]}
         assert configs["ae_large_latent"] == base
 
 
@@ -171,7 +170,7 @@ def test_candidates_of_the_reallm_presets_keep_their_meaning():
                   "kmeans_max_points": 4096, "codebook_scope": "model"}),
     ({"vq_dim": 2, "kmeans_iters": 7, "codebook_scope": "model", "codebooks": 2, "beam": 8,
       "autoencoder": {"patch": 32, "n_stages": 1, "kernels": [3]}},
-     "autoencoder", {"dim": 2, "network": {"patch": 32, "n_stages": 1, "kernels": [3]}}),
+     "autoencoder", {"dim": 2, "patch": 32, "n_stages": 1, "kernels": [3]}),
     ({"vq_dim": 4, "kmeans_iters": 7, "codebook_scope": "model", "autoencoder": None}, "nf", {}),
 ])
 def test_a_flat_legacy_dict_moves_into_the_formats_options(flat, quantizer, expected):
@@ -235,7 +234,8 @@ def test_a_former_flat_key_is_one_clear_error(how, setup, tmp_path, capsys):
     else:
         (tmp_path / "old.yaml").write_text("model:\n  init_args:\n    compression:\n      vq_dim: 4\n")
         bad = ["--config", str(tmp_path / "old.yaml")]
-    assert "'vq_dim' is not accepted" in _cli_error([*args, *bad], capsys)
+    message = _cli_error([*args, *bad], capsys)
+    assert "'vq_dim' is not accepted" in message and "vq_dim is now options.dim" in message
     assert "has no option 'dimm'" in _cli_error([*args, "--model.init_args.compression.options.dimm", "4"], capsys)
     cli = cli_main([*args, "--model.init_args.compression.options.dim", "4"], run=False)
     comp = cli.model.compression  # the preset's other options are kept: a dotted key is merged into them
@@ -262,5 +262,5 @@ def test_python_m_reallm_formats_lists_each_formats_options():
             assert opts == "options: none"
     vq = next(line for line in lines if "VQOptions" in line)
     assert "dim=2" in vq and "kmeans_iters=100" in vq and "codebook_scope='matrix'" in vq
-    assert "network={}" in next(line for line in lines if "AutoencoderOptions" in line)
+    assert "patch=512" in next(line for line in lines if "AESpec" in line)
     assert "codebooks=2" in next(line for line in lines if "AdditiveOptions" in line)

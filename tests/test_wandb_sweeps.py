@@ -186,7 +186,7 @@ def test_there_is_a_sweep_for_each_topic():
     assert "model.init_args.lr" in params["e2e-lr"] and "model.init_args.lr" in params["blockwise-lr"]
     ae = params["autoencoder-shape"]
     for key in ("latent_channels", "n_stages", "decoder_params", "weight_bits"):
-        assert f"model.init_args.compression.options.network.{key}" in ae
+        assert f"model.init_args.compression.options.{key}" in ae
     assert "model.init_args.schedule.lr" in ae
 
 
@@ -196,15 +196,7 @@ def _dotted(d, key):
     return d
 
 
-# jsonargparse merges a dotted key into a dict-typed field one level deep only: `--x.options.network.n_stages=2`
-# replaces options["network"] by {"n_stages": 2} instead of merging into it, so the autoencoder-shape sweep (whose
-# parameters are entries of the autoencoder's options.network) loses the other network entries. Strict: passes
-# (and must lose this mark) once the CLI merges nested option dicts.
-_NESTED_DICT_MERGE = pytest.mark.xfail(strict=True, reason="jsonargparse merges --a.dict.k1.k2 one level deep only")
-
-
-@pytest.mark.parametrize("sweep", [pytest.param(p, marks=_NESTED_DICT_MERGE) if p.stem == "autoencoder-shape" else p
-                                   for p in SWEEPS], ids=lambda p: p.stem)
+@pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)
 def test_sweep_parameters_are_accepted_by_the_cli(sweep, monkeypatch):
     """Each sweep's command, built as `wandb agent` builds it (`${env} ${interpreter} ${program}
     ${args}` → `--key=value`), parses; every parameter lands at its key with its value, and the

@@ -15,9 +15,10 @@ preset in `configs/methods/`, and a row in `tests/test_codec_contract.py`.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol, Union, get_args, get_origin, get_type_hints
 
 from torch import Tensor
 
@@ -57,6 +58,7 @@ class FormatOptions:
         """The options of `values` (a dict as `to_dict` writes it, `version` optional), checked: a newer
         version or an unknown key is a ValueError naming it."""
         values = dict(values or {})
+        format_name = format_name or cls.__name__
         version = values.pop("version", cls.version)
         if not isinstance(version, int) or version > cls.version:
             raise ValueError(f"options of format {format_name!r} have version {version!r}; this reallm reads up to "
@@ -66,6 +68,13 @@ class FormatOptions:
         if unknown:
             raise ValueError(f"format {format_name!r} has no option {', '.join(map(repr, unknown))} "
                              f"(its options: {', '.join(known) or 'none'})")
+        hints = get_type_hints(cls)
+        for name, value in list(values.items()):
+            if value in ("None", "null") and _admits(hints[name], None):
+                values[name] = value = None  # a dotted CLI key gives the dict the string
+            if not _admits(hints[name], value):
+                raise ValueError(f"option {name!r} of format {format_name!r} must be {_type_name(hints[name])}, "
+                                 f"got {value!r}")
         return cls(**values)
 
     @classmethod
@@ -206,3 +215,30 @@ class Codec:
         that can read its stored tensors by range overrides this (the default decodes all and slices)."""
         n_blocks = -(-shape[0] * shape[1] // config.block_size)
         return self.decode(stored, meta, config, shape, n_blocks, shared)[start:stop]
+
+
+def _admits(annotation: Any, value: Any) -> bool:
+    """Whether `value` fits an option's annotation (None, bool, int, float, str, Literal, unions, list, dict)."""
+    origin = get_origin(annotation)
+    if annotation is Any:
+        return True
+    if annotation is type(None) or annotation is None:
+        return value is None
+    if origin is Literal:
+        return value in get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return any(_admits(a, value) for a in get_args(annotation))
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        args = get_args(annotation)
+        return isinstance(value, (list, tuple)) and (not args or all(_admits(args[0], v) for v in value))
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, origin or annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")

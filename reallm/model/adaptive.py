@@ -47,8 +47,8 @@ class AdaptiveConfig:
             codes, codebooks, scales, permutations, latent codes and codebooks, decoders, low-rank
             factors, DoRA magnitudes; shared pieces once).
         candidates: label → overrides of the phase's base compression config. A candidate's `options` are
-            merged into the base's when it keeps the base's format (a nested dict such as the autoencoder's
-            `network` too); a candidate of another format starts from that format's default options
+            merged into the base's when it keeps the base's format; a candidate of another format starts from that
+            format's default options
             (`reallm.model.candidates`). Every candidate is evaluated on every
             matrix with the full recipe (autoencoder candidates are trained by the phase's epochs),
             so the errors the solver sees are exactly those of the stored result.

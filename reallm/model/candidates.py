@@ -29,15 +29,12 @@ __all__ = ["Pick", "Problem", "Selection", "build_problem", "candidate_configs",
 
 def _merge(base: CompressionConfig, overrides: dict[str, Any], label: str = "main") -> CompressionConfig:
     """The base config with a candidate's overrides, checked. The candidate's `options` are merged into the base's
-    when it keeps the base's format (a nested dict such as the autoencoder's `network` too); a candidate of
-    another format starts from that format's default options."""
+    when it keeps the base's format; a candidate of another format starts from that format's default options."""
     changes = dict(overrides)
     merged = base.to_dict()
     if changes.get("quantizer", base.quantizer) != base.quantizer:
         merged["options"] = {}
-    options = dict(merged["options"])
-    for k, v in (changes.pop("options", None) or {}).items():
-        options[k] = {**options[k], **v} if isinstance(v, dict) and isinstance(options.get(k), dict) else v
+    options = {**merged["options"], **(changes.pop("options", None) or {})}
     try:
         cfg = CompressionConfig.from_dict({**merged, **changes, "options": options})
         if cfg.quantizer == "autoencoder":

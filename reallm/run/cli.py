@@ -45,6 +45,7 @@ from reallm.data.base import BaseDataModule
 from reallm.phases.base import ReALLMModule
 from reallm.run.callbacks import EvalAfterFit, NonFiniteGuard, RunArtifacts
 from reallm.run.tracking import WandbSettings, logger_config
+from reallm.weight.config import LEGACY_OPTION_KEYS
 
 
 def default_run_dir(subcommand: str | None = None) -> str:
@@ -274,13 +275,24 @@ def _runtime_error_message(e: Exception) -> str | None:
     return None
 
 
+def _moved_option_hint(text: str) -> str:
+    """Where a key of the compression config went when each format's options moved under `options` (issue 20), if
+    the error names one, else ""."""
+    for key in LEGACY_OPTION_KEYS:
+        if f"'{key}'" in text:
+            now = {"vq_dim": "options.dim", "autoencoder": "options (its entries one level deep)"}.get(
+                key, f"options.{key}")
+            return f" (the formats' own options moved under compression.options: {key} is now {now})"
+    return ""
+
+
 def _argument_error_message(e: Exception) -> str | None:
     """One line for jsonargparse's errors (bad keys, values, and exceptions raised while a class
     given in the config is instantiated, which jsonargparse wraps in a ValueError listing one
     error per candidate type); None for anything else."""
     text = str(e)
     if type(e).__name__ in ("ArgumentError", "NSKeyError"):
-        return " ".join(text.split())
+        return " ".join(text.split()) + _moved_option_hint(text)
     if isinstance(e, ValueError) and "Does not validate against any of the Union subtypes" in text:
         errors = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
         # nested unions nest their error lists: keep the innermost real message

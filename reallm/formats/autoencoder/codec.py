@@ -19,14 +19,13 @@ columns, not for the padded patch width.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from reallm.formats.autoencoder.networks import (
-    DEFAULT_KERNELS,
     PatchEncoder,
     PixelShuffleDecoder,
     decoder_from_state,
@@ -50,56 +49,12 @@ _DECODE_CHUNK_ELEMS = 1 << 26  # activations per decoder chunk when decoding a m
 # options
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class AESpec:
-    """Architecture and storage of the patch autoencoder of one config (``config.options.network``).
+class AESpec(AutoencoderOptions):
+    """The autoencoder of one config (its options, `config.options`), with what its fields imply: the patch and
+    latent shapes, the decoder's width, the networks themselves. Checked when built."""
 
-    Args:
-        patch: patch size P, or [P0, P1] (512 in the paper; 32 suits stories260K's 64–172 sides).
-            Each side must be a multiple of 2**n_stages.
-        n_stages: encoder down-sampling / decoder up-sampling stages (5 in the paper: 512 → 16).
-        latent_channels: e2, channels of the latent (a multiple of the latent VQ dimension d).
-        encoder_width: channels of the ConvNeXt encoder (64 in the paper; not stored).
-        encoder_blocks: ConvNeXt blocks per encoder stage.
-        decoder_params: the decoder's parameter budget c (7.2e6 in the paper); F is solved from it.
-        decoder_width: F directly (overrides decoder_params).
-        kernels: decoder conv kernel per stage (the last one repeats).
-        reduction: C_next = max(round(C / reduction), min_channels).
-        min_channels: floor of the decoder's channel widths.
-        weight_bits: b_φ, bits of every decoder conv weight (NF levels, fp16 absmax scale per output
-            channel); None stores an fp16 decoder.
-        levels: "nf" or "uniform" decoder weight levels.
-        share: which matrices share one decoder and one latent codebook: "matrix" (one each),
-            "model" (every matrix compressed with this config), "type" (same layer kind, e.g. all
-            q_proj), or "type_blocks:K" (same kind within consecutive groups of K blocks).
-    """
-
-    patch: int | list[int] = 512
-    n_stages: int = 5
-    latent_channels: int = 16
-    encoder_width: int = 64
-    encoder_blocks: int = 1
-    decoder_params: float | None = 7.2e6
-    decoder_width: int | None = None
-    kernels: list[int] = field(default_factory=lambda: list(DEFAULT_KERNELS))
-    reduction: float = 1.2
-    min_channels: int = 12
-    weight_bits: int | None = 6
-    levels: str = "nf"
-    share: str = "matrix"
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> AESpec:
-        d = dict(d or {})
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown autoencoder options: {sorted(unknown)} (known: {sorted(names)})")
-        spec = cls(**d)
-        spec.validate()
-        return spec
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def __post_init__(self) -> None:
+        self.validate()
 
     @property
     def patch_hw(self) -> tuple[int, int]:
@@ -151,9 +106,9 @@ class AESpec:
 
 
 def ae_spec(config) -> AESpec:
-    """The :class:`AESpec` of an autoencoder config, checked against the latent VQ (b, d)."""
-    spec = AESpec.from_dict(config.options.network)
-    b, d = config.bits, config.options.dim
+    """The :class:`AESpec` of an autoencoder config (its options), checked against the latent VQ (b, d)."""
+    spec: AESpec = config.options
+    b, d = config.bits, spec.dim
     if b < 1 or d < 1 or b * d > 16:
         raise ValueError(f"latent VQ needs bits >= 1, options.dim >= 1 and bits·dim <= 16, got {b}, {d}")
     if spec.latent_channels % d:
@@ -260,7 +215,7 @@ def decode_autoencoder(
 @register
 class PatchAutoencoder(Codec):
     name = "autoencoder"
-    options = AutoencoderOptions
+    options = AESpec  # AutoencoderOptions with what its fields imply
     summary = "latent VQ codes decoded by a trained PixelShuffle decoder (ReALLM; made by the autoencoder phase)"
     bit_items = {"latent_codes": "latent", "latent_codebook": "latent", "decoder": "decoder"}
     produced_by = "the autoencoder phase (configs/ae.yaml with a reallm-* preset), not by compress_weight"
