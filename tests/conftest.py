@@ -20,6 +20,23 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+# `make test` runs two workers, each taking whole files (`--dist loadfile`: a file's module fixtures are built
+# once). The files that take longest (measured with `--durations=0`, end-to-end runs in subprocesses, several
+# processes, the Triton interpreter) are handed out first, so that the two workers end together instead of one of
+# them running a long file alone at the end (longest-first scheduling). Order only; every test still runs.
+LONGEST_FILES = ("test_cli.py", "test_readme_commands.py", "test_pipeline_cli.py", "test_configs.py",
+                 "test_kernels.py", "test_e2e.py", "test_perplexity.py", "test_ae_phase.py", "test_hf_checkpoint.py",
+                 "test_hub.py", "test_hardening.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)  # stable: the other files, and the tests within a file, keep their order
+
+
 @pytest.fixture
 def tiny_llama():
     """A tiny random ``LlamaForCausalLM`` (vocab 512, hidden 64, 2 layers), fixed seed, eval mode."""

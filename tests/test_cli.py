@@ -4,7 +4,9 @@ bad input is one clear line with a non-zero exit code."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import subprocess
 import sys
@@ -96,15 +98,20 @@ def test_eval_after_fit_defaults_to_the_model_context(tiny_dir, text_file, tmp_p
     assert err[-1].startswith("error: ") and "512" in err[-1] and "128" in err[-1]
 
 
+def _printed_config(args: list[str]) -> str:
+    """What `train.py <args> --print_config` prints (in-process: the CLI prints, then exits 0)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+        cli_main([*args, "--print_config"])
+    assert e.value.code in (0, None)
+    return out.getvalue()
+
+
 def test_print_config_round_trips(tiny_dir, tmp_path):
-    args = compress_args(tiny_dir, tmp_path / "run", "vq-3bit")
-    first = _run_train([*args, "--print_config"])
-    assert first.returncode == 0, first.stderr
-    assert "quantizer: vq" in first.stdout and "bits: 3" in first.stdout
-    (tmp_path / "printed.yaml").write_text(first.stdout)
-    second = _run_train(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
-    assert second.returncode == 0, second.stderr
-    assert second.stdout == first.stdout
+    first = _printed_config(compress_args(tiny_dir, tmp_path / "run", "vq-3bit"))
+    assert "quantizer: vq" in first and "bits: 3" in first
+    (tmp_path / "printed.yaml").write_text(first)
+    assert _printed_config(["fit", "--config", str(tmp_path / "printed.yaml")]) == first
 
 
 def _sha(path: Path) -> str:
@@ -142,6 +149,20 @@ def _run_train(args):
                           cwd=ROOT, timeout=300)
 
 
+def _one_clear_line_in_process(args, capsys, *needles):
+    """The CLI run in this process (the subprocess is tested by test_bad_model_path_is_one_clear_line): it exits
+    non-zero with one `error:` line naming the problem, and no traceback."""
+    with pytest.raises(SystemExit) as e:
+        cli_main(args)
+    assert e.value.code not in (0, None)
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert err and err[-1].startswith("error:"), stderr
+    for n in needles:
+        assert n in err[-1], err[-1]
+
+
 def _one_clear_line(proc, *needles):
     assert proc.returncode != 0
     err = [line for line in proc.stderr.strip().splitlines() if line.strip()]
@@ -170,26 +191,26 @@ def test_bad_model_path_is_one_clear_line(tmp_path):
     _one_clear_line(proc, "no_such_model")
 
 
-def test_missing_dataset_is_one_clear_line(tiny_dir, tmp_path):
-    proc = _run_train(["validate", "--config", "configs/eval.yaml", "--model.init_args.model_name_or_path",
-                       str(tiny_dir), "--data.init_args.path", str(tmp_path / "missing.txt"), *CPU,
-                       "--run_dir", str(tmp_path / "r")])
-    _one_clear_line(proc, "missing.txt")
+def test_missing_dataset_is_one_clear_line(tiny_dir, tmp_path, capsys):
+    _one_clear_line_in_process(["validate", "--config", str(ROOT / "configs/eval.yaml"),
+                                "--model.init_args.model_name_or_path", str(tiny_dir), "--data.init_args.path",
+                                str(tmp_path / "missing.txt"), *CPU, "--run_dir", str(tmp_path / "r")],
+                               capsys, "missing.txt")
 
 
-def test_unknown_preset_key_is_one_clear_line(tiny_dir, tmp_path):
+def test_unknown_preset_key_is_one_clear_line(tiny_dir, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  init_args:\n    compression:\n      quantiser: nf\n")
-    proc = _run_train(["fit", "--config", "configs/ae.yaml", "--config", str(bad),
-                       "--model.init_args.model_name_or_path", str(tiny_dir), *CPU, "--run_dir", str(tmp_path / "r")])
-    _one_clear_line(proc, "quantiser")
+    _one_clear_line_in_process(["fit", "--config", str(ROOT / "configs/ae.yaml"), "--config", str(bad),
+                                "--model.init_args.model_name_or_path", str(tiny_dir), *CPU,
+                                "--run_dir", str(tmp_path / "r")], capsys, "quantiser")
 
 
-def test_impossible_config_is_one_clear_line(tiny_dir, tmp_path):
-    proc = _run_train(["fit", "--config", "configs/ae.yaml", "--config", "configs/methods/vq-3bit.yaml",
-                       "--model.init_args.compression.options.dim", "8", "--model.init_args.model_name_or_path",
-                       str(tiny_dir), *CPU, "--run_dir", str(tmp_path / "r")])
-    _one_clear_line(proc, "b·d")
+def test_impossible_config_is_one_clear_line(tiny_dir, tmp_path, capsys):
+    _one_clear_line_in_process(["fit", "--config", str(ROOT / "configs/ae.yaml"), "--config",
+                                str(ROOT / "configs/methods/vq-3bit.yaml"), "--model.init_args.compression.options.dim",
+                                "8", "--model.init_args.model_name_or_path", str(tiny_dir), *CPU,
+                                "--run_dir", str(tmp_path / "r")], capsys, "b·d")
 
 
 def test_two_process_phase1_gives_the_single_device_checkpoint(tiny_dir, tmp_path):

@@ -1,47 +1,42 @@
-"""The Numba CPU kernels are compiled once per machine: a second process loads the machine code of a kernel key
-from the kernel cache instead of compiling it again (each key takes 1–40 s to compile)."""
+"""The Numba CPU kernels are compiled once per machine: a kernel key's module is written to the kernel cache and
+compiled with numba's on-disk cache, so that a later process loads its machine code instead of compiling it again
+(each key takes 1–40 s to compile)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+import torch
 
+from reallm import CompressionConfig, compress_weight
+from reallm.layer.kernels import cpu_lut, frozen_matmul
 from reallm.layer.kernels.cpu_lut import kernel_module_source, machine_reason
 
-ROOT = Path(__file__).resolve().parents[1]
 
-CHILD = """
-import json, torch
-from reallm import CompressionConfig, compress_weight
-from reallm.layer.kernels import frozen_matmul
-from reallm.layer.kernels.cpu_lut import _KERNELS
-w = compress_weight(torch.randn(16, 64, generator=torch.Generator().manual_seed(0)) * 0.02,
-                    CompressionConfig(quantizer="nf", bits=3))
-x = torch.randn(1, 64, generator=torch.Generator().manual_seed(1))
-y = frozen_matmul(x, w.frozen, w.config, w.shape, w.shared, path="cpu")
-torch.testing.assert_close(y, x @ w.decode_frozen().T, rtol=1e-4, atol=1e-5)
-(kernel,) = _KERNELS.values()
-print(json.dumps({"hits": sum(kernel.rows.stats.cache_hits.values()),
-                  "misses": sum(kernel.rows.stats.cache_misses.values())}))
-"""
+def _stats(kernel) -> dict[str, int]:
+    return {"hits": sum(kernel.rows.stats.cache_hits.values()), "misses": sum(kernel.rows.stats.cache_misses.values())}
 
 
-def test_a_second_process_loads_the_compiled_kernel(tmp_path):
+def test_a_kernel_is_compiled_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
+    """As a second process would: the module is forgotten (this process's table and sys.modules), then loaded
+    again from the cache directory, and numba finds the compiled code there."""
     if machine_reason() is not None:
         pytest.skip(f"the Numba CPU path is unavailable here: {machine_reason()}")
-    env = {**os.environ, "REALLM_KERNEL_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("REALLM_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_lut, "_KERNELS", {})
+    w = compress_weight(torch.randn(16, 64, generator=torch.Generator().manual_seed(0)) * 0.02,
+                        CompressionConfig(quantizer="nf", bits=3))
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(1))
     runs = []
     for _ in range(2):
-        proc = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert runs[0] == {"hits": 0, "misses": 1}  # compiled, and written to the cache
-    assert runs[1] == {"hits": 1, "misses": 0}  # loaded
+        y = frozen_matmul(x, w.frozen, w.config, w.shape, w.shared, path="cpu")
+        torch.testing.assert_close(y, x @ w.decode_frozen().T, rtol=1e-4, atol=1e-5)
+        (kernel,) = cpu_lut._KERNELS.values()
+        runs.append(_stats(kernel))
+        cpu_lut._KERNELS.clear()
+        del sys.modules[kernel.__name__]
+    assert runs == [{"hits": 0, "misses": 1}, {"hits": 1, "misses": 0}]  # compiled and written; then loaded
     assert [p.suffix for p in tmp_path.glob("cpu_lut_*")] == [".py"]
 
 

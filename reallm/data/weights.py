@@ -12,7 +12,10 @@ import re
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from reallm.core.errors import UserError
+from reallm.core.hf_models import find_decoder_blocks, is_linear, linear_weight, load_hf_model
 from reallm.data.base import BaseDataModule
+from reallm.ops.patches import matrix_to_patches
 
 
 class _Matrices(Dataset):
@@ -63,8 +66,6 @@ class WeightDataModule(BaseDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.model is not None:
             return
-        from reallm.core.errors import UserError
-        from reallm.core.hf_models import find_decoder_blocks, is_linear, load_hf_model
 
         if not self.model_name_or_path:
             raise UserError("the weight datamodule needs a model: pass --model.init_args.model_name_or_path")
@@ -78,12 +79,10 @@ class WeightDataModule(BaseDataModule):
 
     def weight(self, name: str) -> torch.Tensor:
         """The current weight of a layer in nn.Linear layout (p, q)."""
-        from reallm.core.hf_models import linear_weight
 
         return linear_weight(self.model.get_submodule(name)).detach()
 
     def patches(self, name: str) -> torch.Tensor:
-        from reallm.ops.patches import matrix_to_patches
 
         if not self.patch_size:
             raise ValueError("patch_size is not set")

@@ -37,8 +37,9 @@ from torch import nn
 
 from reallm.checkpoint.compressed import load_compressed
 from reallm.checkpoint.directory import read_meta
-from reallm.core.errors import UserError
-from reallm.core.hf_models import has_tokenizer, model_device
+from reallm.core.errors import CheckpointError, UserError
+from reallm.core.hf_models import has_tokenizer, load_hf_model, model_device
+from reallm.core.io import atomic_write_json, git_sha
 
 PAPER_TASKS = ("arc_challenge", "arc_easy", "piqa", "winogrande")
 METRIC = "acc"
@@ -190,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     ap.add_argument("--out", help="a run directory: writes <out>/results.json (phase zero_shot)")
     args = ap.parse_args(argv)
-    from reallm.core.errors import CheckpointError
 
     try:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -199,7 +199,6 @@ def main(argv: list[str] | None = None) -> int:
             tok = args.tokenizer or (args.checkpoint if has_tokenizer(args.checkpoint)
                                      else read_meta(args.checkpoint).get("base_model"))
         else:
-            from reallm.core.hf_models import load_hf_model
 
             model = load_hf_model(args.model, "float32").to(device)
             tok = args.tokenizer or args.model
@@ -211,7 +210,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(format_table(result))
     if args.out:
-        from reallm.core.io import atomic_write_json, git_sha
 
         atomic_write_json(Path(args.out) / "results.json", {
             "phase": "zero_shot", "model": args.model, "checkpoint": args.checkpoint, "git_sha": git_sha(),

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from reallm.core.errors import UserError
 from reallm.formats import get_codec
 from reallm.layer import dora
+from reallm.layer.kernels import available_paths, frozen_matmul, prepare
 from reallm.layer.matmul import FrozenMatmul, ResidentMatmul
 from reallm.layer.stored import StoredTensors
 from reallm.ops import precision as storage
@@ -174,14 +175,12 @@ class ReALLMLinear(StoredTensors):
             return None
         if self.effective_mode == "cache" and self.out_features * self.in_features < KERNEL_MIN_WEIGHTS_WITH_CACHE:
             return None
-        from reallm.layer.kernels import available_paths
 
         n_tokens = x.numel() // max(1, self.in_features)
         path = available_paths(self.config, x.device, x.dtype, n_tokens, (self.out_features, self.in_features))[0]
         return None if path == "decode" else path
 
     def _kernel_matmul(self, x: Tensor, path: str) -> Tensor:
-        from reallm.layer.kernels import frozen_matmul, prepare
 
         stored, shared = self._frozen_tensors(), self._shared_tensors()
         shape = (self.out_features, self.in_features)

@@ -14,7 +14,7 @@ from reallm.checkpoint.compressed import load_compressed
 from reallm.checkpoint.directory import read_meta
 from reallm.core.errors import UserError
 from reallm.core.io import atomic_write_json, git_sha
-from reallm.layer.linear import RuntimeMode
+from reallm.layer.linear import RuntimeMode, runtime_report
 
 __all__ = ["ReALLMModule"]
 
@@ -87,7 +87,6 @@ class ReALLMModule(L.LightningModule):
 
     def runtime_info(self, model: torch.nn.Module) -> dict[str, Any]:
         """How the compressed linears of `model` ran (results.json `runtime`)."""
-        from reallm.layer.linear import runtime_report
 
         return runtime_report(model)
 

@@ -40,10 +40,11 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from reallm.checkpoint.compressed import adapters_fingerprint
+from reallm.checkpoint.compressed import adapters_fingerprint, save_compressed
 from reallm.core.errors import UserError
-from reallm.core.hf_models import find_decoder_blocks, resolve_safetensors
+from reallm.core.hf_models import find_decoder_blocks, maybe_tokenizer, resolve_safetensors
 from reallm.core.io import atomic_save_safetensors, atomic_write_json
+from reallm.layer.bits import bits_report
 from reallm.layer.linear import RuntimeMode, iter_reallm_layers
 from reallm.layer.stored import check_stored_items, make_stored_trainable, write_back_stored
 from reallm.model.surgery import mark_only_adapters_trainable
@@ -470,9 +471,6 @@ class BlockwisePhase(ReALLMModule):
         self._inputs = self._targets = None
         if self.global_rank != 0 or self._model is None:
             return
-        from reallm.checkpoint.compressed import save_compressed
-        from reallm.core.hf_models import maybe_tokenizer
-        from reallm.layer.bits import bits_report
 
         finished = sorted(j for j, r in self._records.items() if "loss_after" in r)
         self.model.to("cpu")

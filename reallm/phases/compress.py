@@ -27,6 +27,7 @@ import torch
 from reallm.checkpoint.compressed import save_compressed
 from reallm.core.errors import UserError
 from reallm.core.hf_models import maybe_tokenizer
+from reallm.data.text import TextDataModule
 from reallm.layer.bits import bits_report, format_bits_table
 from reallm.model.surgery import fit_shared_tensors, resolve_config, swap_in
 from reallm.ops.weighting import output_error_sq, relative_output_error
@@ -127,7 +128,6 @@ class CompressPhase(ReALLMModule):
         return self._moments.moments
 
     def _compute_moments(self) -> calib.InputMoments:
-        from reallm.data.text import TextDataModule
 
         cal = self.calibration
         dm = self.trainer.datamodule

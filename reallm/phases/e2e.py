@@ -36,11 +36,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from reallm.checkpoint.compressed import save_compressed
 from reallm.core.errors import UserError
-from reallm.core.hf_models import clean_name
+from reallm.core.hf_models import clean_name, load_hf_model, maybe_tokenizer
 from reallm.core.schedules import cosine_warmup
-from reallm.layer.linear import RuntimeMode
+from reallm.layer.bits import bits_report
+from reallm.layer.linear import RuntimeMode, iter_reallm_layers
 from reallm.layer.stored import check_stored_items, make_stored_trainable, write_back_stored
+from reallm.model.surgery import mark_only_adapters_trainable
 from reallm.phases import distillation as distill
 from reallm.phases.base import ReALLMModule
 from reallm.phases.validation import PerplexityMixin, input_ids_of
@@ -167,7 +170,6 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        from reallm.model.surgery import mark_only_adapters_trainable
 
         model = self.load_checkpoint_model(self.adapters)
         if hasattr(model.config, "use_cache"):
@@ -195,7 +197,6 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
         return self.trainer.strategy.root_device if self.teacher_device == "device" else torch.device("cpu")
 
     def _load_teacher(self, device: torch.device) -> nn.Module:
-        from reallm.core.hf_models import load_hf_model
 
         teacher = load_hf_model(self.model_source(), "float32").to(device).eval().requires_grad_(False)
         if hasattr(teacher.config, "use_cache"):
@@ -247,7 +248,6 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
     def on_train_start(self) -> None:
         # decoded frozen weights cached by an earlier `validate` are inference tensors, which autograd
         # cannot save for backward: decode them again
-        from reallm.layer.linear import iter_reallm_layers
 
         for _, layer in iter_reallm_layers(self.model):
             layer.clear_cache()
@@ -324,9 +324,6 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
         model = self._export_model()
         if model is None:
             return
-        from reallm.checkpoint.compressed import save_compressed
-        from reallm.core.hf_models import maybe_tokenizer
-        from reallm.layer.bits import bits_report
 
         write_back_stored(model)  # trained codebooks / scales back at their stored precision
         out = save_compressed(model, self.require_run_dir() / "reallm", base_model=self.model_source(),

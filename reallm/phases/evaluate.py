@@ -11,7 +11,9 @@ from reallm.checkpoint.compressed import load_compressed
 from reallm.checkpoint.directory import read_meta
 from reallm.core.errors import UserError
 from reallm.core.hf_models import load_hf_model
-from reallm.eval.perplexity import model_logits
+from reallm.eval.perplexity import greedy_generate, model_logits
+from reallm.eval.zeroshot import zero_shot
+from reallm.layer.bits import bits_report
 from reallm.layer.linear import RuntimeMode
 from reallm.phases.base import ReALLMModule
 from reallm.phases.validation import PerplexityMixin
@@ -103,7 +105,6 @@ class EvaluatePhase(PerplexityMixin, ReALLMModule):
         payload: dict[str, Any] = {"perplexity": self.perplexity}
         if self.checkpoint:
             layers = read_meta(self.checkpoint)["layers"]
-            from reallm.layer.bits import bits_report
 
             rep = bits_report(self.model)
             payload["bits"] = {"nominal": rep["nominal"], "decoder_linears": rep["decoder_linears"],
@@ -113,13 +114,11 @@ class EvaluatePhase(PerplexityMixin, ReALLMModule):
         if self.prompt:
             from transformers import AutoTokenizer
 
-            from reallm.eval.perplexity import greedy_generate
 
             tok = AutoTokenizer.from_pretrained(self.trainer.datamodule.model_name_or_path)
             payload["sample"] = {"prompt": self.prompt,
                                  "text": greedy_generate(self.model, tok, self.prompt, self.max_new_tokens)}
         if self.zero_shot_tasks:
-            from reallm.eval.zeroshot import zero_shot
 
             limit = self.zero_shot_limit
             limit = int(limit) if limit is not None and limit >= 1 else limit

@@ -39,7 +39,7 @@ import reallm.run.strategies  # noqa: F401  (registers --trainer.strategy ddp_ma
 from reallm.checkpoint.card import write_model_card
 from reallm.checkpoint.directory import read_meta
 from reallm.checkpoint.hub import push_to_hub
-from reallm.core.errors import UserError
+from reallm.core.errors import CheckpointError, UserError
 from reallm.core.hf_models import has_tokenizer
 from reallm.data.base import BaseDataModule
 from reallm.phases.base import ReALLMModule
@@ -65,7 +65,6 @@ def data_source(model_name_or_path: str | None, checkpoint: str | None) -> str |
         ck = Path(checkpoint)
         if has_tokenizer(ck):
             return str(ck)
-        from reallm.core.errors import CheckpointError
 
         try:  # without a tokenizer of its own, the base model's
             return read_meta(ck).get("base_model") or str(ck)

@@ -32,6 +32,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from reallm.checkpoint.compressed import load_layer
+from reallm.core.errors import CheckpointError
+from reallm.core.hf_models import read_weight
+from reallm.run.tracking import flatten
+
 # config keys that differ between runs without making them different experiments
 _HIDDEN_KEYS = ("run_dir", "checkpoint", "model_name_or_path", "method", "cache_dir", "logger", "wandb", "artifacts",
                 "nan_guard", "eval_after_fit", "ckpt_path", "config", "trainer.logger", "trainer.default_root_dir")
@@ -101,7 +106,6 @@ def _row(r: dict[str, Any], src: dict[str, Any] | None, label: str, is_base: boo
 def _distinguish(rows: list[dict[str, Any]]) -> None:
     """Rows sharing a label get the config values that differ among them (`bits=2, rank=4`), or
     their run directory's name when nothing differs."""
-    from reallm.run.tracking import flatten
 
     by_label: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -251,9 +255,6 @@ def write_figures(rows: list[dict[str, Any]], out: str | Path, heatmap_layer: st
 
 
 def _heatmaps(rows: list[dict[str, Any]], out: Path, layer: str | None, limit: int) -> list[Path]:
-    from reallm.checkpoint.compressed import load_layer
-    from reallm.core.errors import CheckpointError
-    from reallm.core.hf_models import read_weight
     from reallm.run import plots
 
     written = []

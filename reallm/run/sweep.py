@@ -38,6 +38,8 @@ from typing import Any
 
 import yaml
 
+from reallm.run.tracking import summary_metrics
+
 METHODS = ("grid", "random", "bayes")
 GOALS = ("minimize", "maximize")
 ARG_MACROS = ("${args}", "${args_no_hyphens}", "${args_no_boolean_flags}", "${args_json}", "${args_json_file}",
@@ -252,7 +254,6 @@ def _launch(cmd: list[str], env: dict[str, str]) -> int:
 
 
 def _metric(run_dir: Path, name: str | None) -> float | None:
-    from reallm.run.tracking import summary_metrics
 
     try:
         results = json.loads((run_dir / "results.json").read_text())

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+from reallm.core.hf_models import decoder_block_index
+
 LOGGERS = ("csv", "wandb", "none")
 CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
 WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
@@ -180,7 +182,6 @@ def summary_metrics(results: dict[str, Any]) -> dict[str, float]:
 
 def matrix_table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """Columns and rows of the per-matrix table (name, block, type, shape, bits, error)."""
-    from reallm.core.hf_models import decoder_block_index
     from reallm.run.plots import layer_type
 
     columns = ["name", "block", "type", "rows", "cols", "bits", "nominal", "rel_frobenius_error"]
