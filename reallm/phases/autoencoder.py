@@ -5,7 +5,7 @@
 1. ``setup``: every matrix × every candidate configuration is prepared. Candidates without a decoder
    (VQ, NF, ...) are compressed at once (data-free; a model-wide VQ codebook is fitted per candidate).
    Autoencoder candidates are grouped (matrices sharing one decoder and latent codebook, ``share`` in
-   the config's ``options.network``), groups of identical networks are stacked
+   the config's ``options``), groups of identical networks are stacked
    (`reallm.formats.autoencoder.recipe.AEStack`, vmapped), and the groups are divided among the devices
    (longest-processing-time first).
 2. ``fit``: a Lightning epoch is an autoencoder epoch; a step trains every stack of this device on one
