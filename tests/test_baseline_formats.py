@@ -5,6 +5,7 @@ quantizers' own decoders, shared codebooks counted once, honest bits of every me
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,9 @@ from reallm import (
 )
 from reallm.formats import get_codec
 from reallm.formats.additive.search import additive_decode, additive_unpack_codes
-from reallm.formats.e8p.lattice import e8_residual_dequantize
-from reallm.ops.packing import unpack_bits
+from reallm.formats.e8p.lattice import LEGACY_TABLE, e8_residual_dequantize, e8p_abs_table
+from reallm.ops.packing import pack_bits, unpack_bits
+from reallm.weight.container import ReALLMWeight
 from reallm.weight.decode import decode_frozen
 from reallm.weight.pipeline import normalize_residual
 from reallm.weight.tiling import decode_frozen_rows, row_tiles
@@ -89,6 +91,32 @@ def test_e8p_stores_no_codebook_and_exact_code_bits():
         # absmax scales (8-bit codes, one fp32 group maximum, one fp32 offset) + one fp32 lattice scale per stage
         assert items["scales"] == 8 * n_blocks + 32 + 32 + 32 * stages
         assert w.frozen["lattice_scales"].dtype == torch.float32 and w.frozen["lattice_scales"].numel() == stages
+
+
+def test_e8p_matrices_record_their_table_and_old_ones_decode_with_the_legacy_table():
+    """New matrices say they index QuIP#'s table; a matrix without the entry (written before it) decodes with the
+    earlier table. Check: re-index the codes of a new matrix into the legacy table (same pattern, same signs and
+    shift) and drop the entry: every vector whose pattern both tables hold decodes to the same weights."""
+    w = compress_weight(gaussian(64, 128), CompressionConfig(quantizer="e8p", bits=2))
+    assert w.meta["e8p_table"] == "quip-sharp"
+    tensors, meta = w.to_dict()
+    meta = json.loads(json.dumps(meta))
+    assert ReALLMWeight.from_dict(tensors, meta).meta["e8p_table"] == "quip-sharp"
+    legacy_row = {tuple(r): i for i, r in enumerate(e8p_abs_table(table=LEGACY_TABLE).tolist())}
+    to_legacy = torch.tensor([legacy_row.get(tuple(r), -1) for r in e8p_abs_table().tolist()])  # (256,)
+    n = w.shape[0] * w.shape[1] // 8
+    codes = unpack_bits(w.frozen["codes"], 16, n)  # (n,)
+    mapped = to_legacy[codes & 255]
+    shared_row = mapped >= 0
+    assert bool(shared_row.any()) and not bool(shared_row.all())  # some codes use a padding row only QuIP# has
+    old_codes = torch.where(shared_row, (codes & ~255) | mapped, codes)
+    tensors["frozen.codes"] = pack_bits(old_codes, 16)
+    del meta["meta"]["e8p_table"]
+    old = ReALLMWeight.from_dict(tensors, meta)
+    same = (old.decode_frozen() == w.decode_frozen()).view(-1, 8).all(dim=1)  # no rotation: vectors in code order
+    assert torch.equal(same | ~shared_row, torch.ones_like(same))
+    meta["meta"]["e8p_table"] = "quip-sharp"  # the re-indexed codes read with QuIP#'s table: other weights
+    assert not torch.equal(ReALLMWeight.from_dict(tensors, meta).decode_frozen(), w.decode_frozen())
 
 
 def _expected_blocks(w):

@@ -12,6 +12,7 @@ import torch
 from reallm.formats.e8p.lattice import (
     E8_STAGES,
     E8P_NUM_BASE_PATTERNS,
+    LEGACY_TABLE,
     e8_ball256,
     e8_residual_dequantize,
     e8_residual_quantize,
@@ -74,6 +75,50 @@ def test_abs_table_227_patterns_then_norm12_padding():
     ref = {tuple(r) for r in pts.abs().tolist()}
     assert len(ref) == 227
     assert {tuple(r) for r in table[:227].tolist()} == ref
+
+
+# QuIP#'s E8P12 padding rows, as 2a, copied separately from the module (reference data): `get_norm12()` in
+# lib/codebook/latticee8_padded12.py of github.com/Cornell-RelaxML/quip-sharp (commit 79b752f).
+QUIP_NORM12_REFERENCE = [
+    [3, 1, 1, 1, 3, 3, 3, 3], [1, 3, 1, 1, 3, 3, 3, 3], [1, 1, 3, 1, 3, 3, 3, 3], [1, 1, 1, 3, 3, 3, 3, 3],
+    [3, 3, 3, 1, 3, 3, 1, 1], [3, 3, 3, 1, 3, 1, 3, 1], [3, 3, 3, 1, 1, 3, 3, 1], [3, 3, 3, 1, 3, 1, 1, 3],
+    [3, 3, 3, 1, 1, 3, 1, 3], [3, 3, 3, 1, 1, 1, 3, 3], [3, 3, 1, 3, 3, 3, 1, 1], [3, 3, 1, 3, 3, 1, 3, 1],
+    [3, 3, 1, 3, 1, 3, 3, 1], [3, 3, 1, 3, 3, 1, 1, 3], [3, 3, 1, 3, 1, 3, 1, 3], [3, 3, 1, 3, 1, 1, 3, 3],
+    [3, 1, 3, 3, 3, 3, 1, 1], [3, 1, 3, 3, 3, 1, 3, 1], [3, 1, 3, 3, 1, 3, 3, 1], [3, 1, 3, 3, 3, 1, 1, 3],
+    [3, 1, 3, 3, 1, 3, 1, 3], [1, 3, 3, 3, 1, 1, 3, 3], [1, 3, 3, 3, 3, 3, 1, 1], [1, 3, 3, 3, 3, 1, 3, 1],
+    [1, 3, 3, 3, 1, 3, 3, 1], [1, 3, 3, 3, 3, 1, 1, 3], [1, 3, 3, 3, 1, 3, 1, 3], [1, 1, 3, 3, 1, 3, 3, 3],
+    [3, 3, 1, 1, 3, 3, 3, 1],
+]
+
+
+def test_abs_table_is_quip_sharp_row_for_row():
+    """QuIP#'s `get_abs_grid()`: torch.unique (lexicographic) of the abs values of D8 + 1/2 within norm² 10,
+    then get_norm12, built here as QuIP# builds it (integer grid -4..3 plus 1/2)."""
+    d8 = torch.cartesian_prod(*[torch.arange(-4, 4)] * 8).float() + 0.5  # (8^8, 8)
+    keep = (d8.sum(dim=1) % 2 == 0) & (d8.pow(2).sum(dim=1) <= 10)
+    base = torch.unique(d8[keep].abs(), dim=0)  # (227, 8), rows sorted lexicographically
+    reference = torch.cat([base, torch.tensor(QUIP_NORM12_REFERENCE, dtype=torch.float32) / 2])
+    assert torch.equal(e8p_abs_table(), reference)
+    # the padding: 29 distinct norm² 12 patterns with five 3/2 and three 1/2 (QuIP#'s docstring)
+    pad = e8p_abs_table()[227:]
+    assert torch.unique(pad, dim=0).shape[0] == 29 and bool((pad.pow(2).sum(dim=1) == 12).all())
+    assert bool(((pad == 1.5).sum(dim=1) == 5).all())
+
+
+def test_legacy_table_kept_for_old_checkpoints():
+    """Checkpoints written before QuIP#'s table: the same 227 base patterns ordered by norm², and the first 29
+    five-3/2 norm-12 patterns in lexicographic order as padding (11 of them are QuIP#'s)."""
+    legacy, quip = e8p_abs_table(table=LEGACY_TABLE), e8p_abs_table()
+    assert {tuple(r) for r in legacy[:227].tolist()} == {tuple(r) for r in quip[:227].tolist()}
+    n2 = legacy[:227].pow(2).sum(dim=1)
+    assert bool((n2[1:] >= n2[:-1]).all())
+    five = sorted(t for t in itertools.product((1, 3), repeat=8) if t.count(3) == 5)
+    assert legacy[227:].mul(2).to(torch.int64).tolist() == [list(t) for t in five[:29]]
+    assert len({tuple(r) for r in legacy[227:].tolist()} & {tuple(r) for r in quip[227:].tolist()}) == 11
+    codes = torch.arange(1 << 16)
+    assert not torch.equal(e8p_decode(codes, LEGACY_TABLE), e8p_decode(codes))
+    with pytest.raises(ValueError, match="unknown E8P table"):
+        e8p_decode(codes[:4], "quip")
 
 
 def test_codebook_distinct_points_on_shifted_lattice():

@@ -2,8 +2,9 @@
 
 Each 8-vector (8 consecutive values of one row, after the pipeline's rotation / permutation / block
 layout) is stored as a 16-bit code of the E8P codebook: 2^16 points of the shifted E8 lattice built
-from a 256-entry table of abs patterns, sign flips and a ±¼ shift, computed from its definition and
-never stored (zero codebook bits). A decoded vector is `scale · codeword` times its block's absmax
+from QuIP#'s 256-entry table of abs patterns, sign flips and a ±¼ shift, computed at load and never
+stored (zero codebook bits). Each matrix records the table in its metadata (`e8p_table`); matrices
+without it were written with the project's earlier padding and decode with that table. A decoded vector is `scale · codeword` times its block's absmax
 scale, with one lattice scale per matrix searched for the lowest error (fp32, stored and counted).
 
 bits = 2: one E8P stage (16 bits per 8 weights). bits = 3 adds a residual stage of 256 lattice points
@@ -39,7 +40,14 @@ import torch
 from torch import Tensor
 
 from reallm.formats.base import Codec, Encoded
-from reallm.formats.e8p.lattice import E8_STAGES, e8_ball256, e8_residual_quantize, e8p_codebook
+from reallm.formats.e8p.lattice import (
+    DEFAULT_TABLE,
+    E8_STAGES,
+    LEGACY_TABLE,
+    e8_ball256,
+    e8_residual_quantize,
+    e8p_codebook,
+)
 from reallm.formats.registry import register
 from reallm.ops.lut import decode_codes
 from reallm.ops.packing import pack_bits
@@ -50,9 +58,13 @@ STAGES_OF_BITS: dict[int, tuple[str, ...]] = {2: ("e8p",), 3: ("e8p", "e8_1bit")
 _CODE_KEYS = ("codes", "residual_codes")
 
 
-def _stage_table(stage: str, device: torch.device) -> Tensor:
-    """The codewords of a stage in code order: E8P (65536, 8) or the 1-bit ball (256, 8), fp32."""
-    return e8p_codebook(device) if stage == "e8p" else e8_ball256(device)
+#: the matrix metadata entry naming the E8P abs table its codes index (absent: written before QuIP#'s table)
+TABLE_META_KEY = "e8p_table"
+
+
+def _stage_table(stage: str, device: torch.device, table: str) -> Tensor:
+    """The codewords of a stage in code order: E8P (65536, 8) of abs table `table` or the 1-bit ball (256, 8), fp32."""
+    return e8p_codebook(device, table) if stage == "e8p" else e8_ball256(device)
 
 
 @register
@@ -87,7 +99,7 @@ class E8PLattice(Codec):
             raise ValueError(f"e8p: scale search gave {res.scales} (values too large or too small for fp32)")
         stored = {key: pack_bits(codes, E8_STAGES[stage]) for key, codes, stage in zip(_CODE_KEYS, res.codes, stages)}
         stored["lattice_scales"] = scales
-        return Encoded(stored)
+        return Encoded(stored, meta={TABLE_META_KEY: DEFAULT_TABLE})
 
     def decode_range(self, stored: dict[str, Tensor], meta: dict[str, Any], config, shape, shared, start: int,
                      stop: int) -> Tensor:
@@ -95,9 +107,11 @@ class E8PLattice(Codec):
         n = (stop - start) * per_block
         device = stored["codes"].device
         scales = stored["lattice_scales"].to(device=device, dtype=torch.float32)
+        table = meta.get(TABLE_META_KEY, LEGACY_TABLE)
         out = None
         for k, (key, stage) in enumerate(zip(_CODE_KEYS, STAGES_OF_BITS[config.bits])):
-            part = decode_codes(stored[key], E8_STAGES[stage], n, _stage_table(stage, device),
+            part = decode_codes(stored[key], E8_STAGES[stage], n, _stage_table(stage, device, table),
                                 start=start * per_block).mul_(scales[k])  # (n, 8), only the range's codes
             out = part if out is None else out.add_(part)
         return out.view(stop - start, config.block_size)
+

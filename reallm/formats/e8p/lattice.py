@@ -9,17 +9,22 @@ half-integer vectors (every coordinate in ``Z + ½``) whose coordinate sum is ev
 Abs table (256 × 8). Every element-wise absolute value ("abs pattern") ``a`` of a half-integer vector
 has entries in ``{½, 3/2, 5/2, ...}``. Flipping the sign of one coordinate changes the coordinate sum
 by ``2 a_i``, an odd integer, so exactly half of the 256 sign patterns of any abs pattern give an even
-sum: every abs pattern is the abs pattern of points of ``D8 + ½``. The table holds
+sum: every abs pattern is the abs pattern of points of ``D8 + ½``. The table is QuIP#'s (``get_abs_grid``
+in ``lib/codebook/latticee8_padded12.py`` of github.com/Cornell-RelaxML/quip-sharp), row for row:
 
 - rows 0..226: the 227 abs patterns of squared norm ≤ 10 (the patterns made of ½ and 3/2 with at most
-  four 3/2, and those with one 5/2 and at most one 3/2), sorted by squared norm, then
-  lexicographically by ``2a`` ascending;
-- rows 227..255: 29 padding patterns of squared norm 12. There are 224 such patterns: 56 with five
-  3/2 and three ½, and 168 with one 5/2, two 3/2 and five ½. We take the five-3/2 class (the
-  "roundest" points of that shell, no coordinate above 3/2), lexicographically by ``2a`` ascending,
-  and keep its first 29. (QuIP# also pads with 29 norm-12 patterns; which ones is a free choice.
-  Measured once on 65536 Gaussian 8-vectors, each with its searched scale: MSE per weight 0.0917
-  with this class, 0.0920 with the first 29 of the 5/2 class or of all 224 patterns.)
+  four 3/2, and those with one 5/2 and at most one 3/2), in lexicographic order (QuIP# takes them
+  from ``torch.unique``, which sorts rows lexicographically);
+- rows 227..255: QuIP#'s 29 padding patterns of squared norm 12 (``get_norm12``), all with five 3/2 and
+  three ½, in QuIP#'s order (:data:`QUIP_SHARP_NORM12`, copied as data). Of the 224 norm-12 abs patterns (56 with
+  five 3/2, 168 with one 5/2, two 3/2 and five ½) QuIP# picked these 29; the choice is not derived
+  from the lattice, so it is data, not construction.
+
+Checkpoints written before this table was QuIP#'s (until December 2026) used another padding (the first
+29 five-3/2 patterns in lexicographic order, 11 of them in QuIP#'s list) and another row order (by
+squared norm, then lexicographic): their matrices carry no ``e8p_table`` entry in their metadata and
+decode with that table, :data:`LEGACY_TABLE`; matrices encoded now record ``e8p_table:
+"quip-sharp"``. Only the code → codeword map differs, never the layout below.
 
 Code layout (16 bits, an int in ``[0, 65536)``):
 
@@ -68,9 +73,13 @@ from torch import Tensor
 from reallm.ops.kmeans import assign
 
 __all__ = [
+    "DEFAULT_TABLE",
     "E8P_NUM_BASE_PATTERNS",
+    "E8P_TABLES",
     "E8_STAGES",
     "E8ResidualResult",
+    "LEGACY_TABLE",
+    "QUIP_SHARP_NORM12",
     "e8_ball256",
     "e8_residual_dequantize",
     "e8_residual_quantize",
@@ -97,36 +106,63 @@ def _device_key(device: torch.device | str | None) -> str:
     return str(torch.device(device) if device is not None else torch.device("cpu"))
 
 
-@lru_cache(maxsize=1)
-def _abs_table_twice() -> tuple[tuple[int, ...], ...]:
-    """The 256 abs patterns as tuples of ``2a`` (odd integers), in table order (module docstring)."""
+#: QuIP#'s 29 padding abs patterns of squared norm 12, as ``2a`` (so 3 is 3/2 and 1 is ½), in QuIP#'s order.
+#: Source: ``get_norm12()`` in lib/codebook/latticee8_padded12.py of github.com/Cornell-RelaxML/quip-sharp
+#: (commit 79b752f). An earlier revision of that file listed (1, 3, 3, 3, 1, 1, 3, 3) twice, at rows 21 and 27
+#: (a codebook of 65280 distinct points); get_norm12 has (1, 1, 3, 3, 1, 3, 3, 3) at row 27.
+QUIP_SHARP_NORM12: tuple[tuple[int, ...], ...] = (
+    (3, 1, 1, 1, 3, 3, 3, 3), (1, 3, 1, 1, 3, 3, 3, 3), (1, 1, 3, 1, 3, 3, 3, 3), (1, 1, 1, 3, 3, 3, 3, 3),
+    (3, 3, 3, 1, 3, 3, 1, 1), (3, 3, 3, 1, 3, 1, 3, 1), (3, 3, 3, 1, 1, 3, 3, 1), (3, 3, 3, 1, 3, 1, 1, 3),
+    (3, 3, 3, 1, 1, 3, 1, 3), (3, 3, 3, 1, 1, 1, 3, 3), (3, 3, 1, 3, 3, 3, 1, 1), (3, 3, 1, 3, 3, 1, 3, 1),
+    (3, 3, 1, 3, 1, 3, 3, 1), (3, 3, 1, 3, 3, 1, 1, 3), (3, 3, 1, 3, 1, 3, 1, 3), (3, 3, 1, 3, 1, 1, 3, 3),
+    (3, 1, 3, 3, 3, 3, 1, 1), (3, 1, 3, 3, 3, 1, 3, 1), (3, 1, 3, 3, 1, 3, 3, 1), (3, 1, 3, 3, 3, 1, 1, 3),
+    (3, 1, 3, 3, 1, 3, 1, 3), (1, 3, 3, 3, 1, 1, 3, 3), (1, 3, 3, 3, 3, 3, 1, 1), (1, 3, 3, 3, 3, 1, 3, 1),
+    (1, 3, 3, 3, 1, 3, 3, 1), (1, 3, 3, 3, 3, 1, 1, 3), (1, 3, 3, 3, 1, 3, 1, 3), (1, 1, 3, 3, 1, 3, 3, 3),
+    (3, 3, 1, 1, 3, 3, 3, 1),
+)
+#: the table every matrix is encoded with now (QuIP#'s), and the one of checkpoints without an ``e8p_table``
+#: entry (module docstring)
+DEFAULT_TABLE = "quip-sharp"
+LEGACY_TABLE = "lexicographic-2025"
+E8P_TABLES = (DEFAULT_TABLE, LEGACY_TABLE)
+
+
+def _check_table(table: str) -> str:
+    if table not in E8P_TABLES:
+        raise ValueError(f"unknown E8P table {table!r} (known: {', '.join(E8P_TABLES)})")
+    return table
+
+
+@lru_cache(maxsize=2)
+def _abs_table_twice(table: str = DEFAULT_TABLE) -> tuple[tuple[int, ...], ...]:
+    """The 256 abs patterns of ``table`` as tuples of ``2a`` (odd integers), in table order (module docstring)."""
+    _check_table(table)
     base, pad = [], []
-    for t in itertools.product((1, 3, 5), repeat=8):
+    for t in itertools.product((1, 3, 5), repeat=8):  # lexicographic order of 2a
         n4 = sum(v * v for v in t)  # 4 ‖a‖²
         if n4 <= 40:
             base.append((n4, t))
         elif n4 == _PAD_NORM2_TIMES4 and t.count(3) == 5:
             pad.append(t)
-    base.sort()
     if len(base) != E8P_NUM_BASE_PATTERNS:  # a property of the lattice, checked by construction
         raise AssertionError(f"expected {E8P_NUM_BASE_PATTERNS} abs patterns of norm² <= 10, got {len(base)}")
-    pad.sort()
-    rows = [t for _, t in base] + pad[: _NUM_PATTERNS - len(base)]
-    return tuple(rows)
+    if table == DEFAULT_TABLE:
+        return tuple(t for _, t in base) + QUIP_SHARP_NORM12
+    return tuple(t for _, t in sorted(base)) + tuple(pad[: _NUM_PATTERNS - len(base)])  # by norm², then 2a
 
 
 @lru_cache(maxsize=8)
-def _tables(device_key: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _tables(device_key: str, table: str = DEFAULT_TABLE) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """On the device: abs table (256, 8) fp32, squared norms (256,) fp32, parity (256,) int64, and
     subset masks (3, 256) int64: bit i of ``masks[v, a]`` is set iff ``a_i = (2v + 1) / 2``."""
-    twice = torch.tensor(_abs_table_twice(), dtype=torch.int64)  # (256, 8) = 2a, odd entries
-    table = twice.to(torch.float32) / 2  # (256, 8)
-    norm2 = (table * table).sum(dim=1)  # (256,)
+    twice = torch.tensor(_abs_table_twice(table), dtype=torch.int64)  # (256, 8) = 2a, odd entries
+    abs_table = twice.to(torch.float32) / 2  # (256, 8)
+    norm2 = (abs_table * abs_table).sum(dim=1)  # (256,)
     parity = (twice.sum(dim=1) // 2) % 2  # (256,) (Σ a_i) mod 2; Σ 2a_i is even (8 odd terms)
     weights = 1 << torch.arange(8)  # (8,)
     masks = torch.stack([((twice == 2 * v + 1).to(torch.int64) * weights).sum(dim=1) for v in range(3)])
     dev = torch.device(device_key)
-    return table.to(dev), norm2.to(dev), parity.to(dev), masks.to(dev)
+    return abs_table.to(dev), norm2.to(dev), parity.to(dev), masks.to(dev)
 
 
 def _subset_min(au: Tensor) -> Tensor:
@@ -141,16 +177,18 @@ def _subset_min(au: Tensor) -> Tensor:
     return m
 
 
-def e8p_abs_table(device: torch.device | str | None = None) -> Tensor:
-    """The 256-row abs table, ``(256, 8)`` fp32 (rows 0..226: norm² <= 10; 227..255: norm² 12)."""
-    return _tables(_device_key(device))[0].clone()
+def e8p_abs_table(device: torch.device | str | None = None, table: str = DEFAULT_TABLE) -> Tensor:
+    """The 256-row abs table, ``(256, 8)`` fp32 (rows 0..226: norm² <= 10; 227..255: norm² 12); ``table``:
+    QuIP#'s (default) or :data:`LEGACY_TABLE`."""
+    return _tables(_device_key(device), _check_table(table))[0].clone()
 
 
-def e8p_decode(codes: Tensor) -> Tensor:
+def e8p_decode(codes: Tensor, table: str = DEFAULT_TABLE) -> Tensor:
     """Codewords of 16-bit E8P codes, computed from the abs table (no 2^16 table).
 
     Args:
         codes: integer tensor ``(N,)`` with values in ``[0, 65536)``.
+        table: the abs table the codes index (QuIP#'s, or :data:`LEGACY_TABLE` for old checkpoints).
 
     Returns:
         ``(N, 8)`` fp32 codewords on ``codes.device``.
@@ -160,25 +198,25 @@ def e8p_decode(codes: Tensor) -> Tensor:
     c = codes.to(torch.int64)
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 1 << 16):
         raise ValueError(f"E8P codes must lie in [0, 65536), got range [{int(c.min())}, {int(c.max())}]")
-    table, _, parity, _ = _tables(_device_key(codes.device))
+    abs_table, _, parity, _ = _tables(_device_key(codes.device), _check_table(table))
     idx = c & 255  # (N,)
     bit_pos = torch.arange(8, 15, device=c.device)  # (7,)
     neg7 = (c.unsqueeze(1) >> bit_pos) & 1  # (N, 7) 1 = negative
     neg_last = (neg7.sum(dim=1) + parity[idx]) % 2  # (N,) sign of coordinate 7 fixed by parity
     neg = torch.cat([neg7, neg_last.unsqueeze(1)], dim=1)  # (N, 8)
     shift = 0.25 - 0.5 * ((c >> 15) & 1).to(torch.float32)  # (N,) +1/4 or -1/4
-    return table[idx] * (1 - 2 * neg).to(torch.float32) + shift.unsqueeze(1)
+    return abs_table[idx] * (1 - 2 * neg).to(torch.float32) + shift.unsqueeze(1)
 
 
 @lru_cache(maxsize=8)
-def _codebook_cached(device_key: str) -> Tensor:
-    return e8p_decode(torch.arange(1 << 16, device=torch.device(device_key)))
+def _codebook_cached(device_key: str, table: str) -> Tensor:
+    return e8p_decode(torch.arange(1 << 16, device=torch.device(device_key)), table)
 
 
-def e8p_codebook(device: torch.device | str | None = None) -> Tensor:
-    """All 2^16 E8P codewords in code order, ``(65536, 8)`` fp32; computed once per device and cached
-    (it is never stored: zero bits). Treat the result as read-only."""
-    return _codebook_cached(_device_key(device))
+def e8p_codebook(device: torch.device | str | None = None, table: str = DEFAULT_TABLE) -> Tensor:
+    """All 2^16 E8P codewords in code order, ``(65536, 8)`` fp32; computed once per device and table and
+    cached (it is never stored: zero bits). Treat the result as read-only."""
+    return _codebook_cached(_device_key(device), _check_table(table))
 
 
 def _check_vectors(x: Tensor, name: str = "x") -> None:
@@ -188,13 +226,14 @@ def _check_vectors(x: Tensor, name: str = "x") -> None:
         raise ValueError(f"{name} must be a floating point tensor, got {x.dtype}")
 
 
-def e8p_nearest(x: Tensor, chunk_size: int | None = None) -> Tensor:
+def e8p_nearest(x: Tensor, chunk_size: int | None = None, table: str = DEFAULT_TABLE) -> Tensor:
     """Exact nearest E8P codeword (squared L2) of every row of ``x``, without enumerating 2^16 points.
 
     Args:
         x: ``(N, 8)`` points (fp64 input is computed in fp64, anything else in fp32).
         chunk_size: vectors per chunk (default 1024 on CPU, 32768 on an accelerator; the
             temporaries are a few ``(chunk, 256)`` arrays).
+        table: the abs table (QuIP#'s, or :data:`LEGACY_TABLE`).
 
     Returns:
         int64 ``(N,)`` codes (layout in the module docstring) on ``x.device``.
@@ -205,9 +244,9 @@ def e8p_nearest(x: Tensor, chunk_size: int | None = None) -> Tensor:
     _check_vectors(x)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     device = x.device
-    table, norm2, parity, masks = _tables(_device_key(device))
-    table, norm2 = table.to(dtype), norm2.to(dtype)
-    table_t = table.t().contiguous()  # (8, 256)
+    abs_table, norm2, parity, masks = _tables(_device_key(device), _check_table(table))
+    abs_table, norm2 = abs_table.to(dtype), norm2.to(dtype)
+    table_t = abs_table.t().contiguous()  # (8, 256)
     n = x.shape[0]
     out = torch.empty(n, dtype=torch.int64, device=device)
     chunk = chunk_size or (_CPU_CHUNK if device.type == "cpu" else _GPU_CHUNK)
@@ -241,7 +280,7 @@ def e8p_nearest(x: Tensor, chunk_size: int | None = None) -> Tensor:
                 best_u = torch.where(take.unsqueeze(1), u, best_u)
                 best_shift = torch.where(take, torch.full_like(i, shift_bit), best_shift)
         neg = best_u < 0  # (c, 8)
-        a = table[best_idx]  # (c, 8)
+        a = abs_table[best_idx]  # (c, 8)
         wrong = (neg.sum(dim=1) % 2) != parity[best_idx]  # (c,)
         flip = (best_u.abs() * a).argmin(dim=1)  # (c,) cheapest coordinate to flip
         rows = wrong.nonzero().squeeze(1)
