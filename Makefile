@@ -21,21 +21,28 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check reallm tests benchmarks train.py
 
-# The main job: compress ../shared/models/stories260K with a preset (phase 1, data-free), evaluate
-# the checkpoint and the original on TinyStories (context 512), print bits and perplexities.
+# The main job: compress ../shared/models/stories260K with a preset (phase 1), calibration-aware with GPTQ's error
+# feedback on CALIBRATION (the best fast method here: docs/results/pipeline-gptq.md), evaluate the checkpoint and the
+# original on TinyStories (context 512), print bits and perplexities. `make demo CALIBRATION=` runs it data-free.
 PRESET ?= vq-3bit
-RUN ?= runs/demo-$(PRESET)
+CALIBRATION ?= $(SHARED)/data/tinystories_train.txt
+CAL_WINDOWS ?= 128
+METHOD := $(PRESET)$(if $(CALIBRATION),:gptq)
+RUN ?= runs/demo-$(PRESET)$(if $(CALIBRATION),,-data-free)
 MODEL ?= $(SHARED)/models/stories260K
 EVAL_TEXT ?= $(SHARED)/data/tinystories_valid.txt
 CPU := --trainer.accelerator cpu
+CAL_ARGS := $(if $(CALIBRATION),--model.init_args.calibration.path $(CALIBRATION) \
+    --model.init_args.calibration.windows $(CAL_WINDOWS) --model.init_args.calibration.seq_len 512 \
+    --model.init_args.compression.error_feedback gptq)
 
 demo: setup
 	@test -d $(MODEL) || { echo "error: $(MODEL) not found (the demo needs ../shared)"; exit 1; }
 	rm -rf $(RUN)
 	$(PY) train.py fit --config configs/ae.yaml --config configs/methods/$(PRESET).yaml \
-	    --model.init_args.model_name_or_path $(MODEL) $(CPU) --run_dir $(RUN)/compress
+	    --model.init_args.model_name_or_path $(MODEL) $(CAL_ARGS) $(CPU) --run_dir $(RUN)/compress
 	$(PY) train.py validate --config configs/eval.yaml --model.init_args.checkpoint $(RUN)/compress/reallm \
-	    --model.init_args.method $(PRESET) --data.init_args.path $(EVAL_TEXT) --data.init_args.seq_len 512 \
+	    --model.init_args.method $(METHOD) --data.init_args.path $(EVAL_TEXT) --data.init_args.seq_len 512 \
 	    $(CPU) --run_dir $(RUN)/eval
 	$(PY) train.py validate --config configs/eval.yaml --model.init_args.model_name_or_path $(MODEL) \
 	    --data.init_args.path $(EVAL_TEXT) --data.init_args.seq_len 512 $(CPU) --run_dir $(RUN)/original

@@ -174,9 +174,10 @@ def test_readme_commands_run_as_printed(tmp_path):
 
 
 def test_readme_three_lines_from_the_demo_checkpoint(tmp_path, single_thread):
-    """"From `make demo`'s checkpoint to generated text, in three lines": the Makefile's demo compression
-    (its own command, kmeans shortened), then the README's three lines in a fresh process, as printed, from
-    the directory layout the demo makes; the text is the greedy continuation of `load_compressed`'s model."""
+    """"From `make demo`'s checkpoint to generated text, in three lines": the Makefile's demo compression (its
+    own command as `make -n` prints it, k-means and calibration shortened), then the README's three lines in a
+    fresh process, as printed, from the directory layout the demo makes; the text is the greedy continuation of
+    `load_compressed`'s model."""
     if not (ROOT / SHARED_REL / "models" / "stories260K").resolve().is_dir():
         pytest.skip("the demo needs ../shared/models/stories260K")
     import torch
@@ -184,14 +185,15 @@ def test_readme_three_lines_from_the_demo_checkpoint(tmp_path, single_thread):
 
     from reallm import load_compressed
 
-    makefile = (ROOT / "Makefile").read_text()
-    demo = re.sub(r"\s*\\\n\s*", " ", makefile.split("\ndemo:", 1)[1]).splitlines()
+    run = tmp_path / "runs" / "demo-vq-3bit"
+    dry = subprocess.run(["make", "-n", "demo", f"PY={sys.executable}", f"RUN={run}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    demo = re.sub(r"\s*\\\n\s*", " ", dry.stdout).splitlines()  # make -n prints the recipe as it would run it
     command = next(line.strip() for line in demo if "train.py fit" in line)
-    values = {"$(PY)": sys.executable, "$(PRESET)": "vq-3bit", "$(MODEL)": f"{SHARED_REL}/models/stories260K",
-              "$(CPU)": "--trainer.accelerator cpu", "$(RUN)": str(tmp_path / "runs" / "demo-vq-3bit")}
-    for k, v in values.items():
-        command = command.replace(k, v)
-    assert "$(" not in command, command
+    # the default is calibration-aware with GPTQ's error feedback (fewer calibration windows below: test speed)
+    assert "--model.init_args.compression.error_feedback gptq" in command and "tinystories_train.txt" in command
+    command = command.replace("--model.init_args.calibration.windows 128", "--model.init_args.calibration.windows 8")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*shlex.split(command), *SHORT["configs/ae.yaml"], "--artifacts.figures", "false"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
