@@ -48,7 +48,7 @@ from .backend import FusedBackend
 from .cpu_lut import group_table
 from .prepare import PreparedFrozen, common_reason, values_per_code
 
-__all__ = ["BACKEND", "MAX_TOKENS", "Avx512LutBackend", "machine_reason", "unsupported_reason",
+__all__ = ["BACKEND", "MAX_TOKENS", "Avx512LutBackend", "compile_library", "machine_reason", "unsupported_reason",
            "avx512_frozen_matmul", "group_size"]
 
 MAX_TOKENS = 4
@@ -271,14 +271,19 @@ def _cache_dir() -> Path:
     return Path(base) / "reallm" / "kernels"
 
 
-@cache
-def _library() -> tuple[ctypes.CDLL | None, str | None]:
-    """(the compiled library, None) or (None, why it is unavailable); built once per machine."""
+def _platform_reason() -> str | None:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"needs Linux on x86-64, this is {platform.system()} on {platform.machine()}"
-    missing = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vbmi"} - _cpu_flags()
-    if missing:
-        return None, f"this CPU lacks {', '.join(sorted(missing))}"
+        return f"needs Linux on x86-64, this is {platform.system()} on {platform.machine()}"
+    return None
+
+
+def compile_library() -> tuple[Path | None, str | None]:
+    """Compile the C source into the kernel cache, once per source and flags: (the library's path, None) or
+    (None, why not). Needs Linux on x86-64 and a C compiler (`$CC`, else gcc / cc), not an AVX-512 CPU: the
+    compiler emits AVX-512 code on any x86-64 host, so the build is checked where the kernel cannot run."""
+    why = _platform_reason()
+    if why is not None:
+        return None, why
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         return None, "no C compiler found (set CC, or install gcc)"
@@ -299,6 +304,21 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
                 os.replace(tmp_lib, lib_path)  # atomic: a concurrent build never leaves half a file
         except OSError as e:
             return None, f"cannot write the compiled kernel under {out_dir}: {e}"
+    return lib_path, None
+
+
+@cache
+def _library() -> tuple[ctypes.CDLL | None, str | None]:
+    """(the compiled library, None) or (None, why it is unavailable); built once per machine."""
+    why = _platform_reason()
+    if why is not None:
+        return None, why
+    missing = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vbmi"} - _cpu_flags()
+    if missing:
+        return None, f"this CPU lacks {', '.join(sorted(missing))}"
+    lib_path, why = compile_library()
+    if lib_path is None:
+        return None, why
     lib = ctypes.CDLL(str(lib_path))
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     lib.reallm_lut_build.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr]
