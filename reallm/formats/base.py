@@ -15,12 +15,16 @@ preset in `configs/methods/`, and a row in `tests/test_codec_contract.py`.
 
 from __future__ import annotations
 
+import math
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal, Protocol, Union, get_args, get_origin, get_type_hints
 
+import torch
 from torch import Tensor
+
+from reallm.ops.packing import packed_nbytes
 
 
 class FormatConfig(Protocol):
@@ -82,7 +86,7 @@ class FormatOptions:
         """The options dict of a flat config of before issue 20 (the keys of `legacy_keys` that it has)."""
         return {field_name: flat[key] for key, field_name in cls.legacy_keys.items() if key in flat}
 
-__all__ = ["Codec", "Encoded", "FormatConfig", "FormatOptions", "PIPELINE_BIT_ITEMS"]
+__all__ = ["Codec", "Encoded", "FormatConfig", "FormatOptions", "Layout", "PIPELINE_BIT_ITEMS", "TensorSpec"]
 
 # stored tensors written by the shared pipeline stages (not by a codec), and their bit items
 # stored floating tensors of the pipeline that fine-tuning may train (codes stay frozen), by item
@@ -110,6 +114,23 @@ class Encoded:
     stored: dict[str, Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
     shared: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """The shape and dtype of a stored tensor, known before it is computed: all its accounted bits follow from."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbits(self) -> int:
+        """Bits of the tensor as stored: numel × element size (a 0-dim tensor holds one element)."""
+        return math.prod(self.shape) * self.dtype.itemsize * 8
+
+
+#: (stored, shared): what `Codec.stored_layout` returns, name → spec of each tensor, in `encode`'s order
+Layout = tuple[dict[str, TensorSpec], dict[str, TensorSpec]]
 
 
 class Codec:
@@ -215,6 +236,32 @@ class Codec:
         that can read its stored tensors by range overrides this (the default decodes all and slices)."""
         n_blocks = -(-shape[0] * shape[1] // config.block_size)
         return self.decode(stored, meta, config, shape, n_blocks, shared)[start:stop]
+
+    # -- bits before encoding ---------------------------------------------------------------------
+    def stored_layout(self, config: FormatConfig, shape: tuple[int, int], n_blocks: int, *,
+                      shared: bool = False) -> Layout:
+        """(stored, shared): the shape and dtype of every tensor `encode` stores for a (p, q) matrix, in `encode`'s
+        order, and of the shared tensors it uses, known from the config and shape alone, so that a bit budget can
+        be checked before anything is encoded (`reallm.weight.layout`). `n_blocks`: blocks of B0 values the
+        pipeline gives a `blockwise` format (⌈p·q / B0⌉). `shared`: the tensors the format can share were
+        fitted once for several matrices and are passed to `encode` (otherwise it fits and stores its own).
+
+        The default is one packed stream "codes" of `code_width` bits per vector of `vector_dim` values; a
+        format that stores anything else says so here (tests/test_bit_prediction.py checks every format's
+        prediction against the bits of its encoded matrices)."""
+        n_codes = n_blocks * config.block_size // self.vector_dim(config)
+        return {"codes": self.packed(n_codes, self.code_width(config))}, {}
+
+    @staticmethod
+    def packed(n_codes: int, width: int) -> TensorSpec:
+        """The spec of `reallm.ops.packing.pack_bits`' stream of `n_codes` codes of `width` bits: uint8
+        (⌈n_codes·width / 8⌉,)."""
+        return TensorSpec((packed_nbytes(n_codes, width),), torch.uint8)
+
+    @staticmethod
+    def spec(shape: tuple[int, ...], dtype: torch.dtype) -> TensorSpec:
+        """A `TensorSpec` (for `stored_layout`)."""
+        return TensorSpec(tuple(shape), dtype)
 
 
 def _admits(annotation: Any, value: Any) -> bool:

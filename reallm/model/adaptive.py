@@ -22,7 +22,8 @@ the sum over all weights of the squared relative error of their matrix, i.e. eve
 equally and each matrix is measured against its own scale (a layer's output perturbation relative to
 its output is ≈ ε for isotropic inputs, whatever the layer's norm).
 
-Pure functions, no torch: :func:`choose` (MILP), :func:`brute_force` (for tests), :func:`lp_price`.
+Pure functions, no torch: :func:`choose` (MILP), :func:`fits` (whether any choice meets the budget, without
+errors: the check before encoding), :func:`brute_force` (for tests), :func:`lp_price`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AdaptiveConfig", "Candidate", "Choice", "choose", "brute_force", "lp_price", "evaluate_fixed"]
+__all__ = ["AdaptiveConfig", "Candidate", "Choice", "brute_force", "cheapest_bits", "choose", "evaluate_fixed", "fits",
+           "lp_price", "no_fit_message"]
 
 
 @dataclass
@@ -115,8 +117,10 @@ def _validate(cands: Sequence[Sequence[Candidate]], shared_costs: dict[str, floa
                 raise ValueError(f"candidate {c.label!r} of matrix {m} has non-finite bits or error")
 
 
-def _min_bits(cands: Sequence[Sequence[Candidate]], shared_costs: dict[str, float]) -> float:
-    """A lower bound of the cheapest total (each matrix's cheapest candidate, shared costs once)."""
+def cheapest_bits(cands: Sequence[Sequence[Candidate]], shared_costs: dict[str, float]) -> float:
+    """The total of the choice that takes each matrix's cheapest candidate (its own bits plus its shared resource's
+    whole cost), shared costs paid once: the "cheapest choice" `no_fit_message` quotes. It is the total of a
+    feasible choice, so a budget of at least this many bits fits."""
     total, used = 0.0, set()
     for row in cands:
         c = min(row, key=lambda c: c.bits + (shared_costs.get(c.shared, 0.0) if c.shared else 0.0))
@@ -181,23 +185,13 @@ def choose(
             its certified gap.
         names: matrix names, used in the reasons.
     Raises:
-        ValueError: no feasible choice (the message gives the cheapest possible total).
+        ValueError: no feasible choice (`no_fit_message`: the budget and `cheapest_bits`).
     """
-    from scipy.optimize import Bounds, LinearConstraint, milp
-
     shared_costs = dict(shared_costs or {})
     _validate(cands, shared_costs)
-    flat, keys, cost, rows_eq, budget_row, rows_link = _program(cands, budget_bits, shared_costs, False)
-    n = len(cost)
-    constraints = [LinearConstraint(rows_eq, 1.0, 1.0), LinearConstraint(budget_row, -np.inf, budget_bits)]
-    if len(rows_link):
-        constraints.append(LinearConstraint(rows_link, -np.inf, 0.0))
-    options = {"time_limit": time_limit} if time_limit else {}
-    res = milp(cost, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1), options=options)
+    flat, res = _milp(cands, budget_bits, shared_costs, time_limit)
     if res.x is None:
-        cheapest = _min_bits(cands, shared_costs)
-        raise ValueError(f"no configuration fits the budget of {budget_bits:.0f} bits "
-                         f"(the cheapest choice needs about {cheapest:.0f} bits; solver: {res.message})")
+        raise ValueError(no_fit_message(cands, budget_bits, shared_costs, f"solver: {res.message}"))
     x = np.round(res.x).astype(int)
     picks = [-1] * len(cands)
     for i, (m, j, _) in enumerate(flat):
@@ -212,6 +206,35 @@ def choose(
     choice = Choice(picks, used, float(total), float(objective), status, gap, price)
     choice.reasons = explain(cands, choice, shared_costs, budget_bits, names)
     return choice
+
+
+def fits(cands: Sequence[Sequence[Candidate]], budget_bits: float, shared_costs: dict[str, float] | None = None,
+         *, time_limit: float | None = 60.0) -> bool:
+    """Whether some choice meets the budget: `choose`'s program and solver on the same bits (the errors play no
+    part in it), so that the budgets refused before encoding are exactly those `choose` refuses after it."""
+    shared_costs = dict(shared_costs or {})
+    _validate(cands, shared_costs)
+    return _milp(cands, budget_bits, shared_costs, time_limit)[1].x is not None
+
+
+def no_fit_message(cands: Sequence[Sequence[Candidate]], budget_bits: float, shared_costs: dict[str, float],
+                   detail: str) -> str:
+    """The line saying that no choice fits: the budget and `cheapest_bits`, in whole bits, then `detail`."""
+    return (f"no configuration fits the budget of {budget_bits:.0f} bits (the cheapest choice needs about "
+            f"{cheapest_bits(cands, shared_costs):.0f} bits; {detail})")
+
+
+def _milp(cands, budget_bits: float, shared_costs: dict[str, float], time_limit: float | None):
+    """(flat candidates (m, j, c), scipy's result) of the 0/1 program of the module docstring (HiGHS)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    flat, _, cost, rows_eq, budget_row, rows_link = _program(cands, budget_bits, shared_costs, False)
+    constraints = [LinearConstraint(rows_eq, 1.0, 1.0), LinearConstraint(budget_row, -np.inf, budget_bits)]
+    if len(rows_link):
+        constraints.append(LinearConstraint(rows_link, -np.inf, 0.0))
+    options = {"time_limit": time_limit} if time_limit else {}
+    res = milp(cost, constraints=constraints, integrality=np.ones(len(cost)), bounds=Bounds(0, 1), options=options)
+    return flat, res
 
 
 def explain(cands, choice: Choice, shared_costs: dict[str, float], budget_bits: float,

@@ -8,6 +8,9 @@
   matrices that use it. No Lightning: the autoencoder phase loads the candidates and stores the picks.
   Its steps, one function each: :func:`build_problem` (the MILP's data), :func:`solve` (the exact choice),
   :func:`summarise` (results.json's ``adaptive`` section), :func:`make_picks` (the chosen containers).
+- :func:`check_budget`: before any candidate is encoded, the same problem's bits predicted from each candidate's
+  config and matrix shape (`reallm.weight.layout`): a budget that no choice can meet is refused at once, with the
+  numbers `solve` would give after encoding.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ from typing import Any, Literal
 
 from reallm.core.errors import UserError
 from reallm.core.io import tensor_digest
+from reallm.formats import get_codec
 from reallm.formats.autoencoder import codec as ae_format
-from reallm.model.adaptive import AdaptiveConfig, Candidate, Choice, choose, evaluate_fixed
+from reallm.formats.autoencoder.recipe import group_key
+from reallm.model.adaptive import AdaptiveConfig, Candidate, Choice, choose, evaluate_fixed, fits, no_fit_message
 from reallm.weight.config import CompressionConfig
 from reallm.weight.container import ReALLMWeight
+from reallm.weight.layout import matrix_layout
 
-__all__ = ["Pick", "Problem", "Selection", "build_problem", "candidate_configs", "make_picks", "select", "solve",
-           "summarise"]
+__all__ = ["Pick", "Problem", "Selection", "build_problem", "candidate_configs", "check_budget", "make_picks", "select",
+           "shared_group", "solve", "summarise"]
 
 
 def _merge(base: CompressionConfig, overrides: dict[str, Any], label: str = "main") -> CompressionConfig:
@@ -63,8 +69,14 @@ def candidate_configs(base: CompressionConfig | None, adaptive: AdaptiveConfig |
 def _own_bits(weight: ReALLMWeight) -> tuple[float, float]:
     """(bits of the matrix without its shared tensors, bits of the shared tensors)."""
     shared = float(sum(t.numel() * t.element_size() * 8 for t in weight.shared.values()))
-    share = weight.shape[0] * weight.shape[1] / weight.meta.get("shared_numel", weight.shape[0] * weight.shape[1])
-    return weight.bits()["total"] - shared * share, shared
+    numel = weight.shape[0] * weight.shape[1]
+    return _split(weight.bits()["total"], shared, numel, weight.meta.get("shared_numel", numel))
+
+
+def _split(total: float, shared: float, numel: int, shared_numel: int) -> tuple[float, float]:
+    """(own bits, shared bits) of a matrix of `numel` weights whose `total` charges it numel / shared_numel of the
+    `shared` bits: the one formula of the encoded (`_own_bits`) and the predicted (`check_budget`) problem."""
+    return total - shared * (numel / shared_numel), shared
 
 
 @dataclass
@@ -192,6 +204,77 @@ def build_problem(
         names.append(name)
         numels.append(numel)
     return Problem(names, rows, results, numels, shared_costs, relative, error)
+
+
+def shared_group(config: CompressionConfig, name: str, blocks_prefix: str | None = None) -> str | None:
+    """Which shared tensors the candidate `config` of matrix `name` uses, as phase 1 fits them: its autoencoder
+    group (one decoder and latent codebook, `options.share`), the config itself for a format that shares tensors
+    among all its matrices (`Codec.can_share`, e.g. vq's codebook_scope "model"), None when it shares nothing.
+    `blocks_prefix`: the model's decoder blocks (for `share: type_blocks:K`)."""
+    if config.quantizer == "autoencoder":
+        return group_key(config, name, blocks_prefix)
+    return config.key() if get_codec(config.quantizer).can_share(config) else None
+
+
+def check_budget(
+    matrices: Sequence[tuple[str, tuple[int, int], Mapping[str, CompressionConfig]]],
+    adaptive: AdaptiveConfig | None,
+    blocks_prefix: str | None = None,
+) -> None:
+    """Refuse, before any candidate is encoded, a budget that no choice can meet.
+
+    The bits of every candidate follow from its config and its matrix's shape (`reallm.weight.layout`), exactly as
+    `build_problem` reads them off the encoded containers: the same own bits, the same shared resources (one per
+    label and `shared_group`, costing its tensors' bits once), so that `solve` would refuse the same budget after
+    encoding, with the same numbers. Nothing is checked without a choice (no adaptive config, or one label).
+
+    Args:
+        matrices: per matrix, in order: (name, its shape (p, q), {label: config}: `candidate_configs`).
+        adaptive: the budget.
+        blocks_prefix: the model's decoder blocks (autoencoder groups of `share: type_blocks:K`).
+    Raises:
+        UserError: no choice fits: the budget and the cheapest total in bits, as `solve` words them.
+    """
+    labels = {label for _, _, cands in matrices for label in cands}
+    if adaptive is None or len(labels) < 2:
+        return
+    rows, shared_costs, total_weights = _predicted_rows(matrices, blocks_prefix)
+    budget = adaptive.budget * float(total_weights)
+    if not fits(rows, budget, shared_costs, time_limit=adaptive.time_limit):
+        detail = (f"{adaptive.budget:g} bits per weight over {total_weights} weights, from each candidate's config "
+                  f"and matrix shape, before any was encoded")
+        raise UserError(f"adaptive: {no_fit_message(rows, budget, shared_costs, detail)}")
+
+
+def _predicted_rows(
+    matrices: Sequence[tuple[str, tuple[int, int], Mapping[str, CompressionConfig]]], blocks_prefix: str | None,
+) -> tuple[list[list[Candidate]], dict[str, float], int]:
+    """(candidate rows, shared resource → its bits, weights of the matrices): `build_problem`'s bits, predicted.
+
+    A resource is charged to the weights of every matrix whose candidate uses it, as phase 1's containers record
+    it (``meta["shared_numel"]``), so that the own bits are the same floats as the encoded ones."""
+    plan, users = [], {}
+    for name, shape, cands in matrices:
+        entries = []
+        for label, cfg in cands.items():
+            layout = matrix_layout(cfg, shape)
+            rid = f"{label}|{shared_group(cfg, name, blocks_prefix)}" if layout.shared else None
+            if rid is not None:
+                users[rid] = users.get(rid, 0) + shape[0] * shape[1]
+            entries.append((label, layout, rid))
+        if entries:
+            plan.append((shape[0] * shape[1], entries))
+    rows, shared_costs = [], {}
+    for numel, entries in plan:
+        row = []
+        for label, layout, rid in entries:
+            sharers = users.get(rid, numel)
+            own, shared = _split(layout.bits(sharers)["total"], float(layout.shared_bits()), numel, sharers)
+            if rid is not None:
+                shared_costs[rid] = shared
+            row.append(Candidate(label, own, 0.0, rid))
+        rows.append(row)
+    return rows, shared_costs, sum(numel for numel, _ in plan)
 
 
 def solve(problem: Problem, adaptive: AdaptiveConfig) -> Choice:

@@ -2,7 +2,9 @@
 
 `AutoencoderPhase` extends the data-free `CompressPhase`:
 
-1. ``setup``: every matrix × every candidate configuration is prepared. Candidates without a decoder
+1. ``setup``: a budget that no choice can meet is refused at once (`reallm.model.candidates.check_budget`: every
+   candidate's bits follow from its config and its matrix's shape), before calibration or any encoding. Then
+   every matrix × every candidate configuration is prepared. Candidates without a decoder
    (VQ, NF, ...) are compressed at once (data-free; a model-wide VQ codebook is fitted per candidate).
    Autoencoder candidates are grouped (matrices sharing one decoder and latent codebook, ``share`` in
    the config's ``options``), groups of identical networks are stacked
@@ -43,7 +45,7 @@ from reallm.data.patch_steps import PatchDataModule
 from reallm.formats.autoencoder import codec as ae_format
 from reallm.formats.autoencoder import recipe as ae_recipe
 from reallm.model.adaptive import AdaptiveConfig
-from reallm.model.candidates import candidate_configs, select
+from reallm.model.candidates import candidate_configs, check_budget, select
 from reallm.model.surgery import fit_shared_tensors
 from reallm.ops.patches import patch_grid
 from reallm.phases import calibration as calib
@@ -151,6 +153,9 @@ class AutoencoderPhase(CompressPhase):
             self._blocks_prefix = find_decoder_blocks(dm.model)[0]
         except ValueError:
             self._blocks_prefix = None
+        # an impossible budget is refused before any work: its bits follow from the configs and shapes alone
+        check_budget([(n, tuple(dm.weight(n).shape), self._cands[n]) for _, n in self._targets], self.adaptive,
+                     self._blocks_prefix)
 
         # calibration statistics (None: data-free), before any candidate
         moments = self.input_moments()

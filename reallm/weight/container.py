@@ -11,6 +11,7 @@ plus JSON-able metadata (safetensors-friendly). Building one from W is `reallm.w
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from reallm.weight.config import CompressionConfig
 from reallm.weight.decode import decode_frozen
 from reallm.weight.factors import decode_lowrank
 
-__all__ = ["ReALLMWeight", "bit_items_of"]
+__all__ = ["ReALLMWeight", "bit_items_of", "count_bits"]
 
 
 @dataclass
@@ -85,33 +86,13 @@ class ReALLMWeight:
         are charged in proportion numel / meta["shared_numel"]. A stored tensor that no item claims
         is an error (it would otherwise go uncounted or be filed under a wrong item).
         """
-        p, q = self.shape
-        items: dict[str, float] = {}
-        item_of = bit_items_of(self.config, codec=self.codec)
-
-        def add(item: str, nbits: float) -> None:
-            items[item] = items.get(item, 0.0) + nbits
-
-        def item(key: str) -> str:
-            found = item_of.get(key.split(".")[0])
-            if found is None:
-                raise KeyError(f"format {self.config.quantizer!r} stores {key!r}, which no bit item claims "
-                               f"(add it to the codec's bit_items)")
-            return found
-
-        for k, t in self.frozen.items():
-            add(item(k), _nbits(t))
-        share = (p * q) / self.meta.get("shared_numel", p * q)
-        for k, t in self.shared.items():
-            add(item(k), _nbits(t) * share)
-        add("lowrank", sum(_nbits(t) for t in self.lowrank.values()))
-        dora = self.config.dora if include_magnitude is None else include_magnitude
-        if dora and self.rank > 0:
-            add("magnitude", p * storage.storage_bits_of(self.config.magnitude_dtype))
-        total = sum(items.values())
-        items["total"] = total
-        items["per_weight"] = total / (p * q)
-        return items
+        return count_bits(
+            self.config, self.shape,
+            frozen={k: _nbits(t) for k, t in self.frozen.items()},
+            shared={k: _nbits(t) for k, t in self.shared.items()},
+            lowrank=sum(_nbits(t) for t in self.lowrank.values()),
+            rank=self.rank, shared_numel=self.meta.get("shared_numel"), include_magnitude=include_magnitude,
+            codec=self.codec)
 
     # -- serialisation --------------------------------------------------------------------
     def to_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -160,6 +141,59 @@ def bit_items_of(config: CompressionConfig, *, codec: Codec | None = None) -> di
     already resolved)."""
     codec = codec if codec is not None else get_codec(config.quantizer)
     return {**PIPELINE_BIT_ITEMS, **codec.bit_items}
+
+
+def count_bits(
+    config: CompressionConfig,
+    shape: tuple[int, int],
+    *,
+    frozen: Mapping[str, int],
+    shared: Mapping[str, int],
+    lowrank: int,
+    rank: int,
+    shared_numel: int | None = None,
+    include_magnitude: bool | None = None,
+    codec: Codec | None = None,
+) -> dict[str, float]:
+    """The itemised bits of a (p, q) matrix from the bits of its stored tensors: `ReALLMWeight.bits` of an encoded
+    matrix, and `reallm.weight.layout.predict_bits` of one not yet encoded, so that the two agree exactly.
+
+    Args:
+        frozen: stored tensor name → its bits, in the stored order; shared: the same for the shared tensors,
+            charged numel / shared_numel of their bits (shared_numel: weights of every sharer, None: p·q).
+        lowrank: bits of the stored low-rank factors; rank: r (a DoRA magnitude is counted only when r > 0).
+        include_magnitude: count the DoRA magnitude (p values of config.magnitude_dtype); None: config.dora.
+        codec: the codec of config.quantizer when already resolved.
+    Raises:
+        KeyError: a stored tensor that no bit item claims (it would otherwise go uncounted or be misfiled).
+    """
+    p, q = shape
+    items: dict[str, float] = {}
+    item_of = bit_items_of(config, codec=codec)
+
+    def add(item: str, nbits: float) -> None:
+        items[item] = items.get(item, 0.0) + nbits
+
+    def item(key: str) -> str:
+        found = item_of.get(key.split(".")[0])
+        if found is None:
+            raise KeyError(f"format {config.quantizer!r} stores {key!r}, which no bit item claims "
+                           f"(add it to the codec's bit_items)")
+        return found
+
+    for k, nbits in frozen.items():
+        add(item(k), nbits)
+    share = (p * q) / (shared_numel or p * q)
+    for k, nbits in shared.items():
+        add(item(k), nbits * share)
+    add("lowrank", lowrank)
+    dora = config.dora if include_magnitude is None else include_magnitude
+    if dora and rank > 0:
+        add("magnitude", p * storage.storage_bits_of(config.magnitude_dtype))
+    total = sum(items.values())
+    items["total"] = total
+    items["per_weight"] = total / (p * q)
+    return items
 
 
 def _nbits(t: Tensor) -> int:

@@ -112,3 +112,11 @@ class AdditiveQuantizer(Codec):
         for m in range(1, M):
             out += books[m].index_select(0, idx[:, m])
         return out.view(stop - start, config.block_size)
+
+    def stored_layout(self, config, shape, n_blocks, *, shared=False):
+        """The M codes of each d-vector packed at k bits, then the fp16 codebooks (M, 2^k, d) — the matrix's own,
+        or shared."""
+        M, d, k = config.options.codebooks, config.options.dim, code_bits(config)
+        codes = {"codes": self.packed(n_blocks * config.block_size // d * M, k)}
+        books = {"codebooks": self.spec((M, 1 << k, d), torch.float16)}
+        return (codes, books) if shared else ({**codes, **books}, {})

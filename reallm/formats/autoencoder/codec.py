@@ -28,19 +28,20 @@ from torch import Tensor
 from reallm.formats.autoencoder.networks import (
     PatchEncoder,
     PixelShuffleDecoder,
+    decoder_conv_shapes,
     decoder_from_state,
     decoder_param_count,
     export_decoder,
     solve_decoder_width,
 )
 from reallm.formats.autoencoder.options import AutoencoderOptions
-from reallm.formats.base import Codec
+from reallm.formats.base import Codec, Layout, TensorSpec
 from reallm.formats.registry import register
 from reallm.ops.packing import pack_bits, unpack_bits
 from reallm.ops.patches import matrix_to_patches, patch_grid, patches_to_matrix
 
-__all__ = ["AESpec", "ae_spec", "decode_autoencoder", "from_vectors", "latent_mask", "latent_numel", "pack_decoder",
-           "to_vectors", "unpack_decoder"]
+__all__ = ["AESpec", "ae_spec", "decode_autoencoder", "decoder_layout", "from_vectors", "latent_mask", "latent_numel",
+           "pack_decoder", "to_vectors", "unpack_decoder"]
 
 _DECODE_CHUNK_ELEMS = 1 << 26  # activations per decoder chunk when decoding a matrix (256 MB in fp32)
 
@@ -161,6 +162,25 @@ def pack_decoder(decoder: PixelShuffleDecoder) -> tuple[dict[str, Any], dict[str
     return meta, out
 
 
+def decoder_layout(spec: AESpec) -> dict[str, TensorSpec]:
+    """The specs of what :func:`pack_decoder` stores for the decoder of `spec`, in its order, without building it:
+    per conv of weight (C_out, C_in, k, k) (`decoder_conv_shapes`) its codes packed at b_φ, its fp16 scale (C_out,)
+    and fp16 bias (C_out,); with ``weight_bits=None`` its bias and its fp16 weight."""
+    shapes = decoder_conv_shapes(spec.width(), spec.latent_channels, spec.n_stages, spec.kernels, spec.reduction,
+                                 spec.min_channels)
+    out: dict[str, TensorSpec] = {}
+    for name, shape in shapes.items():
+        per_channel = TensorSpec(shape[:1], torch.float16)  # (C_out,)
+        if spec.weight_bits is None:
+            out[f"decoder.{name}.bias"] = per_channel
+            out[f"decoder.{name}.weight"] = TensorSpec(shape, torch.float16)
+        else:
+            out[f"decoder.{name}.codes"] = Codec.packed(math.prod(shape), spec.weight_bits)
+            out[f"decoder.{name}.scale"] = per_channel
+            out[f"decoder.{name}.bias"] = per_channel
+    return out
+
+
 def unpack_decoder(meta: dict[str, Any], tensors: dict[str, Tensor], device=None) -> PixelShuffleDecoder:
     """Inverse of :func:`pack_decoder` (``tensors`` with or without the ``decoder.`` prefix)."""
     plain = {}
@@ -250,3 +270,11 @@ class PatchAutoencoder(Codec):
         B = config.block_size
         pad = n_blocks * B - Y.numel()
         return torch.cat([Y, Y.new_zeros(pad)]).view(n_blocks, B) if pad else Y.view(n_blocks, B)
+
+    def stored_layout(self, config, shape, n_blocks, *, shared=False) -> Layout:
+        """The latent codes of the stored positions packed at b·d bits; shared (whatever `shared` says: a group of
+        one matrix shares them too), the packed decoder and the fp16 latent codebook (2^(b·d), d)."""
+        spec = ae_spec(config)
+        width = self.code_width(config)
+        codes = {"latent_codes": self.packed(latent_numel(shape, spec) // spec.dim, width)}
+        return codes, {**decoder_layout(spec), "latent_codebook": self.spec((1 << width, spec.dim), torch.float16)}

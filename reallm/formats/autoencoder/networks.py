@@ -30,6 +30,7 @@ __all__ = [
     "PixelShuffleDecoder",
     "PatchAutoencoder",
     "decoder_channels",
+    "decoder_conv_shapes",
     "decoder_param_count",
     "solve_decoder_width",
     "quantize_decoder_",
@@ -153,6 +154,25 @@ def decoder_channels(width: int, n_stages: int = 5, reduction: float = 1.2, min_
     return chans
 
 
+def decoder_conv_shapes(
+    width: int,
+    latent_channels: int = 16,
+    n_stages: int = 5,
+    kernels: Sequence[int] = DEFAULT_KERNELS,
+    reduction: float = 1.2,
+    min_channels: int = 12,
+) -> dict[str, tuple[int, int, int, int]]:
+    """Weight shape (C_out, C_in, k, k) of every conv of :class:`PixelShuffleDecoder` with these settings, by its
+    name in ``quant_convs()`` order (each conv also has a bias of C_out values), without building it."""
+    chans = decoder_channels(width, n_stages, reduction, min_channels)
+    shapes = {"stem": (int(width), int(latent_channels), 1, 1)}  # 1x1 stem e2 -> F
+    for i in range(n_stages):
+        k = _kernel(kernels, i)
+        shapes[f"stages.{i}"] = (4 * chans[i + 1], chans[i], k, k)  # conv to 4·C_next, then PixelShuffle(2)
+    shapes["head"] = (1, chans[-1], 3, 3)  # 3x3 head -> 1 channel
+    return shapes
+
+
 def decoder_param_count(
     width: int,
     latent_channels: int = 16,
@@ -162,14 +182,8 @@ def decoder_param_count(
     min_channels: int = 12,
 ) -> int:
     """Parameters (weights + biases) of :class:`PixelShuffleDecoder` with these settings."""
-    chans = decoder_channels(width, n_stages, reduction, min_channels)
-    total = latent_channels * width + width  # 1x1 stem e2 -> F
-    for i in range(n_stages):
-        k = _kernel(kernels, i)
-        c_out = 4 * chans[i + 1]  # conv to 4·C_next, then PixelShuffle(2)
-        total += chans[i] * c_out * k * k + c_out
-    total += chans[-1] * 9 + 1  # 3x3 head -> 1 channel
-    return total
+    shapes = decoder_conv_shapes(width, latent_channels, n_stages, kernels, reduction, min_channels)
+    return sum(c_out * c_in * kh * kw + c_out for c_out, c_in, kh, kw in shapes.values())
 
 
 def solve_decoder_width(

@@ -4,8 +4,9 @@ Each 8-vector (8 consecutive values of one row, after the pipeline's rotation / 
 layout) is stored as a 16-bit code of the E8P codebook: 2^16 points of the shifted E8 lattice built
 from QuIP#'s 256-entry table of abs patterns, sign flips and a ±¼ shift, computed at load and never
 stored (zero codebook bits). Each matrix records the table in its metadata (`e8p_table`); matrices
-without it were written with the project's earlier padding and decode with that table. A decoded vector is `scale · codeword` times its block's absmax
-scale, with one lattice scale per matrix searched for the lowest error (fp32, stored and counted).
+without it were written with the project's earlier padding and decode with that table. A decoded vector
+is `scale · codeword` times its block's absmax scale, with one lattice scale per matrix searched for the
+lowest error (fp32, stored and counted).
 
 bits = 2: one E8P stage (16 bits per 8 weights). bits = 3 adds a residual stage of 256 lattice points
 (8 bits per 8 weights: the origin, the 240 minimal vectors of E8 and 15 points of norm² 4), bits = 4 a
@@ -115,3 +116,9 @@ class E8PLattice(Codec):
             out = part if out is None else out.add_(part)
         return out.view(stop - start, config.block_size)
 
+    def stored_layout(self, config, shape, n_blocks, *, shared=False):
+        """Each stage's codes packed at its code bits (one per 8-vector), then the fp32 lattice scale of each stage."""
+        stages = STAGES_OF_BITS[config.bits]
+        n_vectors = n_blocks * config.block_size // 8
+        stored = {key: self.packed(n_vectors, E8_STAGES[stage]) for key, stage in zip(_CODE_KEYS, stages)}
+        return {**stored, "lattice_scales": self.spec((len(stages),), torch.float32)}, {}

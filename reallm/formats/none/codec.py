@@ -31,3 +31,6 @@ class Dense16(Codec):
     def decode_range(self, stored: dict[str, Tensor], meta: dict[str, Any], config, shape, shared, start: int,
                      stop: int) -> Tensor:
         return stored["dense"][start:stop].float()  # rows (stop − start, q)
+
+    def stored_layout(self, config, shape, n_blocks, *, shared=False):
+        return {"dense": self.spec(shape, torch.float16)}, {}  # the residual (p, q) itself

@@ -36,3 +36,9 @@ class RoundToNearest(Codec):
         index = torch.arange(1 << config.bits, dtype=torch.float32, device=stored["codes"].device)[:, None]
         codes = decode_codes(stored["codes"], config.bits, (stop - start) * B, index, start=start * B)
         return rtn_dequantize(codes.view(-1, B), stored["rtn_lo"][start:stop], stored["rtn_step"][start:stop])
+
+    def stored_layout(self, config, shape, n_blocks, *, shared=False):
+        """The packed codes, then each block's fp16 min and step (n_blocks,)."""
+        stored, _ = super().stored_layout(config, shape, n_blocks)
+        per_block = self.spec((n_blocks,), torch.float16)
+        return {**stored, "rtn_lo": per_block, "rtn_step": per_block}, {}

@@ -103,3 +103,9 @@ class VectorQuantizer(Codec):
         values = decode_codes(stored["codes"], self.code_width(config), (stop - start) * per_block,
                               codebook.float().to(stored["codes"].device), start=start * per_block)
         return values.view(stop - start, config.block_size)  # (n_vectors, d) → blocks
+
+    def stored_layout(self, config, shape, n_blocks, *, shared=False):
+        """The fp16 codebook (2^(b·d), d) — the matrix's own, or shared — then the packed codes."""
+        codebook = {"codebook": self.spec((1 << self.code_width(config), config.options.dim), torch.float16)}
+        codes, _ = super().stored_layout(config, shape, n_blocks)
+        return (codes, codebook) if shared else ({**codebook, **codes}, {})
