@@ -39,7 +39,8 @@ from reallm.checkpoint.directory import WEIGHTS_FILE, checkpoint_version, read_m
 from reallm.checkpoint.remote_code import LOADER_FILE, LOADER_SOURCE, drop_loader_reference
 from reallm.core.errors import CheckpointError
 from reallm.core.io import atomic_save_safetensors, atomic_write_text, publish_dir, sha256_file
-from reallm.layer.linear import RuntimeMode, iter_reallm_layers, set_runtime_mode
+from reallm.layer.auto_runtime import AUTO_MEMORY_FRACTION, check_memory_fraction
+from reallm.layer.linear import RuntimeMode, check_runtime_mode, iter_reallm_layers, set_runtime_mode
 
 __all__ = [
     "adapter_state",
@@ -245,6 +246,7 @@ def load_compressed(
     adapters: str = "default",
     device: torch.device | str | None = None,
     mode: RuntimeMode = "resident",
+    memory_fraction: float = AUTO_MEMORY_FRACTION,
 ) -> nn.Module:
     """Rebuild a compressed model from a checkpoint directory (no base weights needed).
 
@@ -257,14 +259,22 @@ def load_compressed(
         directory: the checkpoint directory (`save_compressed`, `model.save_pretrained`, or format 1).
         adapters: the adapter set to load ("default" or a name given to `save_adapters`).
         device: where to put the model (default CPU).
-        mode: runtime mode of every compressed linear: "resident" (packed in memory, decoded on the fly)
-            or "cache" (decoded once into a dense copy in the compute dtype); see `reallm.layer.linear`.
+        mode: runtime mode of every compressed linear: "resident" (packed in memory, decoded on the fly; the
+            default: a loaded model holds only its stored form unless asked), "cache" (decoded once into a dense
+            copy in the compute dtype) or "auto" (cached where `memory_fraction` of the free memory of the
+            device holds the dense copies, decided at the first forward); see `reallm.layer.linear`.
+        memory_fraction: the share of free memory "auto" may fill, in (0, 1] (`reallm.layer.auto_runtime`).
     """
+    check_runtime_mode(mode)
+    check_memory_fraction(memory_fraction)
     directory = Path(directory)
+    built = "resident" if mode == "auto" else mode  # "auto" joins the layers into one decision below
     if checkpoint_version(directory) == 1:
-        model = f1.load_model(directory, adapters=adapters, mode=mode)
+        model = f1.load_model(directory, adapters=adapters, mode=built)
     else:
-        model = _load_format2(directory, adapters=adapters, mode=mode)
+        model = _load_format2(directory, adapters=adapters, mode=built)
+    if mode == "auto":
+        set_runtime_mode(model, "auto", memory_fraction=memory_fraction)
     if device is not None:
         model.to(device)
     model.eval()

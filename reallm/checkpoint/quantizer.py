@@ -47,7 +47,7 @@ from reallm.checkpoint.remote_code import LOADER_CLASS, LOADER_MODULE, drop_load
 from reallm.core.errors import CheckpointError, UserError
 from reallm.core.hf_models import is_linear, linear_weight, set_module
 from reallm.core.io import LIBRARY_VERSION
-from reallm.layer.linear import RUNTIME_MODES
+from reallm.layer.linear import RUNTIME_MODES, set_runtime_mode
 
 if TYPE_CHECKING:  # transformers.modeling_utils may be importing this module (reallm.checkpoint.registration)
     from transformers import PreTrainedModel
@@ -75,7 +75,7 @@ class ReALLMConfig(QuantizationConfigMixin):
         generation_config_sha256: content digest of generation_config.json.
         base_model: the uncompressed model it was made from (hub id or path).
         dtype: the saved model's dtype ("float32", "bfloat16", ...).
-        runtime_mode: how the compressed linears run after loading ("resident" or "cache").
+        runtime_mode: how the compressed linears run after loading ("resident", "cache" or "auto").
         reallm_version: the version of the library that wrote it.
         extra: what the writing phase adds (method, phase, ...).
         config_sha256: content digest of config.json without this field.
@@ -190,6 +190,8 @@ class ReALLMHfQuantizer(HfQuantizer):
         for name, layer in self._pending.items():
             set_module(model, name, layer.to(_device_near(model, name)))
         self._pending = {}
+        if self.quantization_config.runtime_mode == "auto":  # one decision for the model, not one per layer
+            set_runtime_mode(model, "auto")
         drop_loader_reference(model.config)
         _allow_casts(model)
         return model

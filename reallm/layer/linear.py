@@ -20,6 +20,9 @@ layer's runtime mode:
   ``AUTO_CACHE_MACS_PER_WEIGHT`` per weight (a large patch-autoencoder decoder) is cached instead,
   automatically (`effective_mode` says which; `runtime_report` lists them).
 - ``"cache"``: Q̂ decoded once and kept densely in the compute dtype (fast when memory allows).
+- ``"auto"``: "cache" for the layers whose dense copies fit a share of the free memory of their device, "resident"
+  for the others; decided once for the whole model at its first forward after a move or cast
+  (`reallm.layer.auto_runtime`, which says what is measured and in which order layers are cached).
 
 In both modes the row norms ‖Q̂ + sBA‖ are cached while the adapters do not change (evaluation,
 generation, gradient accumulation). B (p, r), A (r, q) and m (p,) are parameters, computed with exactly
@@ -37,6 +40,7 @@ from torch import Tensor, nn
 from reallm.core.errors import UserError
 from reallm.formats import get_codec
 from reallm.layer import dora
+from reallm.layer.auto_runtime import AUTO_MEMORY_FRACTION, AutoRuntime, check_memory_fraction, free_memory
 from reallm.layer.kernels import available_paths, frozen_matmul, prepare
 from reallm.layer.matmul import FrozenMatmul, ResidentMatmul
 from reallm.layer.stored import StoredTensors
@@ -45,11 +49,11 @@ from reallm.weight.container import ReALLMWeight
 from reallm.weight.decode import decode_frozen
 from reallm.weight.tiling import decode_frozen_rows, row_tiles, tile_plan
 
-__all__ = ["AUTO_CACHE_MACS_PER_WEIGHT", "RUNTIME_MODES", "FastPath", "ReALLMLinear", "RuntimeMode",
-           "iter_reallm_layers", "runtime_report", "set_runtime_mode"]
+__all__ = ["AUTO_CACHE_MACS_PER_WEIGHT", "AUTO_MEMORY_FRACTION", "RUNTIME_MODES", "FastPath", "ReALLMLinear",
+           "RuntimeMode", "check_runtime_mode", "iter_reallm_layers", "runtime_report", "set_runtime_mode"]
 
-RuntimeMode = Literal["resident", "cache"]
-RUNTIME_MODES = ("resident", "cache")
+RuntimeMode = Literal["resident", "cache", "auto"]
+RUNTIME_MODES = ("resident", "cache", "auto")
 FastPath = Literal["auto", "off"]
 # in "cache" mode the dense cached weight serves small matrices faster than a kernel call (tens of µs of
 # overhead per call); from this many weights on, reading the packed codes wins (memory-bound matvec)
@@ -70,7 +74,8 @@ class ReALLMLinear(StoredTensors):
     Args:
         weight: the compressed weight.
         bias: the original bias (kept frozen, at its stored dtype), or None.
-        mode: "resident" or "cache" (see the module docstring).
+        mode: "resident", "cache" or "auto" (see the module docstring; a layer put in "auto" here decides
+            alone: `set_runtime_mode(model, "auto")` makes one decision for all the layers of a model).
         lora_scale: s in the formula above (1 keeps the decomposition's product).
         magnitude: the DoRA magnitude m (p,) as stored (from an adapters file); None computes it from the
             decoded weight (a new compression: m = ‖Q̂ + L1 L2ᵀ‖_row, so the initial output is exactly
@@ -106,6 +111,8 @@ class ReALLMLinear(StoredTensors):
         self.fast_path: FastPath = "auto"  # "off": always the plain decode / dense path
         self.last_path: str | None = None  # the path of the last forward ("triton", "cpu", ..., "decode", "cache")
         self.mode: RuntimeMode = "resident"
+        self._auto: AutoRuntime | None = None  # the shared decision of "auto" mode (reallm.layer.auto_runtime)
+        self.auto_choice: Literal["resident", "cache"] = "resident"  # this layer's part of it, once decided
         self.set_mode(mode)
 
         L1, L2 = weight.lowrank_factors()  # (p, r), (q, r), exactly the stored values
@@ -126,12 +133,20 @@ class ReALLMLinear(StoredTensors):
             self.register_parameter("magnitude", None)
 
     # -- runtime mode ---------------------------------------------------------------------------
-    def set_mode(self, mode: RuntimeMode) -> None:
-        """Switch between "resident" and "cache" (the dense cache is dropped or built lazily)."""
-        if mode not in RUNTIME_MODES:
-            raise UserError(f"layer {self.name or '?'}: runtime mode must be one of {RUNTIME_MODES}, got {mode!r}")
+    def set_mode(self, mode: RuntimeMode, auto: AutoRuntime | None = None) -> None:
+        """Switch between "resident", "cache" and "auto" (the dense cache is dropped, or built lazily).
+
+        `auto`: the decision this layer joins in "auto" mode (shared by the layers of a model); None gives the
+        layer a decision of its own, with the default share of free memory."""
+        check_runtime_mode(mode, f"layer {self.name or '?'}: ")
+        if self._auto is not None:
+            self._auto.remove(self)
+            self._auto = None
         self.mode = mode
         self._cache = None
+        if mode == "auto":
+            self._auto = auto if auto is not None else AutoRuntime()
+            self._auto.add(self)
 
     @property
     def decode_macs_per_weight(self) -> float:
@@ -139,17 +154,40 @@ class ReALLMLinear(StoredTensors):
         return get_codec(self.config.quantizer).decode_macs_per_weight(self.meta, self.config)
 
     @property
-    def effective_mode(self) -> RuntimeMode:
-        """The mode the layer runs in: its `mode`, except that in "resident" mode a format whose decoder
-        costs more than AUTO_CACHE_MACS_PER_WEIGHT per weight is cached."""
+    def decoder_is_costly(self) -> bool:
+        """Whether the format's decoder costs more than AUTO_CACHE_MACS_PER_WEIGHT per weight (then the
+        layer is cached in every mode, unless its stored tensors are being trained)."""
+        return self.decode_macs_per_weight > AUTO_CACHE_MACS_PER_WEIGHT
+
+    @property
+    def effective_mode(self) -> Literal["resident", "cache"]:
+        """The mode the layer runs in: its `mode` ("auto": what the model's decision gave it, "resident" until
+        the first forward decides), except that a format whose decoder costs more than
+        AUTO_CACHE_MACS_PER_WEIGHT per weight is cached instead of resident."""
         if len(self.stored_params):
             return "resident"  # a dense copy would be stale after every step of the trained stored tensors
-        if self.mode == "resident" and self.decode_macs_per_weight > AUTO_CACHE_MACS_PER_WEIGHT:
+        mode = self._auto.choice(self) if self.mode == "auto" else self.mode
+        if mode == "resident" and self.decoder_is_costly:
             return "cache"
-        return self.mode
+        return mode
+
+    @property
+    def stored_device(self) -> torch.device:
+        """The device of the stored tensors (where the layer computes)."""
+        return self._device()
+
+    def held_dense_bytes(self) -> int:
+        """Bytes of the dense copy the layer holds now (0 when none)."""
+        return 0 if self._cache is None else self._cache.numel() * self._cache.element_size()
+
+    def release_dense(self) -> None:
+        """Drop the dense copy (an "auto" decision left the layer resident)."""
+        self._cache = None
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): caches are rebuilt lazily
         self.clear_cache()
+        if self._auto is not None:  # the device or dtype may have changed: the model decides again
+            self._auto.reset()
         return super()._apply(fn, recurse)
 
     def clear_cache(self) -> None:
@@ -355,6 +393,8 @@ class ReALLMLinear(StoredTensors):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:  # x (..., q)
+        if self._auto is not None:
+            self._auto.ensure_decided(x)  # once per model and placement, for all of its layers
         norms = self._cached_norms() if self.magnitude is not None else None
         need_norms = self.magnitude is not None and norms is None
         path = self.kernel_path(x)
@@ -391,42 +431,51 @@ class ReALLMLinear(StoredTensors):
                 f"bits={c.bits}, rank={self.rank}, dora={self.magnitude is not None}, mode={self.effective_mode}")
 
 
-def _free_memory(device: torch.device) -> int | None:
-    """Bytes free on `device` (None when unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu":
-        try:
-            import psutil
+_free_memory = free_memory  # what "cache" mode checks before building a dense copy (tests replace it)
 
-            return int(psutil.virtual_memory().available)
-        except ImportError:  # pragma: no cover
-            return None
-    return None
+
+def check_runtime_mode(mode: str, where: str = "") -> None:
+    """A one-line UserError for an unknown runtime mode (`where` prefixes it, e.g. the layer's name)."""
+    if mode not in RUNTIME_MODES:
+        raise UserError(f"{where}runtime mode must be one of {RUNTIME_MODES}, got {mode!r}")
 
 
 # ---------------------------------------------------------------------------------------------
 # over a model
 # ---------------------------------------------------------------------------------------------
-def set_runtime_mode(model: nn.Module, mode: RuntimeMode, fast_path: FastPath | None = None) -> dict[str, Any]:
-    """Put every ReALLMLinear of `model` in `mode` (and `fast_path` when given); returns `runtime_report`."""
+def set_runtime_mode(model: nn.Module, mode: RuntimeMode, fast_path: FastPath | None = None,
+                     memory_fraction: float = AUTO_MEMORY_FRACTION) -> dict[str, Any]:
+    """Put every ReALLMLinear of `model` in `mode` (and `fast_path` when given); returns `runtime_report`.
+
+    In "auto" mode all the layers share one decision, made at the model's first forward on its final device,
+    with `memory_fraction` of the free memory (`reallm.layer.auto_runtime`); the other modes ignore it."""
+    check_runtime_mode(mode)
+    auto = AutoRuntime(memory_fraction) if mode == "auto" else None
+    if auto is None:
+        check_memory_fraction(memory_fraction)
     for m in model.modules():
         if isinstance(m, ReALLMLinear):
-            m.set_mode(mode)
+            m.set_mode(mode, auto)
             if fast_path is not None:
                 m.set_fast_path(fast_path)
     return runtime_report(model)
 
 
 def runtime_report(model: nn.Module) -> dict[str, Any]:
-    """How the compressed layers run: {"mode": requested, "cached": [layers cached automatically]}."""
+    """How the compressed layers run (results.json `runtime`): the requested mode; the layers cached in every mode
+    for their costly decoder (`auto_cached_layers`); the fast-path settings and the paths of the last forwards;
+    in "auto" mode the decision (`auto`: `AutoRuntime.report`, a list when layers follow several decisions)."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ReALLMLinear)]
     modes = sorted({m.mode for _, m in layers})
-    auto = [n for n, m in layers if m.mode == "resident" and m.effective_mode == "cache"]
+    costly = [n for n, m in layers if m.mode != "cache" and m.effective_mode == "cache" and m.decoder_is_costly]
     paths = sorted({m.last_path for _, m in layers if m.last_path})
-    return {"mode": modes[0] if len(modes) == 1 else modes, "auto_cached_layers": auto,
-            "auto_cache_macs_per_weight": AUTO_CACHE_MACS_PER_WEIGHT,
-            "fast_path": sorted({m.fast_path for _, m in layers}), "last_paths": paths}
+    report = {"mode": modes[0] if len(modes) == 1 else modes, "auto_cached_layers": costly,
+              "auto_cache_macs_per_weight": AUTO_CACHE_MACS_PER_WEIGHT,
+              "fast_path": sorted({m.fast_path for _, m in layers}), "last_paths": paths}
+    decisions = list({id(m._auto): m._auto for _, m in layers if m._auto is not None}.values())
+    if decisions:
+        report["auto"] = decisions[0].report() if len(decisions) == 1 else [d.report() for d in decisions]
+    return report
 
 
 def iter_reallm_layers(model: nn.Module) -> Iterator[tuple[str, ReALLMLinear]]:

@@ -14,7 +14,8 @@ from reallm.checkpoint.compressed import load_compressed
 from reallm.checkpoint.directory import read_meta
 from reallm.core.errors import UserError
 from reallm.core.io import atomic_write_json, git_sha
-from reallm.layer.linear import RuntimeMode, runtime_report
+from reallm.layer.auto_runtime import AUTO_MEMORY_FRACTION, check_memory_fraction
+from reallm.layer.linear import RuntimeMode, check_runtime_mode, runtime_report
 
 __all__ = ["ReALLMModule"]
 
@@ -63,6 +64,7 @@ class ReALLMModule(L.LightningModule):
         self.method = method
         self.seed = seed
         self.runtime: RuntimeMode = "resident"  # how compressed linears run (phases that load one set it)
+        self.runtime_memory_fraction = AUTO_MEMORY_FRACTION  # the share of free memory "auto" may fill
         self.resolved_config: dict[str, Any] = {}  # set by the CLI before the run
         self._t0 = time.time()
 
@@ -83,11 +85,17 @@ class ReALLMModule(L.LightningModule):
 
     def load_checkpoint_model(self, adapters: str = "default") -> torch.nn.Module:
         """The compressed model of `self.checkpoint`, its linears in the phase's runtime mode."""
-        return load_compressed(self.checkpoint, adapters=adapters, mode=self.runtime)
+        return load_compressed(self.checkpoint, adapters=adapters, mode=self.runtime,
+                               memory_fraction=self.runtime_memory_fraction)
+
+    def set_runtime(self, runtime: RuntimeMode, memory_fraction: float) -> None:
+        """Check and keep the phase's runtime options (one line for a bad value, before anything loads)."""
+        check_runtime_mode(runtime)
+        self.runtime, self.runtime_memory_fraction = runtime, check_memory_fraction(memory_fraction)
 
     def runtime_info(self, model: torch.nn.Module) -> dict[str, Any]:
-        """How the compressed linears of `model` ran (results.json `runtime`)."""
-
+        """How the compressed linears of `model` ran (results.json `runtime`; with "auto", `runtime.auto` holds
+        the decision: chosen mode, share, free and dense bytes, cached layers)."""
         return runtime_report(model)
 
     def require_run_dir(self) -> Path:

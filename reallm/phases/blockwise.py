@@ -44,6 +44,7 @@ from reallm.checkpoint.compressed import adapters_fingerprint, save_compressed
 from reallm.core.errors import UserError
 from reallm.core.hf_models import find_decoder_blocks, maybe_tokenizer, resolve_safetensors
 from reallm.core.io import atomic_save_safetensors, atomic_write_json
+from reallm.layer.auto_runtime import AUTO_MEMORY_FRACTION
 from reallm.layer.bits import bits_report
 from reallm.layer.linear import RuntimeMode, iter_reallm_layers
 from reallm.layer.stored import check_stored_items, make_stored_trainable, write_back_stored
@@ -97,6 +98,7 @@ class BlockwisePhase(ReALLMModule):
         activation_dir: str | None = None,
         teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         runtime: RuntimeMode = "resident",
+        runtime_memory_fraction: float = AUTO_MEMORY_FRACTION,
         train_stored: list[str] | None = None,
         seed: int = 0,
     ) -> None:
@@ -126,8 +128,13 @@ class BlockwisePhase(ReALLMModule):
                 deleted at the end).
             teacher_dtype: dtype the original blocks are loaded in.
             runtime: how the compressed linears run: "resident" (the stored form only, decoded in row
-                tiles at every forward; the memory-efficient default) or "cache" (decoded once into a dense
-                copy in the compute dtype; faster when memory allows).
+                tiles at every forward; the memory-efficient default, since the memory a training step takes
+                later is not known when "auto" decides), "cache" (decoded once into a dense copy in the compute
+                dtype; faster when memory allows) or "auto" (cached where the dense copies fit
+                `runtime_memory_fraction` of the free memory of the device, decided at the first forward;
+                docs/runtime.md).
+            runtime_memory_fraction: the share of the free device memory "auto" lets the dense copies take,
+                in (0, 1].
             train_stored: also fine-tune these stored tensors of the compressed linears while the codes stay
                 frozen: "codebook" (VQ / additive codebooks, autoencoder latent codebooks) and / or "scales"
                 (block-scale maxima and offset, RTN min / step, E8P lattice scales); written back at their stored
@@ -147,7 +154,7 @@ class BlockwisePhase(ReALLMModule):
             raise UserError(f"student_inputs must be 'student' or 'original', got {student_inputs!r}")
         if cache not in ("cpu", "disk"):
             raise UserError(f"cache must be 'cpu' or 'disk', got {cache!r}")
-        self.runtime = runtime
+        self.set_runtime(runtime, runtime_memory_fraction)
         self.train_stored = check_stored_items(train_stored)
         self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
         self.effective_batch, self.epochs_per_block = int(effective_batch), int(epochs_per_block)

@@ -40,6 +40,7 @@ from reallm.checkpoint.compressed import save_compressed
 from reallm.core.errors import UserError
 from reallm.core.hf_models import clean_name, load_hf_model, maybe_tokenizer
 from reallm.core.schedules import cosine_warmup
+from reallm.layer.auto_runtime import AUTO_MEMORY_FRACTION
 from reallm.layer.bits import bits_report
 from reallm.layer.linear import RuntimeMode, iter_reallm_layers
 from reallm.layer.stored import check_stored_items, make_stored_trainable, write_back_stored
@@ -72,6 +73,7 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
         autocast: Literal["auto", "bf16", "none"] = "auto",
         gradient_checkpointing: bool = False,
         runtime: RuntimeMode = "resident",
+        runtime_memory_fraction: float = AUTO_MEMORY_FRACTION,
         train_stored: list[str] | None = None,
         seed: int = 0,
         loss: LossKind = "ce",
@@ -100,8 +102,13 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
             gradient_checkpointing: recompute the blocks' activations in the backward pass
                 (Hugging Face gradient checkpointing, non-reentrant).
             runtime: how the compressed linears run: "resident" (the stored form only, decoded in row
-                tiles at every forward; the memory-efficient default) or "cache" (decoded once into a dense
-                copy in the compute dtype; faster when memory allows).
+                tiles at every forward; the memory-efficient default, since the memory a training step takes
+                later is not known when "auto" decides), "cache" (decoded once into a dense copy in the compute
+                dtype; faster when memory allows) or "auto" (cached where the dense copies fit
+                `runtime_memory_fraction` of the free memory of the device, decided at the first forward;
+                docs/runtime.md).
+            runtime_memory_fraction: the share of the free device memory "auto" lets the dense copies take,
+                in (0, 1].
             train_stored: also fine-tune these stored tensors of the compressed linears while the codes stay
                 frozen: "codebook" (VQ / additive codebooks, autoencoder latent codebooks) and / or "scales"
                 (block-scale maxima and offset, RTN min / step, E8P lattice scales); written back at their stored
@@ -150,7 +157,7 @@ class EndToEndPhase(PerplexityMixin, ReALLMModule):
         self._distill_info: dict[str, Any] = {}
         self._train_kl: list[float] = []
         self.adapters = adapters
-        self.runtime = runtime
+        self.set_runtime(runtime, runtime_memory_fraction)
         self.train_stored = check_stored_items(train_stored)
         self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
         self.warmup_ratio, self.min_lr_ratio = warmup_ratio, min_lr_ratio

@@ -13,6 +13,7 @@ from reallm.core.errors import UserError
 from reallm.core.hf_models import load_hf_model
 from reallm.eval.perplexity import greedy_generate, model_logits
 from reallm.eval.zeroshot import zero_shot
+from reallm.layer.auto_runtime import AUTO_MEMORY_FRACTION
 from reallm.layer.bits import bits_report
 from reallm.layer.linear import RuntimeMode
 from reallm.phases.base import ReALLMModule
@@ -20,10 +21,11 @@ from reallm.phases.validation import PerplexityMixin
 
 
 def load_model_for_eval(model_name_or_path: str | None, checkpoint: str | None, dtype: str | None,
-                        runtime: RuntimeMode = "resident") -> nn.Module:
-    """The model a phase works on: a ReALLM checkpoint when given, else the base model."""
+                        runtime: RuntimeMode = "auto", memory_fraction: float = AUTO_MEMORY_FRACTION) -> nn.Module:
+    """The model a phase works on: a ReALLM checkpoint when given (its compressed linears in `runtime` mode,
+    "auto" with `memory_fraction`), else the base model."""
     if checkpoint:
-        return load_compressed(checkpoint, mode=runtime)
+        return load_compressed(checkpoint, mode=runtime, memory_fraction=memory_fraction)
     if not model_name_or_path:
         raise UserError("give --model.init_args.model_name_or_path or --model.init_args.checkpoint")
     return load_hf_model(model_name_or_path, dtype)
@@ -48,7 +50,8 @@ class EvaluatePhase(PerplexityMixin, ReALLMModule):
         zero_shot_include_path: str | None = None,
         zero_shot_limit: float | None = None,
         zero_shot_batch_size: int = 8,
-        runtime: RuntimeMode = "resident",
+        runtime: RuntimeMode = "auto",
+        runtime_memory_fraction: float = AUTO_MEMORY_FRACTION,
         seed: int = 0,
     ) -> None:
         """
@@ -65,14 +68,18 @@ class EvaluatePhase(PerplexityMixin, ReALLMModule):
             zero_shot_include_path: a folder of local lm-eval task YAMLs (offline tasks).
             zero_shot_limit: at most this many documents per task (or a fraction < 1); None: all.
             zero_shot_batch_size: lm-eval batch size.
-            runtime: how the compressed linears run: "resident" (the stored form only, decoded in row
-                tiles at every forward; the memory-efficient default) or "cache" (decoded once into a dense
-                copy in the compute dtype; faster when memory allows).
+            runtime: how the compressed linears run: "auto" (the default: the decoded weights are cached when
+                their dense copies fit `runtime_memory_fraction` of the free memory of the device the model
+                runs on, decided at the first forward, resident otherwise; results.json `runtime.auto` records
+                the decision), "resident" (the stored form only, decoded in row tiles at every forward; the
+                least memory) or "cache" (decoded once into a dense copy in the compute dtype).
+            runtime_memory_fraction: the share of the free device memory "auto" lets the dense copies take,
+                in (0, 1].
             seed: recorded in results.json.
         """
         super().__init__(model_name_or_path, checkpoint, run_dir, method, seed)
         self.load_dtype = dtype
-        self.runtime = runtime
+        self.set_runtime(runtime, runtime_memory_fraction)
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.zero_shot_tasks = list(zero_shot_tasks) if zero_shot_tasks else None
@@ -90,7 +97,8 @@ class EvaluatePhase(PerplexityMixin, ReALLMModule):
         if self.checkpoint and self.method == "custom":  # label the run with the checkpoint's preset
             self.method = read_meta(self.checkpoint).get("extra", {}).get("method", self.method)
         if self.model is None:
-            self.model = load_model_for_eval(self.model_name_or_path, self.checkpoint, self.load_dtype, self.runtime)
+            self.model = load_model_for_eval(self.model_name_or_path, self.checkpoint, self.load_dtype, self.runtime,
+                                             self.runtime_memory_fraction)
             self.model.eval()
 
     def setup(self, stage: str) -> None:

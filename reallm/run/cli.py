@@ -285,12 +285,34 @@ def _moved_option_hint(text: str) -> str:
     return ""
 
 
+def _union_error_items(text: str) -> list[str]:
+    """The error list of jsonargparse's "Does not validate against any of the Union subtypes" text, one string
+    per item with its more indented lines joined in, e.g. `Problem with given class_path 'X': Parser key
+    "runtime": Expected a typing.Literal['resident', 'cache', 'auto']. Got value: fast`."""
+    items: list[str] = []
+    indent: int | None = None
+    for line in text.splitlines():
+        depth, stripped = len(line) - len(line.lstrip()), line.strip()
+        if stripped.startswith("- ") and indent in (None, depth):
+            indent = depth
+            items.append(stripped[2:])
+        elif items and depth > indent:
+            items[-1] += " " + stripped
+        elif items:
+            break  # the lines after the list (the given value)
+    return items
+
+
 def _argument_error_message(e: Exception) -> str | None:
     """One line for jsonargparse's errors (bad keys, values, and exceptions raised while a class
     given in the config is instantiated, which jsonargparse wraps in a ValueError listing one
     error per candidate type); None for anything else."""
     text = str(e)
     if type(e).__name__ in ("ArgumentError", "NSKeyError"):
+        if "Does not validate against any of the Union subtypes" in text:  # a bad value of a phase's option
+            errors = [m for m in _union_error_items(text) if not m.startswith("Expected a <class 'NoneType'>")]
+            if errors:
+                return errors[0] + _moved_option_hint(text)
         return " ".join(text.split()) + _moved_option_hint(text)
     if isinstance(e, ValueError) and "Does not validate against any of the Union subtypes" in text:
         errors = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
