@@ -203,7 +203,9 @@ def test_interrupted_run_resumes(adaptive_run, tiny_dir, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_give_the_single_device_checkpoint(adaptive_run, tiny_dir, tmp_path):
-    """Groups are divided among 2 CPU processes (gloo); each group trains exactly as on one device."""
+    """Matrices and autoencoder groups are divided among 2 CPU processes (gloo, `ddp_matrices`): the data-free
+    candidates (vq3, with a model-wide codebook fitted on every rank) by matrix, the groups by cost; each is encoded
+    or trained exactly as on one device, so the checkpoint is byte-identical to the single-process one."""
     run, tiny_yaml = adaptive_run
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the single-device run used one thread too
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"),
@@ -212,4 +214,5 @@ def test_two_processes_give_the_single_device_checkpoint(adaptive_run, tiny_dir,
                           capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
-    assert sha(tmp_path / "ddp" / "reallm" / "model.safetensors") == sha(run / "reallm" / "model.safetensors")
+    for name in ("model.safetensors", "config.json"):
+        assert sha(tmp_path / "ddp" / "reallm" / name) == sha(run / "reallm" / name)

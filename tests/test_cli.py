@@ -213,17 +213,6 @@ def test_impossible_config_is_one_clear_line(tiny_dir, tmp_path, capsys):
                                 "--run_dir", str(tmp_path / "r")], capsys, "b·d")
 
 
-def test_two_process_phase1_gives_the_single_device_checkpoint(tiny_dir, tmp_path):
-    """Matrices are divided among devices (2 CPU processes, gloo); the result is identical."""
-    single = tmp_path / "single"
-    cli_main(compress_args(tiny_dir, single, "vq-2bit"))
-    proc = _run_train(compress_args(tiny_dir, tmp_path / "ddp", "vq-2bit", "--trainer.devices", "2",
-                                    "--trainer.strategy", "ddp_matrices"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    for name in ("model.safetensors", "config.json"):
-        assert _sha(tmp_path / "ddp" / "reallm" / name) == _sha(single / "reallm" / name)
-
-
 def test_phase1_keeps_a_bf16_models_dense_dtype(tmp_path):
     """Phase 1 loads the base model in its own dtype: a bf16 model's embeddings, norms and biases are
     saved in bf16 (the matrices are still compressed in fp32), restored so, and "whole model" bits count
