@@ -131,29 +131,27 @@ def test_phase2_and_phase3_checkpoints_evaluate(phase1, phase2, tmp_path):
         math.log(e2e["perplexity"]["tinystories_valid"]["value"]), abs=1e-5)
 
 
-def test_ddp_two_processes_resident_gives_the_adapters_of_the_dense_cache(phase1, tmp_path):
-    """Two CPU processes (gloo) run the end-to-end phase through the CLI, once with the compressed linears
-    resident (decoded on the fly, the default) and once with the dense cache (the former runtime): the
-    trained adapters agree."""
+def test_ddp_two_processes_through_the_cli(phase1, tmp_path):
+    """Two CPU processes (gloo) run the end-to-end phase through the CLI with the compressed linears resident
+    (decoded on the fly, the default): one synchronised optimizer step changes the adapters and rank 0 writes a
+    checkpoint that loads. That resident and cache mode give the same outputs and adapter gradients, format by
+    format, is tests/test_runtime.py's (in-process: DDP averages those gradients whichever mode computed them)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    adapters = {}
-    for runtime in ("resident", "cache"):
-        run = tmp_path / f"ddp-{runtime}"
-        cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "e2e.yaml"),
-               "--model.init_args.checkpoint", str(phase1.checkpoint), "--trainer.accelerator", "cpu",
-               "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.fast_dev_run", "true",
-               "--model.init_args.runtime", runtime, "--run_dir", str(run), *data_args(phase1)]
-        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        res = json.loads((run / "results.json").read_text())
-        assert res["phase"] == "e2e" and res["optimizer_steps"] == 1 and res["runtime"]["mode"] == runtime
-        assert int(res["config"]["trainer"]["devices"]) == 2
-        load_compressed(run / "reallm")
-        adapters[runtime] = adapters_of(run / "reallm")
-    start = adapters_of(phase1.checkpoint)
-    assert any(not torch.equal(start[k], adapters["resident"][k]) for k in start)  # the step changed them
-    for k, v in adapters["cache"].items():
-        torch.testing.assert_close(adapters["resident"][k].float(), v.float(), rtol=1e-4, atol=1e-5)
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "e2e.yaml"),
+           "--model.init_args.checkpoint", str(phase1.checkpoint), "--trainer.accelerator", "cpu",
+           "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.fast_dev_run", "true",
+           "--run_dir", str(run), *data_args(phase1)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((run / "results.json").read_text())
+    assert res["phase"] == "e2e" and res["optimizer_steps"] == 1 and res["runtime"]["mode"] == "resident"
+    assert int(res["config"]["trainer"]["devices"]) == 2
+    load_compressed(run / "reallm")
+    start, trained = adapters_of(phase1.checkpoint), adapters_of(run / "reallm")
+    assert start.keys() == trained.keys()
+    assert any(not torch.equal(start[k], trained[k]) for k in start)  # the step changed them
+    assert all(torch.isfinite(v.float()).all() for v in trained.values())
 
 
 def test_bad_arguments_are_user_errors(phase1, tmp_path):

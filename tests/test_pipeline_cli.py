@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,10 +95,21 @@ def _table(out: str, first: str) -> list[list[str]]:
     return [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("| ")][2:]
 
 
-def test_pipeline_script_tiny(phase1, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def original_eval(phase1, tmp_path_factory):
+    """The pipeline's evaluation of the uncompressed base model (`<runs>/original`), computed once for this module's
+    pipeline runs (each copies it: a complete stage is not run again)."""
+    runs = tmp_path_factory.mktemp("pipeline-original")
+    args = _pipeline_module().parse_args(_pipeline_argv(phase1, runs, "--presets", "vq-3bit"))
+    _pipeline_module().Runner(args).evaluate(None, runs / "original")
+    return runs / "original"
+
+
+def test_pipeline_script_tiny(phase1, original_eval, tmp_path, capsys):
     """The pipeline chains phases 1 → 2 → 3 with evaluations: one row per stage in its own table and in the summary,
     and a second call finds every stage complete."""
     pipeline = _pipeline_module()
+    shutil.copytree(original_eval, tmp_path / "runs" / "original")
     argv = _pipeline_argv(phase1, tmp_path / "runs", "--presets", "vq-2bit-ft")
     assert pipeline.main(argv) == 0
     out = capsys.readouterr().out
@@ -116,39 +128,40 @@ def test_pipeline_script_tiny(phase1, tmp_path, capsys):
     assert TOKENIZER.is_dir()
 
 
-def test_pipeline_parallel_seeds_and_rank_zero(phase1, tmp_path, capsys):
-    """Two seeds of a rank-0 preset, calibration-aware, in two processes: phase 1 only (said in the row), mean
-    [min, max] over the seeds; an unknown preset is refused before anything runs."""
+def test_pipeline_parallel_seeds_rank_zero_and_gptq(phase1, original_eval, tmp_path, capsys):
+    """Two seeds of a rank-0 preset with `:gptq` (phase 1 calibration-aware with GPTQ's error feedback), in two
+    processes: phase 1 only (said in the row), its own folder and row label, mean [min, max] over the seeds,
+    results.json counting the matrices whose codes GPTQ chose; an unknown preset or suffix is refused before
+    anything runs."""
     pipeline = _pipeline_module()
     runs = tmp_path / "runs"
-    argv = _pipeline_argv(phase1, runs, "--presets", "vq-3bit:cal", "--seeds", "0", "1", "--jobs", "2",
+    shutil.copytree(original_eval, runs / "original")  # the same base-model evaluation, computed once
+    argv = _pipeline_argv(phase1, runs, "--presets", "vq-3bit:gptq", "--seeds", "0", "1", "--jobs", "2",
                           "--calibration-windows", "4")
     assert pipeline.main(argv) == 0
     out = capsys.readouterr().out
+    assert f"{runs / 'original'} already complete" in out
     rows = {(r[0], r[1]): r for r in _table(out, "| method")}
-    note = "vq-3bit (calibrated) (rank 0: no low-rank part to fine-tune, phase 1 only)"
+    note = "vq-3bit (calibrated, GPTQ) (rank 0: no low-rank part to fine-tune, phase 1 only)"
     assert set(rows) == {("original (uncompressed)", "-"), (note, "phase 1")}
     row = rows[(note, "phase 1")]
     assert row[-1] == "0,1" and "[" in row[6]  # the perplexity cell: mean [min, max]
     for seed in (0, 1):
-        assert (runs / "vq-3bit-cal" / f"seed{seed}" / "pipeline.log").is_file()
-        res = json.loads((runs / "vq-3bit-cal" / f"seed{seed}" / "compress" / "results.json").read_text())
+        assert (runs / "vq-3bit-gptq" / f"seed{seed}" / "pipeline.log").is_file()
+        res = json.loads((runs / "vq-3bit-gptq" / f"seed{seed}" / "compress" / "results.json").read_text())
         assert res["calibration"]["windows_used"] == 4 and res["seed"] == seed
-        assert not (runs / "vq-3bit-cal" / f"seed{seed}" / "blockwise").exists()
+        assert res["calibration"]["error_feedback_matrices"] == res["compressed_matrices"] > 0
+        assert not (runs / "vq-3bit-gptq" / f"seed{seed}" / "blockwise").exists()
     with pytest.raises(SystemExit, match="no preset 'nope'"):
         pipeline.main(_pipeline_argv(phase1, runs, "--presets", "vq-3bit", "nope"))
-
-
-def test_pipeline_gptq_suffix(phase1, tmp_path, capsys):
-    """`<preset>:gptq`: phase 1 calibration-aware with GPTQ's error feedback, in its own folder and row label;
-    results.json counts the matrices whose codes were chosen with it."""
-    pipeline = _pipeline_module()
-    runs = tmp_path / "runs"
-    argv = _pipeline_argv(phase1, runs, "--presets", "vq-3bit:gptq", "--calibration-windows", "4")
-    assert pipeline.main(argv) == 0
-    rows = [r[0] for r in _table(capsys.readouterr().out, "| method")]
-    assert rows[1].startswith("vq-3bit (calibrated, GPTQ)")
-    res = json.loads((runs / "vq-3bit-gptq" / "seed0" / "compress" / "results.json").read_text())
-    assert res["calibration"]["error_feedback_matrices"] == res["compressed_matrices"] > 0
     with pytest.raises(SystemExit, match="suffixes"):
         pipeline.main(_pipeline_argv(phase1, runs, "--presets", "vq-3bit:obq"))
+
+
+def test_pipeline_calibration_suffixes_name_their_rows():
+    """`:cal` (calibration-aware phase 1) and `:gptq` (with GPTQ's error feedback) label their rows and folders."""
+    pipeline = _pipeline_module()
+    plain, cal, gptq = (pipeline.resolve_preset(p) for p in ("vq-3bit", "vq-3bit:cal", "vq-3bit:gptq"))
+    assert (plain.label, cal.label, gptq.label) == ("vq-3bit", "vq-3bit (calibrated)", "vq-3bit (calibrated, GPTQ)")
+    assert not plain.calibrated and cal.calibrated and gptq.calibrated
+    assert (plain.folder, cal.folder, gptq.folder) == ("vq-3bit", "vq-3bit-cal", "vq-3bit-gptq")
