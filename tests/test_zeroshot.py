@@ -103,14 +103,19 @@ def test_zero_shot_on_our_model_matches_a_direct_computation(checkpoint, task_di
 
 
 def test_zeroshot_command_writes_results(checkpoint, task_dir, tmp_path, capsys):
-    from reallm.eval.zeroshot import main
+    """`python -m reallm.eval.zeroshot` on a checkpoint: a table, results.json, and `zero_shot`'s accuracy."""
+    from reallm import load_compressed
+    from reallm.eval.zeroshot import main, zero_shot
 
     rc = main(["--checkpoint", str(checkpoint), "--tasks", "tiny_mc", "--include_path", str(task_dir),
-               "--device", "cpu", "--limit", "4", "--out", str(tmp_path / "zs")])
+               "--device", "cpu", "--batch_size", "4", "--out", str(tmp_path / "zs")])
     assert rc == 0
     assert "| tiny_mc |" in capsys.readouterr().out
     res = json.loads((tmp_path / "zs" / "results.json").read_text())
-    assert res["phase"] == "zero_shot" and res["zero_shot"]["tasks"]["tiny_mc"]["samples"] == 4
+    assert res["phase"] == "zero_shot" and res["zero_shot"]["tasks"]["tiny_mc"]["samples"] == len(ROWS)
+    direct = zero_shot(load_compressed(checkpoint), word_tokenizer(), ["tiny_mc"], include_path=str(task_dir),
+                       batch_size=4)
+    assert res["zero_shot"]["tasks"]["tiny_mc"]["acc"] == direct["tasks"]["tiny_mc"]["acc"]
 
 
 def test_unknown_task_and_missing_folder_are_one_line(checkpoint, task_dir, tmp_path, capsys):
