@@ -14,14 +14,16 @@ from tiny_models import save_tiny_model_dir, word_tokenizer, write_text
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("lm_eval")
 
-# questions and choices in the word tokenizer's vocabulary (w0 … w124); answer = index of the right choice
+# questions and choices in the word tokenizer's vocabulary (w0 … w124); answer = index of the right choice. Every
+# question has at least 5 words, so no request is short enough for the fused 1–4-token kernels (whose first
+# compilation on a new machine costs seconds per token count; their correctness is tests/test_kernels.py's)
 ROWS = [
-    {"question": "w1 w2 w3", "choices": ["w4", "w5 w6", "w7"], "answer": 0},
-    {"question": "w3 w3 w8", "choices": ["w1", "w2"], "answer": 1},
-    {"question": "w10", "choices": ["w11", "w12", "w13", "w14"], "answer": 3},
-    {"question": "w20 w21", "choices": ["w22 w23", "w24"], "answer": 0},
-    {"question": "w30 w31 w32 w33", "choices": ["w34", "w35", "w36"], "answer": 2},
-    {"question": "w5", "choices": ["w6", "w7 w8 w9"], "answer": 1},
+    {"question": "w40 w41 w1 w2 w3", "choices": ["w4", "w5 w6", "w7"], "answer": 0},
+    {"question": "w42 w43 w3 w3 w8", "choices": ["w1", "w2"], "answer": 1},
+    {"question": "w44 w45 w46 w47 w10", "choices": ["w11", "w12", "w13", "w14"], "answer": 3},
+    {"question": "w48 w49 w50 w20 w21", "choices": ["w22 w23", "w24"], "answer": 0},
+    {"question": "w51 w30 w31 w32 w33", "choices": ["w34", "w35", "w36"], "answer": 2},
+    {"question": "w52 w53 w54 w55 w5", "choices": ["w6", "w7 w8 w9"], "answer": 1},
 ]
 
 TASK_YAML = """task: tiny_mc
